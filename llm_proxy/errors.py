@@ -1,0 +1,173 @@
+"""The exception tree every handler raises, and the one middleware that renders it as an OpenAI error body.
+
+    ApiError                       500 server_error       internal_error
+    ├── BadRequest                 400 invalid_request_error  invalid_request  (names the field)
+    ├── AuthenticationError        401 authentication_error
+    │   ├── InvalidToken                                   invalid_token
+    │   ├── TokenExpired                                   token_expired
+    │   ├── TokenRevoked                                   token_revoked
+    │   └── InvalidManagementToken                         invalid_management_token
+    ├── PermissionDenied           403 permission_error
+    │   ├── ProjectInactive                                project_inactive
+    │   ├── ModelNotAllowed                                model_not_allowed
+    │   └── IPNotAllowed                                   ip_not_allowed
+    ├── NotFound                   404 invalid_request_error  not_found
+    │   └── EndpointNotAllowed                             endpoint_not_allowed
+    ├── Conflict                   409 invalid_request_error  conflict
+    ├── PayloadTooLarge            413 invalid_request_error  request_too_large
+    ├── TooManyRequests            429 rate_limit_error       (sets Retry-After)
+    │   ├── RateLimited                                    rate_limited
+    │   ├── QuotaExceeded                                  quota_exceeded
+    │   └── BudgetExceeded                                 budget_exceeded
+    ├── UpstreamUnavailable        502 upstream_error         upstream_unavailable
+    ├── Overloaded                 503 server_error           overloaded
+    └── UpstreamTimeout            504 upstream_error         upstream_timeout
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping
+
+import orjson
+from aiohttp import web
+from aiohttp.typedefs import Handler
+
+from .keys import REQUEST_ID
+
+log = logging.getLogger(__name__)
+
+
+class ApiError(Exception):
+    status = 500
+    type = "server_error"
+    code = "internal_error"
+    message = "internal error"
+
+    def __init__(self, message: str | None = None, *, headers: Mapping[str, str] | None = None,
+                 param: str | None = None) -> None:
+        super().__init__(message or self.message)
+        self.message = message or self.message
+        self.headers = dict(headers or {})
+        self.param = param
+
+
+class BadRequest(ApiError):
+    status, type, code, message = 400, "invalid_request_error", "invalid_request", "invalid request"
+
+
+class AuthenticationError(ApiError):
+    status, type, code, message = 401, "authentication_error", "invalid_token", "authentication failed"
+
+
+class InvalidToken(AuthenticationError):
+    code, message = "invalid_token", "invalid or missing token"
+
+
+class TokenExpired(AuthenticationError):
+    code, message = "token_expired", "token has expired"
+
+
+class TokenRevoked(AuthenticationError):
+    code, message = "token_revoked", "token has been revoked"
+
+
+class InvalidManagementToken(AuthenticationError):
+    code, message = "invalid_management_token", "invalid or missing management token"
+
+
+class PermissionDenied(ApiError):
+    status, type, code, message = 403, "permission_error", "forbidden", "forbidden"
+
+
+class ProjectInactive(PermissionDenied):
+    code, message = "project_inactive", "project is inactive"
+
+
+class ModelNotAllowed(PermissionDenied):
+    code, message = "model_not_allowed", "model is not allowed"
+
+
+class IPNotAllowed(PermissionDenied):
+    code, message = "ip_not_allowed", "client IP is not allowed"
+
+
+class NotFound(ApiError):
+    status, type, code, message = 404, "invalid_request_error", "not_found", "not found"
+
+
+class EndpointNotAllowed(NotFound):
+    code, message = "endpoint_not_allowed", "endpoint is not allowed"
+
+
+class Conflict(ApiError):
+    status, type, code, message = 409, "invalid_request_error", "conflict", "conflict"
+
+
+class PayloadTooLarge(ApiError):
+    status, type, code, message = 413, "invalid_request_error", "request_too_large", "request body too large"
+
+
+class TooManyRequests(ApiError):
+    status, type, code, message = 429, "rate_limit_error", "rate_limited", "too many requests"
+
+
+class RateLimited(TooManyRequests):
+    code, message = "rate_limited", "rate limit exceeded"
+
+
+class QuotaExceeded(TooManyRequests):
+    code, message = "quota_exceeded", "token request quota exhausted"
+
+
+class BudgetExceeded(TooManyRequests):
+    code, message = "budget_exceeded", "token usage budget exhausted"
+
+
+class UpstreamUnavailable(ApiError):
+    status, type, code, message = 502, "upstream_error", "upstream_unavailable", "upstream unreachable"
+
+
+class Overloaded(ApiError):
+    status, type, code, message = 503, "server_error", "overloaded", "gateway is at capacity"
+
+
+class UpstreamTimeout(ApiError):
+    status, type, code, message = 504, "upstream_error", "upstream_timeout", "upstream timed out"
+
+
+_HTTP_CODES = {404: "not_found", 405: "method_not_allowed", 413: "request_too_large"}
+
+
+def error_body(message: str, type_: str, code: str, param: str | None = None) -> bytes:
+    """Serialise the OpenAI error shape."""
+    error: dict[str, str | None] = {"message": message, "type": type_, "code": code}
+    if param is not None:
+        error["param"] = param
+    return orjson.dumps({"error": error})
+
+
+def error_response(exc: ApiError) -> web.Response:
+    """Render an ApiError as an OpenAI-shaped JSON response."""
+    return web.Response(status=exc.status, body=error_body(exc.message, exc.type, exc.code, exc.param),
+                        content_type="application/json", headers=exc.headers)
+
+
+@web.middleware
+async def error_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """Map every failure to the OpenAI error body; nothing internal reaches the client."""
+    try:
+        return await handler(request)
+    except ApiError as exc:
+        return error_response(exc)
+    except web.HTTPException as exc:
+        if exc.status < 400:
+            raise
+        headers = {k: v for k, v in exc.headers.items() if k in ("Allow", "Retry-After")}
+        type_ = "invalid_request_error" if exc.status < 500 else "server_error"
+        code = _HTTP_CODES.get(exc.status, f"http_{exc.status}")
+        return web.Response(status=exc.status, headers=headers, content_type="application/json",
+                            body=error_body(exc.reason.lower(), type_, code))
+    except Exception:
+        log.exception("unhandled error (request_id=%s)", request.get(REQUEST_ID))
+        return error_response(ApiError())
