@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import sqlite3
 from collections.abc import Awaitable, Callable, Iterable
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from importlib import resources
 from pathlib import Path
 from typing import Any, TypeVar
@@ -33,56 +33,79 @@ async def _connect(path: Path) -> aiosqlite.Connection:
 class Database:
     """One writer connection (every write under BEGIN IMMEDIATE, one at a time) and one reader (WAL)."""
 
-    def __init__(self, path: Path, writer: aiosqlite.Connection, reader: aiosqlite.Connection) -> None:
+    def __init__(self, path: Path) -> None:
         self.path = path
-        self._writer = writer
-        self._reader = reader
+        self._writer: aiosqlite.Connection | None = None
+        self._reader: aiosqlite.Connection | None = None
         self._lock = asyncio.Lock()
 
     @classmethod
     async def open(cls, path: Path) -> Database:
+        """Construct and connect in one step."""
+        db = cls(path)
+        await db.connect()
+        return db
+
+    async def connect(self) -> None:
         """Create the file and its directory if needed, switch to WAL and apply the schema."""
-        path.parent.mkdir(parents=True, exist_ok=True)
-        writer = await _connect(path)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        writer = await _connect(self.path)
         try:
             await writer.execute("PRAGMA journal_mode = WAL")
             await writer.executescript(_schema_sql())
             await writer.execute(
                 "INSERT OR IGNORE INTO schema_migrations (version, applied_at) VALUES (?, ?)",
-                (SCHEMA_VERSION, datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")),
+                (SCHEMA_VERSION, datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")),
             )
-            reader = await _connect(path)
+            self._reader = await _connect(self.path)
         except BaseException:
             await writer.close()
             raise
-        return cls(path, writer, reader)
+        self._writer = writer
+
+    @property
+    def writer(self) -> aiosqlite.Connection:
+        if self._writer is None:
+            raise RuntimeError("database is not connected")
+        return self._writer
+
+    @property
+    def reader(self) -> aiosqlite.Connection:
+        if self._reader is None:
+            raise RuntimeError("database is not connected")
+        return self._reader
 
     async def close(self) -> None:
         """Close both connections (the writer last, so it checkpoints the WAL)."""
-        await self._reader.close()
+        if self._reader is not None:
+            await self._reader.close()
+            self._reader = None
         async with self._lock:
-            await self._writer.close()
+            if self._writer is not None:
+                await self._writer.close()
+                self._writer = None
 
     async def fetchone(self, sql: str, params: Iterable[Any] = ()) -> sqlite3.Row | None:
         """Run a read and return its first row."""
-        async with self._reader.execute(sql, tuple(params)) as cursor:
+        async with self.reader.execute(sql, tuple(params)) as cursor:
             return await cursor.fetchone()
 
     async def fetchall(self, sql: str, params: Iterable[Any] = ()) -> list[sqlite3.Row]:
         """Run a read and return every row."""
-        async with self._reader.execute(sql, tuple(params)) as cursor:
+        async with self.reader.execute(sql, tuple(params)) as cursor:
             return list(await cursor.fetchall())
 
     async def write(self, work: Callable[[aiosqlite.Connection], Awaitable[T]]) -> T:
         """Run `work` in one BEGIN IMMEDIATE transaction; nothing else writes meanwhile."""
         async with self._lock:
-            await self._writer.execute("BEGIN IMMEDIATE")
+            writer = self.writer
+            await writer.execute("BEGIN IMMEDIATE")
             try:
-                result = await work(self._writer)
+                result = await work(writer)
             except BaseException:
-                await self._writer.execute("ROLLBACK")
+                await writer.execute("ROLLBACK")
                 raise
-            await self._writer.execute("COMMIT")
+            await writer.execute("COMMIT")
             return result
 
     async def execute(self, sql: str, params: Iterable[Any] = ()) -> int:
@@ -96,6 +119,6 @@ class Database:
         """Tell whether the database answers a trivial query."""
         try:
             await asyncio.wait_for(self.fetchone("SELECT 1"), timeout=2.0)
-        except (sqlite3.Error, ValueError, asyncio.TimeoutError):
+        except (TimeoutError, sqlite3.Error, ValueError, RuntimeError):
             return False
         return True

@@ -13,6 +13,7 @@
     │   └── IPNotAllowed                                   ip_not_allowed
     ├── NotFound                   404 invalid_request_error  not_found
     │   └── EndpointNotAllowed                             endpoint_not_allowed
+    ├── MethodNotAllowed           405 invalid_request_error  method_not_allowed (sets Allow)
     ├── Conflict                   409 invalid_request_error  conflict
     ├── PayloadTooLarge            413 invalid_request_error  request_too_large
     ├── TooManyRequests            429 rate_limit_error       (sets Retry-After)
@@ -98,6 +99,10 @@ class NotFound(ApiError):
 
 class EndpointNotAllowed(NotFound):
     code, message = "endpoint_not_allowed", "endpoint is not allowed"
+
+
+class MethodNotAllowed(ApiError):
+    status, type, code, message = 405, "invalid_request_error", "method_not_allowed", "method not allowed"
 
 
 class Conflict(ApiError):

@@ -2,17 +2,8 @@
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
 import aiohttp
 from aiohttp import web
-
-if TYPE_CHECKING:
-    from .audit import AuditWriter
-    from .crypto import KeyRing
-    from .database import Database
-    from .settings import Settings
-    from .tokenstore import Credential, TokenStore
 
 SETTINGS = web.AppKey("settings", "Settings")
 KEYRING = web.AppKey("keyring", "KeyRing")
@@ -24,3 +15,5 @@ UPSTREAM_SESSION = web.AppKey("upstream_session", aiohttp.ClientSession)
 REQUEST_ID = web.RequestKey("request_id", str)
 CLIENT_IP = web.RequestKey("client_ip", str)
 CREDENTIAL = web.RequestKey("credential", "Credential")
+UPSTREAM_BROKEN = web.RequestKey("upstream_broken", bool)
+RATE_DECISION = web.RequestKey("rate_decision", "Decision")

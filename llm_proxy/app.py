@@ -1,0 +1,105 @@
+"""Assemble the gateway: one application, its middlewares in one order, every resource in a cleanup context."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import AsyncIterator, Callable
+
+from aiohttp import web
+
+from .audit import AuditWriter
+from .auth import management_auth_middleware, token_auth_middleware
+from .crypto import KeyRing
+from .database import Database
+from .errors import error_middleware
+from .forwarder import Forwarder
+from .health import health_routes
+from .keys import AUDIT, DATABASE, KEYRING, SETTINGS, TOKEN_STORE
+from .limits import add_rate_limit_headers, admission_middleware, ip_block_middleware
+from .management import Management
+from .ratelimit import ConcurrencyLimiter, FailureCounter, RateLimiter
+from .request_context import add_request_id_header, request_context_middleware
+from .settings import Settings
+from .tokenstore import TokenStore
+
+
+def create_app(settings: Settings, *, clock: Callable[[], float] = time.time) -> web.Application:
+    """Build the application; nothing is opened until it starts."""
+    keyring = KeyRing(settings.encryption_key, settings.encryption_keys_previous)
+    db = Database(settings.database_path)
+    store = TokenStore(db, keyring, clock)
+    audit = AuditWriter(db, enabled=settings.audit_enabled, file_path=settings.audit_log_file,
+                        create_dir=settings.audit_create_dir, store_in_db=settings.audit_store_in_db,
+                        mask_client_ip=settings.audit_mask_client_ip)
+    forwarder = Forwarder(settings, audit)
+    management = Management(settings, db, keyring, store, audit, clock)
+
+    # The one place the middleware order is decided. Outermost first:
+    # 1. request context: every later layer, and every error body and audit event, needs the
+    #    request id and the resolved client IP;
+    # 2. errors: whatever is raised below (auth, limits, forwarder) becomes an OpenAI error body.
+    # The sub-applications add their own credential check inside these two: the management token
+    # for /manage, client tokens for /v1 (so neither can be used on the other's routes).
+    app = web.Application(middlewares=[request_context_middleware(settings.trusted_proxies), error_middleware],
+                          client_max_size=settings.max_request_size)
+    app[SETTINGS], app[KEYRING], app[DATABASE], app[TOKEN_STORE], app[AUDIT] = settings, keyring, db, store, audit
+    app.on_response_prepare.append(add_request_id_header)
+    app.add_routes(health_routes(db))
+
+    # Inside each sub-application: an IP that failed authentication too often is refused before
+    # its credential is even looked at; then the credential; then (for /v1) rate, quota and capacity.
+    failures = FailureCounter(settings.ip_rate_limit)
+    manage = web.Application(middlewares=[
+        ip_block_middleware(failures, audit, "management"),
+        management_auth_middleware(settings.management_tokens, settings.management_allowed_ips, audit, failures)])
+    manage.add_routes(management.routes())
+    app.add_subapp("/manage", manage)
+
+    proxy = web.Application(middlewares=[
+        ip_block_middleware(failures, audit, "client"),
+        token_auth_middleware(store, audit, failures),
+        admission_middleware(store, audit, default_rate=settings.rate_limit_per_minute,
+                             global_rate=settings.global_rate_limit,
+                             concurrency=ConcurrencyLimiter(settings.max_concurrent_requests),
+                             limiter=RateLimiter(clock=clock))])
+    proxy.on_response_prepare.append(add_rate_limit_headers)
+    proxy.router.add_route("*", "/{tail:.*}", forwarder.handle)
+    app.add_subapp("/v1", proxy)
+
+    # Started in this order, torn down in reverse: the upstream session closes first, then
+    # counters are flushed and the audit queue drained, and the database closes last.
+    app.cleanup_ctx.extend([_database(db), _audit(audit), _token_store(store),
+                            _upstream(forwarder, settings.max_concurrent_requests)])
+    return app
+
+
+def _database(db: Database) -> Callable[[web.Application], AsyncIterator[None]]:
+    async def ctx(app: web.Application) -> AsyncIterator[None]:
+        await db.connect()
+        yield
+        await db.close()
+    return ctx
+
+
+def _audit(audit: AuditWriter) -> Callable[[web.Application], AsyncIterator[None]]:
+    async def ctx(app: web.Application) -> AsyncIterator[None]:
+        await audit.start()
+        yield
+        await audit.close()
+    return ctx
+
+
+def _token_store(store: TokenStore) -> Callable[[web.Application], AsyncIterator[None]]:
+    async def ctx(app: web.Application) -> AsyncIterator[None]:
+        store.start()
+        yield
+        await store.close()
+    return ctx
+
+
+def _upstream(forwarder: Forwarder, max_connections: int) -> Callable[[web.Application], AsyncIterator[None]]:
+    async def ctx(app: web.Application) -> AsyncIterator[None]:
+        forwarder.session = forwarder.new_session(max_connections)
+        yield
+        await forwarder.session.close()
+    return ctx

@@ -1,0 +1,420 @@
+"""Queue audit events off the request path; one writer task chains them and appends them to file and table."""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import hashlib
+import ipaddress
+import logging
+import os
+import sqlite3
+import time
+from collections.abc import Callable
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import aiosqlite
+import orjson
+
+from .auditchain import TIMESTAMP_FORMAT, canonical, chain_head, last_event_in_file
+from .database import Database
+
+log = logging.getLogger(__name__)
+
+BATCH_SIZE = 500
+FILE_MODE = 0o640
+_TEXT_KEYS = ("timestamp", "action", "actor", "project_id", "request_id", "client_ip", "result")
+_INSERT = ("INSERT INTO audit_events (seq, timestamp, action, actor, project_id, request_id, client_ip,"
+           " result, details, hash) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)")
+_SET_HEAD = ("INSERT INTO audit_chain (id, seq, hash) VALUES (1, ?, ?)"
+             " ON CONFLICT (id) DO UPDATE SET seq = excluded.seq, hash = excluded.hash")
+
+
+@functools.lru_cache(maxsize=4096)
+def mask_ip(value: str) -> str:
+    """Mask an IP for storage: IPv4 to its /24 (last octet 0), IPv6 to its /48; anything else to `****`."""
+    try:
+        address = ipaddress.ip_address(value)
+    except ValueError:
+        # Not an address we can mask (e.g. "host:port"): storing it raw could leak the full IP.
+        return "****"
+    if isinstance(address, ipaddress.IPv6Address):
+        if address.ipv4_mapped is not None:
+            address = address.ipv4_mapped
+        else:
+            return str(ipaddress.IPv6Address(int(address) & ~((1 << 80) - 1)))
+    return str(ipaddress.IPv4Address(int(address) & ~0xFF))
+
+
+class _Throttle:
+    """Let a log line through at most once per interval, counting what it held back."""
+
+    def __init__(self, interval: float) -> None:
+        self.interval = interval
+        self.held = 0
+        self._next = 0.0
+
+    def ready(self) -> bool:
+        now = time.monotonic()
+        if now < self._next:
+            self.held += 1
+            return False
+        self._next = now + self.interval
+        return True
+
+    def take_held(self) -> int:
+        held, self.held = self.held, 0
+        return held
+
+
+class _AppendFile:
+    """An O_APPEND descriptor that follows logrotate's rename + create, as WatchedFileHandler does.
+
+    Only ever used from one worker thread at a time (the writer awaits each call).
+    """
+
+    def __init__(self, path: Path, create_dir: bool) -> None:
+        self.path = path
+        self.create_dir = create_dir
+        self._fd: int | None = None
+        self._id: tuple[int, int] | None = None
+        self._torn_id: tuple[int, int] | None = None  # file whose last line a failed write cut short
+
+    def open(self) -> None:
+        self.close()
+        if self.create_dir:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, FILE_MODE)
+        st = os.fstat(fd)
+        self._fd, self._id = fd, (st.st_dev, st.st_ino)
+
+    def reopen_if_needed(self) -> None:
+        try:
+            st = os.stat(self.path)
+            moved = (st.st_dev, st.st_ino) != self._id
+        except FileNotFoundError:
+            moved = True
+        if moved or self._fd is None:
+            self.open()
+
+    def append(self, data: bytes) -> tuple[int, OSError | None]:
+        """Write all of data; return (bytes written, the error that stopped it)."""
+        written = 0
+        try:
+            self.reopen_if_needed()
+            assert self._fd is not None
+            if self._torn_id == self._id:
+                # Finish the cut-off line so the next events start on a line of their own.
+                os.write(self._fd, b"\n")
+                self._torn_id = None
+            view = memoryview(data)
+            while written < len(data):
+                written += os.write(self._fd, view[written:])
+        except OSError as exc:
+            if written:
+                self._torn_id = self._id
+            return written, exc
+        return written, None
+
+    def close(self) -> None:
+        if self._fd is not None:
+            fd, self._fd = self._fd, None
+            try:
+                os.close(fd)
+            except OSError as exc:
+                log.error("audit file %s: close failed: %s", self.path, exc)
+
+
+def _sanitized(event: dict[str, Any]) -> dict[str, Any]:
+    """Return a copy of an event orjson could not encode, with every part made encodable."""
+    clean: dict[str, Any] = {}
+    for key, value in event.items():
+        if key == "details":
+            try:
+                canonical(value)
+            except TypeError:
+                value = {"error": "details could not be encoded as JSON"}
+        elif isinstance(value, str):
+            value = value.encode("utf-8", "replace").decode("utf-8")
+        clean[key] = value
+    return clean
+
+
+class AuditWriter:
+    """Take audit events from the hot path without blocking; one task chains and writes them.
+
+    The chain head (seq, hash) lives in audit_chain and is updated in the same transaction as the
+    rows, so seq continues across restarts whether or not events are stored in the database.
+
+    Durability: emit() only enqueues. The writer takes whatever is queued (up to BATCH_SIZE
+    events), commits it to SQLite (rows and chain head in one transaction), then gives the file
+    its lines in one write(2). An event therefore reaches the database and the OS within one batch
+    interval of emit() (milliseconds under normal load) and survives a process crash from then on.
+    Nothing is fsynced per event: the file relies on the kernel's writeback (Linux: up to ~30 s)
+    and SQLite runs WAL with synchronous=NORMAL, so an OS crash or power loss can lose the last
+    seconds. Events still queued when the process is killed (SIGKILL, OOM) are lost; close()
+    drains the queue.
+    """
+
+    DB_RETRY_DELAYS: tuple[float, ...] = (0.05, 0.2, 1.0)
+
+    def __init__(self, database: Database, *, enabled: bool, file_path: Path | None, create_dir: bool,
+                 store_in_db: bool, mask_client_ip: bool, queue_size: int = 10000,
+                 clock: Callable[[], datetime] | None = None) -> None:
+        self._db = database
+        self.enabled = enabled
+        self.file_path = file_path
+        self._store_in_db = store_in_db
+        self._mask = mask_client_ip
+        self._clock = clock  # None = the system clock, read through the cheaper time.time()
+        self._queue: asyncio.Queue[dict[str, Any] | None] = asyncio.Queue(queue_size)
+        self._max_unsaved = queue_size
+        self._file = _AppendFile(file_path, create_dir) if file_path is not None else None
+        self._task: asyncio.Task[None] | None = None
+        self._accepting = enabled
+        self._seq = 0
+        self._hash = ""
+        self._unsaved: list[tuple[Any, ...]] = []
+        self._ts_second = -1
+        self._ts_text = ""
+        self._drop_log = _Throttle(1.0)
+        self._file_log = _Throttle(10.0)
+        self._dropped = 0
+        self._file_errors = 0
+        self._db_errors = 0
+        self._written = 0
+
+    # ---- metrics ----
+
+    @property
+    def queue_depth(self) -> int:
+        """Events waiting for the writer."""
+        return self._queue.qsize()
+
+    @property
+    def dropped(self) -> int:
+        """Events lost before being chained: queue full, writer closed, or emit() misuse."""
+        return self._dropped
+
+    @property
+    def file_errors(self) -> int:
+        """Chained events that did not reach the file (still in the table when store_in_db is on)."""
+        return self._file_errors
+
+    @property
+    def db_errors(self) -> int:
+        """Batches whose transaction failed after every retry (their rows are retried with the next)."""
+        return self._db_errors
+
+    @property
+    def written(self) -> int:
+        """Events given a seq and hash and handed to the file and/or the database."""
+        return self._written
+
+    # ---- lifecycle ----
+
+    async def start(self) -> None:
+        """Load the chain head, open the file (raising OSError if it cannot be) and start the writer task."""
+        if not self.enabled or self._task is not None:
+            return
+        self._seq, self._hash = await chain_head(self._db)
+        if self._file is not None:
+            file_head = await asyncio.to_thread(last_event_in_file, self._file.path)
+            if file_head is not None and file_head[0] > self._seq:
+                # The file got a batch the database never committed (crash, outage, restored
+                # backup): continue after it, so no seq is ever written twice to the file.
+                log.warning("audit file %s is ahead of the database (seq %d > %d); continuing its chain",
+                            self._file.path, file_head[0], self._seq)
+                self._seq, self._hash = file_head
+            await asyncio.to_thread(self._file.open)
+        self._task = asyncio.create_task(self._run(), name="audit-writer")
+
+    async def flush(self) -> None:
+        """Wait until every event emitted so far has been written (no-op when the writer is not running)."""
+        task = self._task
+        if task is None or task.done():
+            return
+        joined = asyncio.ensure_future(self._queue.join())
+        try:
+            await asyncio.wait({joined, task}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            joined.cancel()
+
+    async def close(self) -> None:
+        """Stop accepting events, write everything already queued, stop the task and close the file."""
+        self._accepting = False
+        task = self._task
+        if task is not None and not task.done():
+            await self._queue.put(None)  # FIFO: lands after every event emitted before close()
+            await asyncio.wait({task})
+        if self._file is not None:
+            await asyncio.to_thread(self._file.close)
+
+    # ---- hot path ----
+
+    def emit(self, action: str, *, actor: str, result: str, project_id: str | None = None,
+             request_id: str | None = None, client_ip: str | None = None,
+             details: dict[str, Any] | None = None) -> None:
+        """Queue one event; never blocks, never raises (a full queue drops it and counts it).
+
+        Call from the event loop thread. Keys without a value (None) are left out, also inside details.
+        """
+        if not self._accepting:
+            if self.enabled:
+                self._drop("audit writer is closed")
+            return
+        try:
+            event: dict[str, Any] = {"timestamp": self._timestamp(), "action": action, "actor": actor}
+            if project_id is not None:
+                event["project_id"] = project_id
+            if request_id is not None:
+                event["request_id"] = request_id
+            if client_ip is not None:
+                event["client_ip"] = mask_ip(client_ip) if self._mask else client_ip
+            event["result"] = result
+            if details:
+                kept = {key: value for key, value in details.items() if value is not None}
+                if kept:
+                    event["details"] = kept
+            self._queue.put_nowait(event)
+        except asyncio.QueueFull:
+            self._drop("audit queue is full")
+        # A caller's bad argument (details not a dict, an unhashable IP) or a queue bound to
+        # another loop must not break the request being audited.
+        except (AttributeError, TypeError, ValueError, RuntimeError):
+            self._drop(f"audit event {action!r} could not be queued", exc_info=True)
+
+    def _drop(self, reason: str, exc_info: bool = False) -> None:
+        self._dropped += 1
+        if self._drop_log.ready():  # a flood of drops must not become a flood of log lines
+            log.error("%s: audit event dropped (%d dropped in total, %d since the last report)",
+                      reason, self._dropped, self._drop_log.take_held() + 1, exc_info=exc_info)
+
+    def _timestamp(self) -> str:
+        if self._clock is None:
+            second = int(time.time())
+            if second != self._ts_second:  # format once per second, not per event
+                self._ts_second = second
+                self._ts_text = time.strftime(TIMESTAMP_FORMAT, time.gmtime(second))
+            return self._ts_text
+        now = self._clock()
+        if now.tzinfo is not None:
+            now = now.astimezone(UTC)
+        return now.strftime(TIMESTAMP_FORMAT)
+
+    # ---- writer task ----
+
+    async def _run(self) -> None:
+        queue = self._queue
+        while True:
+            item = await queue.get()
+            taken, batch, stop = 1, [], item is None
+            if item is not None:
+                batch.append(item)
+            while not stop and len(batch) < BATCH_SIZE:
+                try:
+                    item = queue.get_nowait()
+                except asyncio.QueueEmpty:
+                    break
+                taken += 1
+                if item is None:
+                    stop = True
+                else:
+                    batch.append(item)
+            try:
+                if batch:
+                    await self._write_batch(batch)
+            except Exception:
+                log.exception("audit writer failed on a batch of %d events", len(batch))
+            finally:
+                for _ in range(taken):
+                    queue.task_done()
+            if stop:
+                return
+
+    async def _write_batch(self, batch: list[dict[str, Any]]) -> None:
+        lines: list[bytes] = []
+        rows: list[tuple[Any, ...]] = []
+        seq, prev = self._seq, self._hash
+        for event in batch:
+            for key in _TEXT_KEYS:
+                value = event.get(key)
+                if value is not None and type(value) is not str:
+                    # audit_events stores these as TEXT; keep file and table identical.
+                    event[key] = str(value)
+            event["seq"] = seq + 1
+            try:
+                body = canonical(event)
+            except TypeError:
+                log.error("audit event %r has values that cannot be encoded; storing a sanitized copy",
+                          event.get("action"))
+                event = _sanitized(event)
+                body = canonical(event)
+            seq += 1
+            prev = event["hash"] = _sha256_hex(prev, body)
+            lines.append(orjson.dumps(event, default=str))
+            if self._store_in_db:
+                details = event.get("details")
+                rows.append((seq, event["timestamp"], event["action"], event["actor"], event.get("project_id"),
+                             event.get("request_id"), event.get("client_ip"), event["result"],
+                             None if details is None else orjson.dumps(details, default=str).decode(), prev))
+        self._seq, self._hash = seq, prev
+        self._written += len(batch)
+        # Database first: it holds the chain head, so a crash between the two leaves a gap in the
+        # file (reported by verify) rather than a seq written twice. Whatever happens to the
+        # database, the file still gets the batch.
+        try:
+            await self._store(rows, (seq, prev))
+        finally:
+            if self._file is not None:
+                await self._append(b"\n".join(lines) + b"\n", len(lines))
+
+    async def _store(self, rows: list[tuple[Any, ...]], head: tuple[int, str]) -> None:
+        rows = self._unsaved + rows
+
+        async def work(conn: aiosqlite.Connection) -> None:
+            if rows:
+                await conn.executemany(_INSERT, rows)
+            await conn.execute(_SET_HEAD, head)
+
+        for delay in (*self.DB_RETRY_DELAYS, None):
+            try:
+                await self._db.write(work)
+            except sqlite3.IntegrityError as exc:
+                # A seq already in the table: retrying cannot help, and carrying the rows would
+                # block every later batch.
+                self._db_errors += 1
+                self._unsaved = []
+                log.error("audit events %d..%d not stored in the database: %s",
+                          rows[0][0] if rows else head[0], head[0], exc)
+                return
+            except (sqlite3.Error, OSError, ValueError, RuntimeError) as exc:  # the last two: not connected
+                if delay is not None:
+                    log.warning("audit database write failed (%s); retrying in %.2fs", exc, delay)
+                    await asyncio.sleep(delay)
+                    continue
+                self._db_errors += 1
+                self._unsaved = rows[-self._max_unsaved:]
+                log.error("audit database write failed after retries (%s); %d events kept to retry "
+                          "with the next batch", exc, len(self._unsaved))
+                return
+            self._unsaved = []
+            return
+
+    async def _append(self, data: bytes, count: int) -> None:
+        assert self._file is not None
+        written, error = await asyncio.to_thread(self._file.append, data)
+        if error is None:
+            return
+        lost = count - data.count(b"\n", 0, written)
+        self._file_errors += lost
+        if self._file_log.ready():
+            where = "they are in the database" if self._store_in_db else "AUDIT_STORE_IN_DB is off: they are lost"
+            log.error("audit file %s: write failed (%s); %d events missing from the file, %s "
+                      "(%d file errors in total)", self._file.path, error, lost, where, self._file_errors)
+
+
+def _sha256_hex(prev_hash: str, body: bytes) -> str:
+    return hashlib.sha256(prev_hash.encode() + body).hexdigest()

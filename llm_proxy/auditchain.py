@@ -1,0 +1,432 @@
+"""Hash-chain the audit trail: canonical JSON, verification of files and of the table, pruning."""
+
+from __future__ import annotations
+
+import gzip
+import hashlib
+import os
+import re
+import sqlite3
+import zlib
+from collections.abc import Iterable
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+import aiosqlite
+import orjson
+
+from .database import Database
+
+ZERO_HASH = "0" * 64
+TIMESTAMP_FORMAT = "%Y-%m-%dT%H:%M:%SZ"
+TABLE = "audit_events"
+# Column order = key order of an event in the file; NULL columns are keys left out.
+COLUMNS = ("timestamp", "action", "actor", "project_id", "request_id", "client_ip", "result", "details", "seq", "hash")
+_SELECT_EVENTS = f"SELECT {', '.join(COLUMNS)} FROM audit_events"
+_PAGE = 2000
+_TAIL_BYTES = 1 << 16
+
+
+def canonical(event: dict[str, Any]) -> bytes:
+    """Encode an event the one way its hash is computed: sorted keys, no spaces, UTF-8.
+
+    Values JSON cannot hold are encoded as str(value), exactly as the writer puts them in the file.
+    """
+    return orjson.dumps(event, default=str, option=orjson.OPT_SORT_KEYS)
+
+
+def chain_hash(prev_hash: str, event_without_hash: dict[str, Any]) -> str:
+    """Return hex SHA-256 of the previous hash (hex text) followed by the event's canonical JSON."""
+    return hashlib.sha256(prev_hash.encode() + canonical(event_without_hash)).hexdigest()
+
+
+def event_from_row(row: sqlite3.Row | tuple[Any, ...]) -> dict[str, Any]:
+    """Rebuild the event of an audit_events row (COLUMNS order) with the file's key order and omissions."""
+    event: dict[str, Any] = {}
+    for key, value in zip(COLUMNS, row):
+        if value is None:
+            continue
+        event[key] = orjson.loads(value) if key == "details" else value
+    return event
+
+
+# ---- verification ----
+
+@dataclass(frozen=True, slots=True)
+class Break:
+    """The first place where the chain does not hold.
+
+    kind: `altered` (seq as expected, hash wrong), `removed` (seq jumps ahead: events are missing
+    before this line), `inserted` (seq repeats or goes back, or the line does not fit but the next
+    one continues the chain from the line before it), `invalid` (not a JSON event with seq and
+    hash), `unreadable` (the file cannot be read).
+    """
+
+    kind: str
+    source: str
+    line: int
+    seq: int | None
+    expected_seq: int | None
+    message: str
+
+    @property
+    def where(self) -> str:
+        if self.source == TABLE:
+            return f"{TABLE} row {self.line} (seq {self.seq})"
+        return f"{self.source}:{self.line}"
+
+
+@dataclass(frozen=True, slots=True)
+class VerifyResult:
+    """Outcome of a walk: how far the chain holds and from what it starts.
+
+    start: `genesis` (first event seq 1, chained from 64 zeros), `anchor` (checked from a given
+    or audit.prune-recorded (seq, hash)), `assumed` (first event has seq > 1 and nothing to check
+    it against: older events were rotated away or pruned, it is taken on trust), `empty`.
+    """
+
+    ok: bool
+    events: int
+    start: str
+    first_seq: int | None
+    last_seq: int | None
+    last_hash: str | None
+    anchor: tuple[int, str] | None = None
+    problem: Break | None = None
+
+    def describe(self) -> str:
+        """Return one line for the operator."""
+        if self.problem is not None:
+            return f"BROKEN at {self.problem.where}: {self.problem.kind}: {self.problem.message}"
+        if self.start == "empty":
+            return "OK: no events"
+        origin = {
+            "genesis": "from the first event",
+            "anchor": f"from the anchor seq {self.anchor[0] if self.anchor else '?'}",
+            "assumed": f"from seq {self.first_seq}, taken on trust (earlier events are not present)",
+        }[self.start]
+        return f"OK: {self.events} events, seq {self.first_seq}..{self.last_seq}, chain verified {origin}"
+
+
+class ChainWalk:
+    """Check events fed in order; stop at the first break.
+
+    A hash mismatch at the expected seq is held for one more event: if the next event has the
+    same seq and chains from the hash before the mismatch, the mismatching line was inserted,
+    otherwise it was altered. An edit that also recomputes the line's own hash therefore shows up
+    as `altered` on the following line; removing the newest events is only visible against a
+    known head (pass `head`).
+    """
+
+    def __init__(self, anchor: tuple[int, str] | None = None) -> None:
+        self.anchor = anchor
+        self.events = 0
+        self.start = "empty"
+        self.first_seq: int | None = None
+        self.prev_seq: int | None = None
+        self.prev_hash: str | None = None
+        self.problem: Break | None = None
+        self._last_place: tuple[str, int] | None = None
+        # (source, line, seq, expected) of a hash mismatch waiting for the next event
+        self._pending: tuple[str, int, int, int] | None = None
+
+    def feed_text(self, source: str, line: int, text: str | bytes) -> bool:
+        """Parse and check one line; return False once the chain is broken."""
+        if not text.strip():
+            return self.problem is None  # blank lines carry no event
+        try:
+            event = orjson.loads(text)
+        except orjson.JSONDecodeError:
+            return self.feed_invalid(source, line, "not valid JSON (torn or edited line)")
+        return self.feed_event(source, line, event)
+
+    def feed_invalid(self, source: str, line: int, message: str, kind: str = "invalid") -> bool:
+        """Record a line that holds no readable event."""
+        if self.problem is None:
+            if self._pending is not None:
+                self._resolve_pending(inserted=False)
+            else:
+                expected = None if self.prev_seq is None else self.prev_seq + 1
+                self.problem = Break(kind, source, line, None, expected, message)
+        return False
+
+    def feed_event(self, source: str, line: int, event: Any) -> bool:
+        """Check one parsed event; return False once the chain is broken."""
+        if self.problem is not None:
+            return False
+        seq = event.get("seq") if isinstance(event, dict) else None
+        stored = event.get("hash") if isinstance(event, dict) else None
+        if type(seq) is not int or seq < 1 or not isinstance(stored, str):
+            return self.feed_invalid(source, line, "not an audit event with an integer seq and a hash")
+        body = {key: value for key, value in event.items() if key != "hash"}
+
+        if self._pending is not None:
+            _, _, pending_seq, _ = self._pending
+            self._resolve_pending(inserted=seq == pending_seq and self._hash(body) == stored)
+            return False
+
+        if self.prev_seq is None:
+            if self.anchor is not None:
+                self.prev_seq, self.prev_hash = self.anchor
+                self.start = "anchor"
+            elif seq == 1:
+                self.prev_seq, self.prev_hash = 0, ZERO_HASH
+                self.start = "genesis"
+            else:
+                self.start = "assumed"
+                self.anchor = (seq, stored)
+                self._accept(source, line, seq, stored)
+                return True
+
+        expected = self.prev_seq + 1
+        if seq > expected:
+            missing = f"{expected}" if seq == expected + 1 else f"{expected}..{seq - 1}"
+            self.problem = Break("removed", source, line, seq, expected,
+                                 f"seq {seq} where {expected} was expected: event(s) {missing} missing before this line")
+            return False
+        if seq < expected:
+            self.problem = Break("inserted", source, line, seq, expected,
+                                 f"seq {seq} repeats or goes back (expected {expected}): this line was inserted")
+            return False
+        if self._hash(body) != stored:
+            self._pending = (source, line, seq, expected)
+            return True
+        self._accept(source, line, seq, stored)
+        return True
+
+    def finish(self, head: tuple[int, str] | None = None) -> VerifyResult:
+        """Close the walk; with `head`, also require it to end exactly at that (seq, hash)."""
+        if self._pending is not None:
+            self._resolve_pending(inserted=False)
+        if self.problem is None and head is not None:
+            self._check_head(head)
+        return VerifyResult(ok=self.problem is None, events=self.events, start=self.start,
+                            first_seq=self.first_seq, last_seq=self.prev_seq if self.events else None,
+                            last_hash=self.prev_hash if self.events else None,
+                            anchor=None if self.start == "genesis" else self.anchor, problem=self.problem)
+
+    def _hash(self, body: dict[str, Any]) -> str:
+        assert self.prev_hash is not None
+        try:
+            return chain_hash(self.prev_hash, body)
+        except (TypeError, ValueError):  # e.g. an integer beyond 64 bits: cannot be ours
+            return ""
+
+    def _accept(self, source: str, line: int, seq: int, stored: str) -> None:
+        if self.first_seq is None:
+            self.first_seq = seq
+        self.prev_seq, self.prev_hash = seq, stored
+        self.events += 1
+        self._last_place = (source, line)
+
+    def _resolve_pending(self, *, inserted: bool) -> None:
+        assert self._pending is not None
+        source, line, seq, expected = self._pending
+        self._pending = None
+        if inserted:
+            message = "does not fit the chain, and the next line continues it from the line before: inserted"
+        else:
+            message = "hash does not match the line's content and the previous hash: the line was altered"
+        self.problem = Break("inserted" if inserted else "altered", source, line, seq, expected, message)
+
+    def _check_head(self, head: tuple[int, str]) -> None:
+        head_seq, head_hash = head
+        source, line = self._last_place if self._last_place else ("(input)", 0)
+        last_seq = self.prev_seq if self.events else 0
+        assert last_seq is not None
+        if last_seq < head_seq:
+            self.problem = Break("removed", source, line + 1, None, last_seq + 1,
+                                 f"ends at seq {last_seq} but the chain head is {head_seq}: "
+                                 f"the newest event(s) {last_seq + 1}..{head_seq} are missing")
+        elif last_seq > head_seq:
+            self.problem = Break("inserted", source, line, last_seq, head_seq,
+                                 f"goes past the chain head seq {head_seq}: events after it were added")
+        elif self.events and self.prev_hash != head_hash:
+            self.problem = Break("altered", source, line, last_seq, head_seq,
+                                 "last hash differs from the recorded chain head: the line was rewritten")
+
+
+def verify_lines(lines: Iterable[tuple[str, int, str | bytes]], *, anchor: tuple[int, str] | None = None,
+                 head: tuple[int, str] | None = None) -> VerifyResult:
+    """Walk (source, line number, text) in order and report the first break of the chain.
+
+    `anchor` = (seq, hash) the first event must continue from (pass (0, ZERO_HASH) to insist the
+    chain starts at seq 1); without it a first event with seq > 1 is accepted on trust.
+    """
+    walk = ChainWalk(anchor)
+    for source, number, text in lines:
+        if not walk.feed_text(source, number, text):
+            break
+    return walk.finish(head)
+
+
+_ROTATED = re.compile(r"^(?P<base>.+?)(?:\.(?P<n>\d+)|-(?P<date>\d{8,14}))?$")
+
+
+def rotation_order(paths: Iterable[Path]) -> list[Path]:
+    """Sort logrotate's files oldest first: audit.log.N[.gz] (higher N older), dated ones by date, then the current file."""
+    def key(path: Path) -> tuple[int, int]:
+        name = path.name.removesuffix(".gz")
+        match = _ROTATED.match(name)
+        if match and match.group("n"):
+            return (0, -int(match.group("n")))
+        if match and match.group("date"):
+            return (1, int(match.group("date")))
+        return (2, 0)
+    return sorted(paths, key=key)
+
+
+def verify_files(paths: Iterable[Path], *, anchor: tuple[int, str] | None = None,
+                 head: tuple[int, str] | None = None) -> VerifyResult:
+    """Walk rotated (plain or .gz) and current audit files as one chain, oldest first."""
+    walk = ChainWalk(anchor)
+    for path in rotation_order(paths):
+        number = 0
+        try:
+            opener = gzip.open if path.name.endswith(".gz") else open
+            with opener(path, "rb") as handle:
+                for number, raw in enumerate(handle, 1):
+                    if not walk.feed_text(str(path), number, raw):
+                        return walk.finish()
+        except (OSError, EOFError, zlib.error) as exc:
+            walk.feed_invalid(str(path), number + 1, f"cannot be read: {exc}", kind="unreadable")
+            return walk.finish()
+    return walk.finish(head)
+
+
+async def chain_head(db: Database) -> tuple[int, str]:
+    """Return the (seq, hash) the next event chains from: (0, 64 zeros) before the first event."""
+    head = (0, ZERO_HASH)
+    for sql in ("SELECT seq, hash FROM audit_chain WHERE id = 1",
+                "SELECT seq, hash FROM audit_events ORDER BY seq DESC LIMIT 1"):
+        row = await db.fetchone(sql)
+        if row is not None and row[0] > head[0]:
+            head = (row[0], row[1])
+    return head
+
+
+def last_event_in_file(path: Path) -> tuple[int, str] | None:
+    """Return (seq, hash) of the last complete event in a regular file, or None."""
+    # Only regular files: /dev/full or a FIFO would read forever or block.
+    if not os.path.isfile(path):
+        return None
+    try:
+        with open(path, "rb") as handle:
+            size = handle.seek(0, os.SEEK_END)
+            handle.seek(max(0, size - _TAIL_BYTES))
+            tail = handle.read()
+    except OSError:
+        return None
+    for raw in reversed(tail.split(b"\n")):
+        try:
+            event = orjson.loads(raw)
+        except orjson.JSONDecodeError:
+            continue
+        if isinstance(event, dict) and type(event.get("seq")) is int and isinstance(event.get("hash"), str):
+            return event["seq"], event["hash"]
+    return None
+
+
+async def prune_anchor(db: Database) -> tuple[int, str] | None:
+    """Return (last_pruned_seq, last_pruned_hash) of the newest audit.prune event that deleted rows."""
+    rows = await db.fetchall("SELECT details FROM audit_events WHERE action = 'audit.prune' ORDER BY seq DESC")
+    for row in rows:
+        try:
+            details = orjson.loads(row[0]) if row[0] else None
+        except orjson.JSONDecodeError:
+            continue
+        if isinstance(details, dict):
+            seq, digest = details.get("last_pruned_seq"), details.get("last_pruned_hash")
+            if type(seq) is int and isinstance(digest, str):
+                return seq, digest
+    return None
+
+
+async def verify_table(db: Database, *, anchor: tuple[int, str] | None = None,
+                       head: tuple[int, str] | None = None) -> VerifyResult:
+    """Walk audit_events in seq order; after a prune, check from the newest audit.prune event's anchor.
+
+    Without any audit.prune event a first row with seq > 1 is accepted on trust. `line` in a
+    Break is the row's position in seq order.
+    """
+    if anchor is None:
+        anchor = await prune_anchor(db)
+    walk = ChainWalk(anchor)
+    position, after = 0, -1
+    while True:
+        rows = await db.fetchall(f"{_SELECT_EVENTS} WHERE seq > ? ORDER BY seq LIMIT ?", (after, _PAGE))
+        for row in rows:
+            position += 1
+            after = row["seq"]
+            try:
+                event = event_from_row(row)
+            except orjson.JSONDecodeError:
+                walk.feed_invalid(TABLE, position, f"details of seq {after} is not valid JSON")
+                return walk.finish()
+            if not walk.feed_event(TABLE, position, event):
+                return walk.finish()
+        if len(rows) < _PAGE:
+            return walk.finish(head)
+
+
+# ---- retention ----
+
+@dataclass(frozen=True, slots=True)
+class PruneResult:
+    """What a prune deleted; `details()` is what the caller's audit.prune event carries."""
+
+    deleted: int
+    batches: int
+    last_pruned_seq: int | None
+    last_pruned_hash: str | None
+
+    def details(self) -> dict[str, Any]:
+        """Return the details of the audit.prune event that records this prune."""
+        return {"deleted": self.deleted, "last_pruned_seq": self.last_pruned_seq,
+                "last_pruned_hash": self.last_pruned_hash}
+
+
+async def prune(db: Database, older_than_days: int, batch_size: int = 1000,
+                now: datetime | None = None) -> PruneResult:
+    """Delete audit rows older than the cutoff, oldest first, one transaction per batch.
+
+    Only a prefix of the chain is ever deleted: rows from the first one at or after the cutoff
+    onwards stay, even if a clock step gave a later row an older timestamp, so what remains is
+    one unbroken chain that verify_table checks from the last pruned hash.
+    """
+    if older_than_days < 0:
+        raise ValueError("older_than_days must not be negative")
+    if batch_size < 1:
+        raise ValueError("batch_size must be at least 1")
+    cutoff = ((now or datetime.now(UTC)) - timedelta(days=older_than_days)).astimezone(UTC)
+    # "+timestamp" keeps SQLite on the primary key, so this reads only the rows about to go.
+    row = await db.fetchone("SELECT seq FROM audit_events WHERE +timestamp >= ? ORDER BY seq LIMIT 1",
+                            (cutoff.strftime(TIMESTAMP_FORMAT),))
+    if row is None:
+        # Every row is old; rows written while we prune get higher seqs and are kept.
+        top = await db.fetchone("SELECT max(seq) FROM audit_events")
+        boundary = (top[0] or 0) + 1 if top else 1
+    else:
+        boundary = row[0]
+
+    async def delete_batch(conn: aiosqlite.Connection) -> tuple[int, int, str] | None:
+        cursor = await conn.execute(
+            "SELECT seq, hash FROM audit_events WHERE seq = "
+            "(SELECT max(seq) FROM (SELECT seq FROM audit_events WHERE seq < ? ORDER BY seq LIMIT ?))",
+            (boundary, batch_size))
+        last = await cursor.fetchone()
+        if last is None:
+            return None
+        cursor = await conn.execute("DELETE FROM audit_events WHERE seq <= ?", (last[0],))
+        return cursor.rowcount, last[0], last[1]
+
+    deleted = batches = 0
+    last_seq: int | None = None
+    last_hash: str | None = None
+    while (done := await db.write(delete_batch)) is not None:
+        count, last_seq, last_hash = done
+        deleted += count
+        batches += 1
+    return PruneResult(deleted, batches, last_seq, last_hash)

@@ -1,0 +1,95 @@
+"""Check credentials: the management token on /manage, client tokens on /v1; audit every rejection."""
+
+from __future__ import annotations
+
+import hmac
+
+from aiohttp import web
+from aiohttp.typedefs import Handler, Middleware
+
+from .audit import AuditWriter
+from .errors import ApiError, InvalidManagementToken, InvalidToken, IPNotAllowed
+from .keys import CLIENT_IP, CREDENTIAL, REQUEST_ID
+from .obfuscation import obfuscate
+from .ratelimit import FailureCounter
+from .request_context import ip_in
+from .settings import IPNetwork
+from .tokenstore import TokenStore
+
+
+def bearer(request: web.Request) -> str | None:
+    """Return the credential of an `Authorization: Bearer …` header, if any."""
+    header = request.headers.get("Authorization")
+    if header is None or header[:7].lower() != "bearer ":
+        return None
+    return header[7:].strip() or None
+
+
+def _rejection_details(request: web.Request, reason: str, presented: str | None) -> dict[str, object]:
+    return {"http_method": request.method, "endpoint": request.path, "reason": reason,
+            # Only ever the obfuscated form of what was presented.
+            "credential": obfuscate(presented) if presented else None,
+            "user_agent": request.headers.get("User-Agent")}
+
+
+def management_auth_middleware(tokens: tuple[str, ...], allowed_ips: tuple[IPNetwork, ...],
+                               audit: AuditWriter, failures: FailureCounter) -> Middleware:
+    """Build the middleware guarding the management API: IP allow-list first, then the bearer token."""
+    expected = tuple(token.encode() for token in tokens)
+
+    @web.middleware
+    async def management_auth(request: web.Request, handler: Handler) -> web.StreamResponse:
+        client_ip = request[CLIENT_IP]
+        if allowed_ips and not ip_in(client_ip, allowed_ips):
+            audit.emit("auth.failure", actor="management", result="denied", request_id=request[REQUEST_ID],
+                       client_ip=client_ip, details=_rejection_details(request, "ip_not_allowed", None))
+            raise IPNotAllowed()
+        presented = bearer(request)
+        valid = False
+        if presented is not None:
+            candidate = presented.encode("utf-8", "surrogateescape")
+            # Compare against every accepted token in constant time; no early exit.
+            for token in expected:
+                valid |= hmac.compare_digest(candidate, token)
+        if not valid:
+            reason = "missing_credential" if presented is None else "invalid_management_token"
+            failures.record_failure(client_ip)
+            audit.emit("auth.failure", actor="management", result="failure", request_id=request[REQUEST_ID],
+                       client_ip=client_ip, details=_rejection_details(request, reason, presented))
+            raise InvalidManagementToken(headers={"WWW-Authenticate": "Bearer"})
+        return await handler(request)
+
+    return management_auth
+
+
+def token_auth_middleware(store: TokenStore, audit: AuditWriter, failures: FailureCounter) -> Middleware:
+    """Build the middleware admitting /v1 requests only with a live client token."""
+
+    @web.middleware
+    async def token_auth(request: web.Request, handler: Handler) -> web.StreamResponse:
+        presented = bearer(request)
+        try:
+            if presented is None:
+                raise InvalidToken("missing bearer token")
+            credential = await store.lookup(presented)
+        except InvalidToken as exc:
+            failures.record_failure(request[CLIENT_IP])
+            audit.emit("auth.failure", actor="client", result="failure", request_id=request[REQUEST_ID],
+                       client_ip=request[CLIENT_IP], details=_rejection_details(request, exc.code, presented))
+            exc.headers["x-should-retry"] = "false"
+            raise
+        try:
+            store.check(credential)
+        except ApiError as exc:
+            # A revoked or expired token being replayed is a failed authentication too.
+            failures.record_failure(request[CLIENT_IP])
+            audit.emit("token.validate", actor="client", result="denied", project_id=credential.project.id,
+                       request_id=request[REQUEST_ID], client_ip=request[CLIENT_IP],
+                       details={"http_method": request.method, "endpoint": request.path, "reason": exc.code,
+                                "token_id": credential.hint, "user_agent": request.headers.get("User-Agent")})
+            exc.headers["x-should-retry"] = "false"
+            raise
+        request[CREDENTIAL] = credential
+        return await handler(request)
+
+    return token_auth

@@ -1,0 +1,200 @@
+"""Forward an admitted /v1 request to the upstream with the project's key and stream the answer back."""
+
+from __future__ import annotations
+
+import asyncio
+import fnmatch
+import logging
+import re
+import time
+from collections.abc import AsyncIterator
+
+import aiohttp
+import orjson
+from aiohttp import web
+from multidict import CIMultiDict
+from yarl import URL
+
+from .audit import AuditWriter
+from .errors import (
+    ApiError,
+    BadRequest,
+    EndpointNotAllowed,
+    ModelNotAllowed,
+    PayloadTooLarge,
+    UpstreamTimeout,
+    UpstreamUnavailable,
+)
+from .keys import CLIENT_IP, CREDENTIAL, REQUEST_ID, UPSTREAM_BROKEN
+from .settings import Settings
+
+log = logging.getLogger(__name__)
+
+HOP_BY_HOP = frozenset({"connection", "keep-alive", "proxy-authenticate", "proxy-authorization", "proxy-connection",
+                        "te", "trailer", "trailers", "transfer-encoding", "upgrade"})
+# The client's credentials, cookies and claims about its own address never reach the upstream;
+# Accept-Encoding is dropped so the upstream answers in identity encoding (usage can be read).
+REQUEST_DENY = HOP_BY_HOP | {"host", "authorization", "cookie", "content-length", "accept-encoding", "forwarded",
+                             "x-real-ip", "x-request-id", "expect"}
+# Upstream cookies and account identifiers stay here; X-Request-ID is ours.
+RESPONSE_DENY = HOP_BY_HOP | {"set-cookie", "server", "date", "x-request-id", "openai-organization",
+                              "openai-project", "content-length"}
+# Anything that could walk the upstream path out of /v1 once decoded or normalised.
+_UNSAFE_PATH = re.compile(r"%2e|%2f|%5c|\\|//|/\.\.?(/|$)", re.IGNORECASE)
+
+
+def _forwardable(name: str) -> bool:
+    lowered = name.lower()
+    return lowered not in REQUEST_DENY and not lowered.startswith("x-forwarded-")
+
+
+class Forwarder:
+    """The /v1 handler: validates the path and body, then streams request and response through."""
+
+    def __init__(self, settings: Settings, audit: AuditWriter) -> None:
+        self.session: aiohttp.ClientSession | None = None
+        self._audit = audit
+        self._upstream = settings.openai_api_url
+        self._allowed = settings.allowed_endpoints
+        self._allowed_models = settings.allowed_models
+        self._max_body = settings.max_request_size
+        self._request_timeout = settings.request_timeout
+        self._timeout = aiohttp.ClientTimeout(total=None, sock_connect=settings.request_timeout,
+                                              sock_read=settings.stream_idle_timeout)
+
+    def new_session(self, max_connections: int) -> aiohttp.ClientSession:
+        """Create the one upstream session: no cookies kept, bytes passed through undecoded."""
+        connector = aiohttp.TCPConnector(limit=max_connections, ttl_dns_cache=300)
+        return aiohttp.ClientSession(connector=connector, cookie_jar=aiohttp.DummyCookieJar(),
+                                     auto_decompress=False, trust_env=False, timeout=self._timeout)
+
+    def upstream_url(self, raw_path: str) -> URL:
+        """Map a client request-target to the upstream URL, refusing paths outside the allowed /v1 prefixes."""
+        path, _, _query = raw_path.partition("?")
+        if not path.startswith("/v1/") or _UNSAFE_PATH.search(path):
+            raise EndpointNotAllowed()
+        if not any(path == prefix or path.startswith(prefix + "/") for prefix in self._allowed):
+            raise EndpointNotAllowed()
+        return URL(self._upstream + raw_path, encoded=True)
+
+    async def handle(self, request: web.Request) -> web.StreamResponse:
+        """Forward the request; audit it as token.access whatever happens."""
+        started = time.perf_counter()
+        credential = request[CREDENTIAL]
+        status, result, model = 0, "error", None
+        try:
+            url = self.upstream_url(request.raw_path)
+            body, model = await self._body(request)
+            response = await self._forward(request, url, body)
+            status = response.status
+            result = "success" if status < 400 else ("error" if status >= 500 else "failure")
+            if request.get(UPSTREAM_BROKEN):
+                result = "error"
+            return response
+        except ApiError as exc:
+            status = exc.status
+            result = "error" if status >= 500 else "denied" if status in (403, 404) else "failure"
+            raise
+        except web.HTTPException as exc:
+            status, result = exc.status, "failure"
+            raise
+        except asyncio.CancelledError:
+            status, result = 499, "error"  # the client went away
+            raise
+        finally:
+            self._audit.emit(
+                "token.access", actor="client", result=result, project_id=credential.project.id,
+                request_id=request[REQUEST_ID], client_ip=request[CLIENT_IP],
+                details={"http_method": request.method, "endpoint": request.path, "status": status,
+                         "duration_ms": round((time.perf_counter() - started) * 1000, 2), "model": model,
+                         "token_id": credential.hint, "user_agent": request.headers.get("User-Agent")})
+
+    async def _body(self, request: web.Request) -> tuple[bytes | AsyncIterator[bytes] | None, str | None]:
+        if not request.body_exists:
+            return None, None
+        length = request.content_length
+        if length is not None and length > self._max_body:
+            raise PayloadTooLarge(f"request body exceeds {self._max_body} bytes")
+        if request.content_type != "application/json":
+            return _capped(request.content, self._max_body), None
+        body = await request.read()
+        try:
+            document = orjson.loads(body)
+        except orjson.JSONDecodeError:
+            if self._allowed_models:
+                raise BadRequest("request body is not valid JSON") from None
+            return body, None  # the upstream explains malformed JSON in its own words
+        model = document.get("model") if isinstance(document, dict) else None
+        if self._allowed_models:
+            if not isinstance(model, str):
+                raise BadRequest("`model` is required while ALLOWED_MODELS is set", param="model")
+            if not any(fnmatch.fnmatchcase(model, pattern) for pattern in self._allowed_models):
+                raise ModelNotAllowed(f"model {model!r} is not allowed", param="model")
+        return body, model if isinstance(model, str) else None
+
+    async def _forward(self, request: web.Request, url: URL,
+                       body: bytes | AsyncIterator[bytes] | None) -> web.StreamResponse:
+        assert self.session is not None
+        headers = CIMultiDict((k, v) for k, v in request.headers.items() if _forwardable(k))
+        for name in request.headers.get("Connection", "").split(","):
+            headers.popall(name.strip(), None)
+        headers["Authorization"] = request[CREDENTIAL].project.authorization
+        headers["Accept-Encoding"] = "identity"
+        try:
+            async with asyncio.timeout(self._request_timeout):
+                upstream = await self.session.request(request.method, url, headers=headers, data=body,
+                                                      allow_redirects=False)
+        except TimeoutError:
+            raise UpstreamTimeout() from None
+        except _BodyTooLarge:
+            raise PayloadTooLarge(f"request body exceeds {self._max_body} bytes") from None
+        except aiohttp.ClientError as exc:
+            log.warning("upstream request failed: %s", type(exc).__name__)
+            raise UpstreamUnavailable() from None
+        try:
+            return await self._relay(request, upstream)
+        finally:
+            upstream.close()
+
+    async def _relay(self, request: web.Request, upstream: aiohttp.ClientResponse) -> web.StreamResponse:
+        response = web.StreamResponse(status=upstream.status, reason=upstream.reason)
+        for name, value in upstream.headers.items():
+            if name.lower() not in RESPONSE_DENY:
+                response.headers.add(name, value)
+        if "X-Request-ID" in upstream.headers:
+            response.headers["X-Upstream-Request-ID"] = upstream.headers["X-Request-ID"]
+        if upstream.content_type == "text/event-stream":
+            response.headers["X-Accel-Buffering"] = "no"
+            response.headers["Cache-Control"] = "no-cache"
+        elif upstream.content_length is not None:
+            response.content_length = upstream.content_length
+        await response.prepare(request)
+        try:
+            async for chunk in upstream.content.iter_any():
+                await response.write(chunk)
+        except (aiohttp.ClientError, TimeoutError) as exc:
+            # Headers are gone already: the only honest signal left is to cut the connection.
+            log.warning("upstream stream broke after %d bytes: %s", response.body_length, type(exc).__name__)
+            request[UPSTREAM_BROKEN] = True
+            if request.transport is not None:
+                request.transport.close()
+            return response
+        except ConnectionResetError:
+            return response  # the client left; closing the upstream happens in the caller
+        await response.write_eof()
+        return response
+
+
+
+class _BodyTooLarge(Exception):
+    pass
+
+
+async def _capped(stream: aiohttp.StreamReader, limit: int) -> AsyncIterator[bytes]:
+    """Yield a request body as it arrives, stopping once it grows past `limit`."""
+    total = 0
+    async for chunk in stream.iter_any():
+        total += len(chunk)
+        if total > limit:
+            raise _BodyTooLarge()
+        yield chunk

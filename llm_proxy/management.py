@@ -1,0 +1,237 @@
+"""The management API under /manage: projects and tokens, each action audited."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import orjson
+from aiohttp import web
+
+from . import repository as repo
+from .audit import AuditWriter
+from .credentials import generate_token, hash_token
+from .crypto import KeyRing
+from .database import Database
+from .errors import ApiError, Conflict, MethodNotAllowed, ProjectInactive
+from .keys import CLIENT_IP, REQUEST_ID
+from .obfuscation import obfuscate
+from .settings import Settings
+from .tokenstore import TokenStore
+from .validation import Field, parse_json_object, query_bool, validate
+
+MAX_GRACE_SECONDS = 86_400
+_NAME = Field(str, max_length=200)
+_API_KEY = Field(str, max_length=4096)
+_LIMIT = Field(int, nullable=True, minimum=0, maximum=2**53)
+
+Details = dict[str, Any]
+ActionHandler = Callable[["Management", web.Request, Details], Awaitable[web.StreamResponse]]
+
+
+def json_response(document: Any, status: int = 200) -> web.Response:
+    """Serialise a document with orjson."""
+    return web.Response(body=orjson.dumps(document), status=status, content_type="application/json")
+
+
+def audited(action: str) -> Callable[[ActionHandler], Callable[[Management, web.Request], Awaitable[web.StreamResponse]]]:
+    """Emit one audit event per call of the handler, whatever its outcome."""
+    def wrap(handler: ActionHandler) -> Callable[[Management, web.Request], Awaitable[web.StreamResponse]]:
+        async def run(self: Management, request: web.Request) -> web.StreamResponse:
+            details: Details = {"http_method": request.method, "endpoint": request.path}
+            result = "success"
+            try:
+                return await handler(self, request, details)
+            except ApiError as exc:
+                result = "error" if exc.status >= 500 else "denied" if exc.status in (403, 405) else "failure"
+                details["status"], details["error_code"] = exc.status, exc.code
+                raise
+            except Exception:
+                result = "error"
+                raise
+            finally:
+                details["user_agent"] = request.headers.get("User-Agent")
+                self.audit.emit(action, actor="management", result=result, project_id=details.pop("project_id", None),
+                                request_id=request[REQUEST_ID], client_ip=request[CLIENT_IP], details=details)
+        run.__name__ = handler.__name__
+        run.__doc__ = handler.__doc__
+        return run
+    return wrap
+
+
+class Management:
+    """Handlers of the management API, sharing the database, the token cache and the audit writer."""
+
+    def __init__(self, settings: Settings, db: Database, keyring: KeyRing, store: TokenStore, audit: AuditWriter,
+                 clock: Callable[[], float] = time.time) -> None:
+        self.settings = settings
+        self.db = db
+        self.keyring = keyring
+        self.store = store
+        self.audit = audit
+        self.clock = clock
+        self._duration = Field(int, minimum=1, maximum=settings.max_token_duration_minutes)
+
+    def routes(self) -> list[web.RouteDef]:
+        """Return the route table, mounted under /manage."""
+        return [
+            web.post("/projects", self.create_project),
+            web.get("/projects", self.list_projects, allow_head=False),
+            web.get("/projects/{id}", self.get_project, allow_head=False),
+            web.patch("/projects/{id}", self.update_project),
+            web.delete("/projects/{id}", self.delete_project),
+            web.post("/projects/{id}/tokens/revoke", self.revoke_project_tokens),
+            web.post("/tokens", self.create_token),
+            web.get("/tokens", self.list_tokens, allow_head=False),
+            web.get("/tokens/{id}", self.get_token, allow_head=False),
+            web.patch("/tokens/{id}", self.update_token),
+            web.delete("/tokens/{id}", self.revoke_token),
+            web.post("/tokens/{id}/refresh", self.refresh_token),
+        ]
+
+    def token_public(self, token: repo.TokenRecord) -> dict[str, Any]:
+        """Return the API representation of a token: never the plaintext, counters live."""
+        document = {
+            "id": token.id, "project_id": token.project_id, "token_hint": token.token_hint,
+            "expires_at": token.expires_at, "is_active": token.is_active and token.revoked_at is None,
+            "max_requests": token.max_requests, "rate_limit_per_minute": token.rate_limit_per_minute,
+            "max_tokens_total": token.max_tokens_total, "request_count": token.request_count,
+            "prompt_tokens": token.prompt_tokens, "completion_tokens": token.completion_tokens,
+            "total_tokens": token.total_tokens, "last_used_at": token.last_used_at,
+            "created_at": token.created_at, "revoked_at": token.revoked_at, "replaced_by": token.replaced_by,
+        }
+        document.update(self.store.overlay(token))
+        return document
+
+    # ---- projects ----
+
+    @audited("project.create")
+    async def create_project(self, request: web.Request, details: Details) -> web.StreamResponse:
+        body = validate(parse_json_object(await request.read()),
+                        {"name": Field(str, required=True, max_length=200), "api_key": Field(str, required=True,
+                                                                                               max_length=4096)})
+        project = await repo.create_project(self.db, self.keyring, body["name"], body["api_key"], self.clock())
+        details.update(project_id=project.id, name=project.name)
+        return json_response(project.public(), status=201)
+
+    @audited("project.list")
+    async def list_projects(self, request: web.Request, details: Details) -> web.StreamResponse:
+        projects = await repo.list_projects(self.db, query_bool(request.query, "active"))
+        details["count"] = len(projects)
+        return json_response({"data": [project.public() for project in projects]})
+
+    @audited("project.read")
+    async def get_project(self, request: web.Request, details: Details) -> web.StreamResponse:
+        details["project_id"] = request.match_info["id"]
+        project = await repo.get_project(self.db, request.match_info["id"])
+        return json_response(project.public())
+
+    @audited("project.update")
+    async def update_project(self, request: web.Request, details: Details) -> web.StreamResponse:
+        project_id = details["project_id"] = request.match_info["id"]
+        changes = validate(parse_json_object(await request.read()),
+                           {"name": _NAME, "api_key": _API_KEY, "is_active": Field(bool)}, require_any=True)
+        project = await repo.update_project(self.db, self.keyring, project_id, changes, self.clock())
+        self.store.project_changed(project)
+        details["changed"] = sorted(changes)
+        return json_response(project.public())
+
+    @audited("project.delete")
+    async def delete_project(self, request: web.Request, details: Details) -> web.StreamResponse:
+        details["project_id"] = request.match_info["id"]
+        # Projects are deactivated, never deleted: their audit trail and tokens must stay resolvable.
+        raise MethodNotAllowed("projects cannot be deleted; PATCH is_active=false instead",
+                                headers={"Allow": "GET, PATCH"})
+
+    @audited("token.revoke_batch")
+    async def revoke_project_tokens(self, request: web.Request, details: Details) -> web.StreamResponse:
+        project_id = details["project_id"] = request.match_info["id"]
+        await repo.get_project(self.db, project_id)
+        revoked, already, total = await repo.revoke_project_tokens(self.db, project_id, self.clock())
+        self.store.tokens_revoked(revoked)
+        details.update(revoked_count=len(revoked), already_revoked_count=already, total_tokens=total)
+        return json_response({"revoked_count": len(revoked), "already_revoked_count": already,
+                              "total_tokens": total})
+
+    # ---- tokens ----
+
+    @audited("token.create")
+    async def create_token(self, request: web.Request, details: Details) -> web.StreamResponse:
+        body = validate(parse_json_object(await request.read()), {
+            "project_id": Field(str, required=True, max_length=64), "duration_minutes": self._duration,
+            "max_requests": _LIMIT, "rate_limit_per_minute": _LIMIT, "max_tokens_total": _LIMIT})
+        project = await repo.get_project(self.db, body["project_id"])
+        details["project_id"] = project.id
+        if not project.is_active:
+            raise ProjectInactive("cannot create a token for an inactive project")
+        duration = body.get("duration_minutes") or self.settings.default_token_duration_minutes
+        plaintext = generate_token()
+        now = self.clock()
+        token = await repo.create_token(
+            self.db, token_hash=hash_token(plaintext), token_hint=obfuscate(plaintext), project_id=project.id,
+            expires_at=now + duration * 60, max_requests=body.get("max_requests"),
+            rate_limit_per_minute=body.get("rate_limit_per_minute"),
+            max_tokens_total=body.get("max_tokens_total"), now=now)
+        self.store.token_changed(token, project)
+        details.update(token_id=token.token_hint, duration_minutes=duration)
+        return json_response({**self.token_public(token), "token": plaintext}, status=201)
+
+    @audited("token.list")
+    async def list_tokens(self, request: web.Request, details: Details) -> web.StreamResponse:
+        project_id = request.query.get("project_id") or None
+        details["project_id"] = project_id
+        tokens = await repo.list_tokens(self.db, project_id, bool(query_bool(request.query, "active_only")),
+                                        self.clock())
+        details["count"] = len(tokens)
+        return json_response({"data": [self.token_public(token) for token in tokens]})
+
+    @audited("token.read")
+    async def get_token(self, request: web.Request, details: Details) -> web.StreamResponse:
+        token = await repo.get_token(self.db, request.match_info["id"])
+        details.update(project_id=token.project_id, token_id=token.token_hint)
+        return json_response(self.token_public(token))
+
+    @audited("token.update")
+    async def update_token(self, request: web.Request, details: Details) -> web.StreamResponse:
+        changes = validate(parse_json_object(await request.read()), {
+            "is_active": Field(bool), "max_requests": _LIMIT, "rate_limit_per_minute": _LIMIT,
+            "max_tokens_total": _LIMIT}, require_any=True)
+        current = await repo.get_token(self.db, request.match_info["id"])
+        details.update(project_id=current.project_id, token_id=current.token_hint, changed=sorted(changes))
+        if changes.get("is_active") and current.revoked_at is not None:
+            raise Conflict("a revoked token cannot be reactivated; create a new one", param="is_active")
+        token = await repo.update_token(self.db, current.id, changes)
+        self.store.token_changed(token)
+        return json_response(self.token_public(token))
+
+    @audited("token.revoke")
+    async def revoke_token(self, request: web.Request, details: Details) -> web.StreamResponse:
+        token = await repo.get_token(self.db, request.match_info["id"])
+        details.update(project_id=token.project_id, token_id=token.token_hint)
+        details["already_revoked"] = not await repo.revoke_token(self.db, token.id, self.clock())
+        self.store.tokens_revoked([token.id])
+        return web.Response(status=204)
+
+    @audited("token.refresh")
+    async def refresh_token(self, request: web.Request, details: Details) -> web.StreamResponse:
+        body = validate(parse_json_object(await request.read()), {
+            "duration_minutes": self._duration, "grace_seconds": Field(int, minimum=0, maximum=MAX_GRACE_SECONDS)})
+        old = await repo.get_token(self.db, request.match_info["id"])
+        details.update(project_id=old.project_id, old_token_id=old.token_hint)
+        if old.revoked_at is not None or not old.is_active:
+            raise Conflict("a revoked or inactive token cannot be refreshed")
+        project = await repo.get_project(self.db, old.project_id)
+        if not project.is_active:
+            raise ProjectInactive("cannot refresh a token of an inactive project")
+        duration = body.get("duration_minutes") or self.settings.default_token_duration_minutes
+        grace = body.get("grace_seconds", 0)
+        plaintext = generate_token()
+        now = self.clock()
+        token = await repo.refresh_token(self.db, old, token_hash=hash_token(plaintext),
+                                         token_hint=obfuscate(plaintext), expires_at=now + duration * 60,
+                                         old_stops_at=now + grace, now=now)
+        self.store.token_changed(await repo.get_token(self.db, old.id))
+        self.store.token_changed(token, project)
+        details.update(token_id=token.token_hint, duration_minutes=duration, grace_seconds=grace)
+        return json_response({**self.token_public(token), "token": plaintext}, status=201)

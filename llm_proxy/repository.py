@@ -1,0 +1,272 @@
+"""All SQL for projects and tokens: functions take the Database and return frozen records."""
+
+from __future__ import annotations
+
+import sqlite3
+import uuid
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any
+
+import aiosqlite
+
+from .crypto import KeyRing
+from .database import Database
+from .errors import Conflict, NotFound
+from .obfuscation import obfuscate
+
+_ISO = "%Y-%m-%dT%H:%M:%SZ"
+
+
+def iso(epoch: float) -> str:
+    """Format a Unix time as UTC ISO-8601 with `Z`, to the second."""
+    return datetime.fromtimestamp(epoch, UTC).strftime(_ISO)
+
+
+def epoch(text: str) -> float:
+    """Parse a UTC ISO-8601 `Z` timestamp written by iso()."""
+    return datetime.strptime(text, _ISO).replace(tzinfo=UTC).timestamp()
+
+
+@dataclass(frozen=True, slots=True)
+class Project:
+    id: str
+    name: str
+    api_key_encrypted: str
+    api_key_hint: str
+    is_active: bool
+    created_at: str
+    updated_at: str
+
+    def public(self) -> dict[str, Any]:
+        """Return the API representation: the upstream key only ever obfuscated."""
+        return {"id": self.id, "name": self.name, "api_key": self.api_key_hint, "is_active": self.is_active,
+                "created_at": self.created_at, "updated_at": self.updated_at}
+
+
+@dataclass(frozen=True, slots=True)
+class TokenRecord:
+    id: str
+    token_hash: str
+    token_hint: str
+    project_id: str
+    expires_at: str
+    is_active: bool
+    max_requests: int | None
+    rate_limit_per_minute: int | None
+    max_tokens_total: int | None
+    request_count: int
+    prompt_tokens: int
+    completion_tokens: int
+    total_tokens: int
+    last_used_at: str | None
+    created_at: str
+    revoked_at: str | None
+    replaced_by: str | None
+
+
+def _project(row: sqlite3.Row) -> Project:
+    return Project(row["id"], row["name"], row["api_key_encrypted"], row["api_key_hint"],
+                   bool(row["is_active"]), row["created_at"], row["updated_at"])
+
+
+def _token(row: sqlite3.Row) -> TokenRecord:
+    values = dict(row)
+    values["is_active"] = bool(values["is_active"])
+    return TokenRecord(**{name: values[name] for name in TokenRecord.__slots__})
+
+
+def _is_unique_violation(exc: sqlite3.IntegrityError) -> bool:
+    return "UNIQUE" in str(exc)
+
+
+# ---- projects ----
+
+async def create_project(db: Database, keyring: KeyRing, name: str, api_key: str, now: float) -> Project:
+    """Insert a project with its upstream key encrypted; 409 when the name is taken."""
+    stamp = iso(now)
+    project = Project(str(uuid.uuid4()), name, keyring.encrypt(api_key), obfuscate(api_key), True, stamp, stamp)
+    try:
+        await db.execute(
+            "INSERT INTO projects (id, name, api_key_encrypted, api_key_hint, is_active, created_at, updated_at)"
+            " VALUES (?, ?, ?, ?, 1, ?, ?)",
+            (project.id, name, project.api_key_encrypted, project.api_key_hint, stamp, stamp))
+    except sqlite3.IntegrityError as exc:
+        if _is_unique_violation(exc):
+            raise Conflict("a project with this name already exists", param="name") from None
+        raise
+    return project
+
+
+async def get_project(db: Database, project_id: str) -> Project:
+    """Fetch one project or raise NotFound."""
+    row = await db.fetchone("SELECT * FROM projects WHERE id = ?", (project_id,))
+    if row is None:
+        raise NotFound("project not found")
+    return _project(row)
+
+
+async def list_projects(db: Database, active: bool | None = None) -> list[Project]:
+    """List projects, oldest first, optionally only active or only inactive ones."""
+    if active is None:
+        rows = await db.fetchall("SELECT * FROM projects ORDER BY created_at, id")
+    else:
+        rows = await db.fetchall("SELECT * FROM projects WHERE is_active = ? ORDER BY created_at, id",
+                                 (int(active),))
+    return [_project(row) for row in rows]
+
+
+async def update_project(db: Database, keyring: KeyRing, project_id: str, changes: Mapping[str, Any],
+                         now: float) -> Project:
+    """Apply name / api_key / is_active changes; 404 when absent, 409 on a taken name."""
+    columns: dict[str, Any] = {}
+    if "name" in changes:
+        columns["name"] = changes["name"]
+    if "api_key" in changes:
+        columns["api_key_encrypted"] = keyring.encrypt(changes["api_key"])
+        columns["api_key_hint"] = obfuscate(changes["api_key"])
+    if "is_active" in changes:
+        columns["is_active"] = int(changes["is_active"])
+    columns["updated_at"] = iso(now)
+    assignments = ", ".join(f"{column} = ?" for column in columns)
+    try:
+        changed = await db.execute(f"UPDATE projects SET {assignments} WHERE id = ?",
+                                   (*columns.values(), project_id))
+    except sqlite3.IntegrityError as exc:
+        if _is_unique_violation(exc):
+            raise Conflict("a project with this name already exists", param="name") from None
+        raise
+    if not changed:
+        raise NotFound("project not found")
+    return await get_project(db, project_id)
+
+
+async def replace_encrypted_keys(db: Database, keyring: KeyRing) -> int:
+    """Re-encrypt every project key not already under the current key, in one transaction."""
+    async def work(conn: aiosqlite.Connection) -> int:
+        async with conn.execute("SELECT id, api_key_encrypted FROM projects") as cursor:
+            rows = list(await cursor.fetchall())
+        stale = [(keyring.encrypt(keyring.decrypt(row[1])), row[0]) for row in rows
+                 if not keyring.is_current(row[1])]
+        await conn.executemany("UPDATE projects SET api_key_encrypted = ? WHERE id = ?", stale)
+        return len(stale)
+    return await db.write(work)
+
+
+# ---- tokens ----
+
+async def create_token(db: Database, *, token_hash: str, token_hint: str, project_id: str, expires_at: float,
+                       max_requests: int | None, rate_limit_per_minute: int | None,
+                       max_tokens_total: int | None, now: float) -> TokenRecord:
+    """Insert a token row (digest only) and return it."""
+    token_id = str(uuid.uuid4())
+    await db.execute(
+        "INSERT INTO tokens (id, token_hash, token_hint, project_id, expires_at, is_active, max_requests,"
+        " rate_limit_per_minute, max_tokens_total, created_at) VALUES (?, ?, ?, ?, ?, 1, ?, ?, ?, ?)",
+        (token_id, token_hash, token_hint, project_id, iso(expires_at), max_requests, rate_limit_per_minute,
+         max_tokens_total, iso(now)))
+    return await get_token(db, token_id)
+
+
+async def get_token(db: Database, token_id: str) -> TokenRecord:
+    """Fetch one token by id or raise NotFound."""
+    row = await db.fetchone("SELECT * FROM tokens WHERE id = ?", (token_id,))
+    if row is None:
+        raise NotFound("token not found")
+    return _token(row)
+
+
+async def find_token_by_hash(db: Database, token_hash: str) -> tuple[TokenRecord, Project] | None:
+    """Fetch a token and its project by the token's digest."""
+    row = await db.fetchone("SELECT * FROM tokens WHERE token_hash = ?", (token_hash,))
+    if row is None:
+        return None
+    token = _token(row)
+    return token, await get_project(db, token.project_id)
+
+
+async def list_tokens(db: Database, project_id: str | None = None, active_only: bool = False,
+                      now: float | None = None) -> list[TokenRecord]:
+    """List tokens, oldest first; active_only leaves out revoked, inactive and expired ones."""
+    where, params = [], []
+    if project_id is not None:
+        where.append("project_id = ?")
+        params.append(project_id)
+    if active_only:
+        where.append("is_active = 1 AND revoked_at IS NULL AND expires_at > ?")
+        params.append(iso(now if now is not None else datetime.now(UTC).timestamp()))
+    clause = f" WHERE {' AND '.join(where)}" if where else ""
+    rows = await db.fetchall(f"SELECT * FROM tokens{clause} ORDER BY created_at, id", params)
+    return [_token(row) for row in rows]
+
+
+async def update_token(db: Database, token_id: str, changes: Mapping[str, Any]) -> TokenRecord:
+    """Apply is_active / limit changes to a token; 404 when absent."""
+    allowed = ("is_active", "max_requests", "rate_limit_per_minute", "max_tokens_total", "expires_at")
+    columns = {name: (int(value) if name == "is_active" else value)
+               for name, value in changes.items() if name in allowed}
+    if "expires_at" in columns:
+        columns["expires_at"] = iso(columns["expires_at"])
+    if columns:
+        assignments = ", ".join(f"{column} = ?" for column in columns)
+        changed = await db.execute(f"UPDATE tokens SET {assignments} WHERE id = ?", (*columns.values(), token_id))
+        if not changed:
+            raise NotFound("token not found")
+    return await get_token(db, token_id)
+
+
+async def revoke_token(db: Database, token_id: str, now: float) -> bool:
+    """Soft-revoke one token; return False when it was already revoked (404 when absent)."""
+    changed = await db.execute(
+        "UPDATE tokens SET is_active = 0, revoked_at = ? WHERE id = ? AND revoked_at IS NULL", (iso(now), token_id))
+    if not changed:
+        await get_token(db, token_id)
+    return bool(changed)
+
+
+async def revoke_project_tokens(db: Database, project_id: str, now: float) -> tuple[list[str], int, int]:
+    """Revoke every token of a project; return (ids newly revoked, already revoked count, total)."""
+    async def work(conn: aiosqlite.Connection) -> tuple[list[str], int, int]:
+        async with conn.execute("SELECT id, revoked_at FROM tokens WHERE project_id = ?", (project_id,)) as cursor:
+            rows = list(await cursor.fetchall())
+        fresh = [row[0] for row in rows if row[1] is None]
+        await conn.executemany("UPDATE tokens SET is_active = 0, revoked_at = ? WHERE id = ?",
+                               [(iso(now), token_id) for token_id in fresh])
+        return fresh, len(rows) - len(fresh), len(rows)
+    return await db.write(work)
+
+
+async def save_counters(db: Database, rows: Iterable[tuple[int, int, int, int, str | None, str]]) -> None:
+    """Persist in-memory counters: (request_count, prompt, completion, total, last_used_at, id) per token."""
+    batch = list(rows)
+    if not batch:
+        return
+
+    async def work(conn: aiosqlite.Connection) -> None:
+        await conn.executemany(
+            "UPDATE tokens SET request_count = ?, prompt_tokens = ?, completion_tokens = ?, total_tokens = ?,"
+            " last_used_at = ? WHERE id = ?", batch)
+    await db.write(work)
+
+
+async def refresh_token(db: Database, old: TokenRecord, *, token_hash: str, token_hint: str, expires_at: float,
+                        old_stops_at: float, now: float) -> TokenRecord:
+    """In one transaction, issue a successor with the old token's project and limits and retire the old one."""
+    new_id = str(uuid.uuid4())
+
+    async def work(conn: aiosqlite.Connection) -> None:
+        await conn.execute(
+            "INSERT INTO tokens (id, token_hash, token_hint, project_id, expires_at, is_active, max_requests,"
+            " rate_limit_per_minute, max_tokens_total, created_at) VALUES (?, ?, ?, ?, ?, 1, ?, ?, ?, ?)",
+            (new_id, token_hash, token_hint, old.project_id, iso(expires_at), old.max_requests,
+             old.rate_limit_per_minute, old.max_tokens_total, iso(now)))
+        if old_stops_at <= now:
+            await conn.execute(
+                "UPDATE tokens SET is_active = 0, revoked_at = COALESCE(revoked_at, ?), replaced_by = ? WHERE id = ?",
+                (iso(now), new_id, old.id))
+        else:
+            await conn.execute("UPDATE tokens SET expires_at = MIN(expires_at, ?), replaced_by = ? WHERE id = ?",
+                               (iso(old_stops_at), new_id, old.id))
+    await db.write(work)
+    return await get_token(db, new_id)

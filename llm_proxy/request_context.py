@@ -1,0 +1,64 @@
+"""Give every request an id (echoed on every response) and resolve the client IP behind trusted proxies."""
+
+from __future__ import annotations
+
+import ipaddress
+import re
+import uuid
+
+from aiohttp import web
+from aiohttp.typedefs import Handler, Middleware
+
+from .keys import CLIENT_IP, REQUEST_ID
+from .settings import IPNetwork
+
+_SANE_ID = re.compile(r"[A-Za-z0-9._-]{1,128}")
+
+
+def resolve_client_ip(peer: str, forwarded_for: str | None, trusted: tuple[IPNetwork, ...]) -> str:
+    """Return the peer, or the right-most X-Forwarded-For hop not in `trusted` when the peer is trusted."""
+    if not trusted or not forwarded_for or not ip_in(peer, trusted):
+        return peer
+    hops = [hop.strip() for hop in forwarded_for.split(",")]
+    for hop in reversed(hops):
+        try:
+            address = ipaddress.ip_address(hop)
+        except ValueError:
+            # A malformed hop means the chain cannot be believed past this point.
+            return peer
+        if not any(address in network for network in trusted):
+            return str(address)
+    return str(ipaddress.ip_address(hops[0])) if hops else peer
+
+
+def ip_in(peer: str, networks: tuple[IPNetwork, ...]) -> bool:
+    """Tell whether an address lies in any of the networks (False for anything unparsable)."""
+    try:
+        address = ipaddress.ip_address(peer)
+    except ValueError:
+        return False
+    return any(address in network for network in networks)
+
+
+def request_context_middleware(trusted_proxies: tuple[IPNetwork, ...]) -> Middleware:
+    """Build the middleware that sets REQUEST_ID and CLIENT_IP before anything else runs."""
+
+    @web.middleware
+    async def request_context(request: web.Request, handler: Handler) -> web.StreamResponse:
+        presented = request.headers.get("X-Request-ID")
+        request[REQUEST_ID] = presented if presented and _SANE_ID.fullmatch(presented) else uuid.uuid4().hex
+        peer = request.remote or ""
+        request[CLIENT_IP] = (resolve_client_ip(peer, request.headers.get("X-Forwarded-For"), trusted_proxies)
+                              if trusted_proxies else peer)
+        return await handler(request)
+
+    return request_context
+
+
+async def add_request_id_header(request: web.Request, response: web.StreamResponse) -> None:
+    """Echo the request id on every response, streamed ones included (on_response_prepare)."""
+    request_id = request.get(REQUEST_ID)
+    if request_id is not None:
+        response.headers["X-Request-ID"] = request_id
+
+

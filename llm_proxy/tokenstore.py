@@ -1,0 +1,243 @@
+"""Serve token checks from memory: the database is read once per token, counters are written in batches."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections import OrderedDict
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from . import repository as repo
+from .credentials import hash_token, is_token_shaped
+from .crypto import KeyRing
+from .database import Database
+from .errors import (
+    InvalidToken,
+    ProjectInactive,
+    QuotaExceeded,
+    TokenExpired,
+    TokenRevoked,
+)
+
+log = logging.getLogger(__name__)
+
+# Unknown digests remembered so that a flood of bad tokens costs no database reads.
+_UNKNOWN_CACHE_SIZE = 10_000
+FLUSH_INTERVAL = 1.0
+
+
+@dataclass(slots=True)
+class ProjectState:
+    """What the hot path needs of a project; shared by all of its cached tokens."""
+    id: str
+    is_active: bool
+    authorization: str  # "Bearer <upstream key>", decrypted once, kept only in memory
+
+
+@dataclass(slots=True)
+class Credential:
+    """A token as the hot path sees it; the in-memory counters are authoritative while it is cached."""
+    id: str
+    hint: str
+    project: ProjectState
+    expires_at: float
+    is_active: bool
+    revoked: bool
+    max_requests: int | None
+    rate_limit_per_minute: int | None
+    max_tokens_total: int | None
+    request_count: int
+    prompt_tokens: int
+    completion_tokens: int
+    total_tokens: int
+    last_used_at: float | None
+
+
+class TokenStore:
+    """Authenticate tokens against a cache kept exact by the management API, which is the only writer."""
+
+    def __init__(self, db: Database, keyring: KeyRing, clock: Callable[[], float] = time.time) -> None:
+        self._db = db
+        self._keyring = keyring
+        self._clock = clock
+        self._by_hash: dict[str, Credential] = {}
+        self._by_id: dict[str, Credential] = {}
+        self._projects: dict[str, ProjectState] = {}
+        self._unknown: OrderedDict[str, None] = OrderedDict()
+        self._loading: dict[str, asyncio.Future[Credential | None]] = {}
+        self._dirty: dict[str, Credential] = {}
+        # Bumped by every management change, so a load that raced with one is redone.
+        self._generation = 0
+        self._flusher: asyncio.Task[None] | None = None
+
+    # ---- the hot path ----
+
+    async def lookup(self, presented: str) -> Credential:
+        """Return the credential a presented token names, or raise InvalidToken."""
+        digest = hash_token(presented)
+        # The lookup is keyed by the SHA-256 digest, so timing reveals nothing about stored tokens.
+        credential = self._by_hash.get(digest)
+        if credential is None:
+            if digest in self._unknown or not is_token_shaped(presented):
+                raise InvalidToken()
+            credential = await self._load(digest)
+            if credential is None:
+                raise InvalidToken()
+        return credential
+
+    def check(self, credential: Credential) -> None:
+        """Raise the matching 401/403 unless the credential may be used right now."""
+        if credential.revoked or not credential.is_active:
+            raise TokenRevoked("token has been revoked" if credential.revoked else "token is inactive")
+        if credential.expires_at <= self._clock():
+            raise TokenExpired()
+        if not credential.project.is_active:
+            raise ProjectInactive()
+
+    def consume(self, credential: Credential) -> None:
+        """Count one request against the token's lifetime quota, or raise QuotaExceeded."""
+        # No await between the check and the increment: exact under any concurrency.
+        limit = credential.max_requests
+        if limit is not None and credential.request_count >= limit:
+            raise QuotaExceeded(headers={"Retry-After": str(max(1, int(credential.expires_at - self._clock()))),
+                                         "x-should-retry": "false"})
+        credential.request_count += 1
+        credential.last_used_at = self._clock()
+        self._dirty[credential.id] = credential
+
+    # ---- cache maintenance ----
+
+    async def _load(self, digest: str) -> Credential | None:
+        pending = self._loading.get(digest)
+        if pending is not None:
+            return await asyncio.shield(pending)
+        future: asyncio.Future[Credential | None] = asyncio.get_running_loop().create_future()
+        self._loading[digest] = future
+        try:
+            while True:
+                generation = self._generation
+                found = await repo.find_token_by_hash(self._db, digest)
+                if generation == self._generation:
+                    break
+            credential = None if found is None else self._remember(*found)
+            if credential is None:
+                self._unknown[digest] = None
+                if len(self._unknown) > _UNKNOWN_CACHE_SIZE:
+                    self._unknown.popitem(last=False)
+            future.set_result(credential)
+            return credential
+        except BaseException as exc:
+            future.set_exception(exc)
+            future.exception()  # mark retrieved: waiters re-raise it themselves
+            raise
+        finally:
+            del self._loading[digest]
+
+    def _project_state(self, project: repo.Project) -> ProjectState:
+        state = self._projects.get(project.id)
+        authorization = "Bearer " + self._keyring.decrypt(project.api_key_encrypted)
+        if state is None:
+            state = self._projects[project.id] = ProjectState(project.id, project.is_active, authorization)
+        else:
+            state.is_active, state.authorization = project.is_active, authorization
+        return state
+
+    def _remember(self, token: repo.TokenRecord, project: repo.Project) -> Credential:
+        existing = self._by_id.get(token.id)
+        if existing is not None:
+            self._apply(existing, token)
+            return existing
+        credential = Credential(
+            id=token.id, hint=token.token_hint, project=self._project_state(project),
+            expires_at=repo.epoch(token.expires_at), is_active=token.is_active,
+            revoked=token.revoked_at is not None, max_requests=token.max_requests,
+            rate_limit_per_minute=token.rate_limit_per_minute, max_tokens_total=token.max_tokens_total,
+            request_count=token.request_count, prompt_tokens=token.prompt_tokens,
+            completion_tokens=token.completion_tokens, total_tokens=token.total_tokens,
+            last_used_at=repo.epoch(token.last_used_at) if token.last_used_at else None)
+        self._by_hash[token.token_hash] = credential
+        self._by_id[token.id] = credential
+        self._unknown.pop(token.token_hash, None)
+        return credential
+
+    @staticmethod
+    def _apply(credential: Credential, token: repo.TokenRecord) -> None:
+        credential.expires_at = repo.epoch(token.expires_at)
+        credential.is_active = token.is_active
+        credential.revoked = token.revoked_at is not None
+        credential.max_requests = token.max_requests
+        credential.rate_limit_per_minute = token.rate_limit_per_minute
+        credential.max_tokens_total = token.max_tokens_total
+
+    def token_changed(self, token: repo.TokenRecord, project: repo.Project | None = None) -> None:
+        """Apply a token row the management API just wrote (creation caches the new token at once)."""
+        self._generation += 1
+        existing = self._by_id.get(token.id)
+        if existing is not None:
+            self._apply(existing, token)
+        elif project is not None:
+            self._remember(token, project)
+        else:
+            self._unknown.pop(token.token_hash, None)
+
+    def tokens_revoked(self, token_ids: list[str]) -> None:
+        """Mark cached tokens revoked after a write that revoked them."""
+        self._generation += 1
+        for token_id in token_ids:
+            credential = self._by_id.get(token_id)
+            if credential is not None:
+                credential.revoked = True
+                credential.is_active = False
+
+    def project_changed(self, project: repo.Project) -> None:
+        """Apply a project row the management API just wrote (activity and upstream key)."""
+        self._generation += 1
+        if project.id in self._projects:
+            self._project_state(project)
+
+    def overlay(self, token: repo.TokenRecord) -> dict[str, int | str | None]:
+        """Return the live counters for a token row, which may be up to one flush behind."""
+        credential = self._by_id.get(token.id)
+        if credential is None:
+            return {}
+        return {"request_count": credential.request_count, "prompt_tokens": credential.prompt_tokens,
+                "completion_tokens": credential.completion_tokens, "total_tokens": credential.total_tokens,
+                "last_used_at": repo.iso(credential.last_used_at) if credential.last_used_at else None}
+
+    # ---- batched persistence ----
+
+    async def flush(self) -> None:
+        """Write every changed counter in one transaction."""
+        if not self._dirty:
+            return
+        dirty, self._dirty = self._dirty, {}
+        rows = [(c.request_count, c.prompt_tokens, c.completion_tokens, c.total_tokens,
+                 repo.iso(c.last_used_at) if c.last_used_at else None, c.id) for c in dirty.values()]
+        try:
+            await repo.save_counters(self._db, rows)
+        except Exception:
+            # Keep them dirty: the next flush retries, nothing is lost while the process lives.
+            for credential in dirty.values():
+                self._dirty.setdefault(credential.id, credential)
+            log.exception("could not persist token counters; will retry")
+
+    async def _flush_forever(self) -> None:
+        while True:
+            await asyncio.sleep(FLUSH_INTERVAL)
+            await self.flush()
+
+    def start(self) -> None:
+        """Start the background task that persists counters every second."""
+        self._flusher = asyncio.create_task(self._flush_forever(), name="token-counter-flusher")
+
+    async def close(self) -> None:
+        """Stop the flusher and persist what is left."""
+        if self._flusher is not None:
+            self._flusher.cancel()
+            try:
+                await self._flusher
+            except asyncio.CancelledError:
+                pass
+        await self.flush()

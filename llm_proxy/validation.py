@@ -1,0 +1,89 @@
+"""Validate management request bodies and query strings strictly, naming the offending field."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import orjson
+
+from .errors import BadRequest
+
+
+@dataclass(frozen=True, slots=True)
+class Field:
+    kind: type
+    required: bool = False
+    nullable: bool = False
+    minimum: int | None = None
+    maximum: int | None = None
+    max_length: int | None = None
+
+
+_KIND_NAMES = {str: "a string", int: "an integer", bool: "a boolean"}
+
+
+def parse_json_object(raw: bytes) -> dict[str, Any]:
+    """Decode a body that must be one JSON object."""
+    if not raw.strip():
+        return {}
+    try:
+        document = orjson.loads(raw)
+    except orjson.JSONDecodeError:
+        raise BadRequest("request body is not valid JSON") from None
+    if not isinstance(document, dict):
+        raise BadRequest("request body must be a JSON object")
+    return document
+
+
+def validate(document: Mapping[str, Any], fields: Mapping[str, Field], *, require_any: bool = False) -> dict[str, Any]:
+    """Check every key against `fields`: no unknown keys, right types, within bounds, required ones present."""
+    for name in document:
+        if name not in fields:
+            raise BadRequest(f"unknown field `{name}`", param=name)
+    for name, spec in fields.items():
+        if spec.required and name not in document:
+            raise BadRequest(f"`{name}` is required", param=name)
+    if require_any and not document:
+        raise BadRequest(f"give at least one of: {', '.join(fields)}")
+    clean: dict[str, Any] = {}
+    for name, value in document.items():
+        clean[name] = _check(name, value, fields[name])
+    return clean
+
+
+def _check(name: str, value: Any, spec: Field) -> Any:
+    if value is None:
+        if spec.nullable:
+            return None
+        raise BadRequest(f"`{name}` must not be null", param=name)
+    # bool is a subclass of int: an int field must not accept true/false, nor a bool field 0/1.
+    if type(value) is not spec.kind:
+        raise BadRequest(f"`{name}` must be {_KIND_NAMES[spec.kind]}", param=name)
+    if spec.kind is str:
+        value = value.strip()
+        if not value:
+            raise BadRequest(f"`{name}` must not be empty", param=name)
+        if spec.max_length is not None and len(value) > spec.max_length:
+            raise BadRequest(f"`{name}` must be at most {spec.max_length} characters", param=name)
+        if any(ord(ch) < 32 or ord(ch) == 127 for ch in value):
+            raise BadRequest(f"`{name}` must not contain control characters", param=name)
+    if spec.kind is int:
+        if spec.minimum is not None and value < spec.minimum:
+            raise BadRequest(f"`{name}` must be at least {spec.minimum}", param=name)
+        if spec.maximum is not None and value > spec.maximum:
+            raise BadRequest(f"`{name}` must be at most {spec.maximum}", param=name)
+    return value
+
+
+def query_bool(query: Mapping[str, str], name: str) -> bool | None:
+    """Read an optional `true`/`false` query parameter."""
+    raw = query.get(name)
+    if raw is None or raw == "":
+        return None
+    if raw.lower() in ("true", "1"):
+        return True
+    if raw.lower() in ("false", "0"):
+        return False
+    raise BadRequest(f"query parameter `{name}` must be true or false", param=name)

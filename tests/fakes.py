@@ -1,0 +1,178 @@
+"""Test doubles: a fake OpenAI upstream (a real aiohttp app) and a Gateway handle with shortcuts."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import openai
+import orjson
+from aiohttp import web
+from aiohttp.test_utils import TestClient
+
+from llm_proxy.settings import Settings, load_settings
+
+MANAGEMENT_TOKEN = "mgmt-" + "A1b2C3d4" * 6
+UPSTREAM_KEY = "sk-upstream-REAL-secret-key-0123456789abcdef"
+ENCRYPTION_KEY = base64.b64encode(bytes(range(32))).decode()
+
+
+@dataclass
+class Recorded:
+    method: str
+    path_qs: str
+    headers: dict[str, str]
+    body: bytes
+
+
+@dataclass
+class UpstreamState:
+    """What the fake upstream saw, and how it should misbehave next."""
+    requests: list[Recorded] = field(default_factory=list)
+    chunk_delay: float = 0.0
+    chunks: int = 3
+    status: int | None = None            # answer every request with this status
+    status_headers: dict[str, str] = field(default_factory=dict)
+    hang: bool = False                   # accept and never answer
+    break_after_chunks: int | None = None  # cut the connection mid-stream
+    stream_started: asyncio.Event = field(default_factory=asyncio.Event)
+    stream_closed: asyncio.Event = field(default_factory=asyncio.Event)
+
+
+def _completion(model: str) -> dict[str, Any]:
+    return {"id": "chatcmpl-1", "object": "chat.completion", "created": 1700000000, "model": model,
+            "choices": [{"index": 0, "message": {"role": "assistant", "content": "Hello there"},
+                         "finish_reason": "stop"}],
+            "usage": {"prompt_tokens": 5, "completion_tokens": 2, "total_tokens": 7}}
+
+
+def _chunk(model: str, index: int, content: str | None, finish: str | None = None) -> bytes:
+    delta = {"content": content} if content is not None else {}
+    payload = {"id": "chatcmpl-1", "object": "chat.completion.chunk", "created": 1700000000, "model": model,
+               "choices": [{"index": 0, "delta": delta, "finish_reason": finish}]}
+    return b"data: " + orjson.dumps(payload) + b"\n\n"
+
+
+def make_upstream(state: UpstreamState) -> web.Application:
+    """Build a fake OpenAI API that records what it receives."""
+
+    async def record(request: web.Request) -> bytes:
+        body = await request.read()
+        state.requests.append(Recorded(request.method, request.path_qs, dict(request.headers), body))
+        return body
+
+    async def chat(request: web.Request) -> web.StreamResponse:
+        body = orjson.loads(await record(request))
+        if state.hang:
+            await asyncio.Event().wait()
+        if state.status is not None:
+            return web.json_response({"error": {"message": "upstream says no", "type": "server_error",
+                                                "code": "upstream_code"}}, status=state.status,
+                                     headers=state.status_headers)
+        model = body.get("model", "gpt-4o-mini")
+        if not body.get("stream"):
+            return web.json_response(_completion(model), headers={"X-Request-ID": "upstream-req-1",
+                                                                  "Set-Cookie": "__cf_bm=secret; Path=/",
+                                                                  "openai-organization": "org-secret"})
+        response = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+        await response.prepare(request)
+        state.stream_started.set()
+        try:
+            for index in range(state.chunks):
+                if state.break_after_chunks is not None and index == state.break_after_chunks:
+                    assert request.transport is not None
+                    request.transport.close()
+                    return response
+                await response.write(_chunk(model, index, f"part{index} "))
+                if state.chunk_delay:
+                    await asyncio.sleep(state.chunk_delay)
+            await response.write(_chunk(model, state.chunks, None, "stop"))
+            await response.write(b"data: [DONE]\n\n")
+            await response.write_eof()
+        finally:
+            state.stream_closed.set()
+        return response
+
+    async def embeddings(request: web.Request) -> web.Response:
+        await record(request)
+        return web.json_response({"object": "list", "model": "text-embedding-3-small",
+                                  "data": [{"object": "embedding", "index": 0, "embedding": [0.1, 0.2, 0.3]}],
+                                  "usage": {"prompt_tokens": 3, "total_tokens": 3}})
+
+    async def models(request: web.Request) -> web.Response:
+        await record(request)
+        return web.json_response({"object": "list", "data": [
+            {"id": "gpt-4o-mini", "object": "model", "created": 1700000000, "owned_by": "openai"}]})
+
+    async def anything(request: web.Request) -> web.Response:
+        await record(request)
+        return web.json_response({"path": request.path_qs})
+
+    app = web.Application()
+    app.router.add_post("/v1/chat/completions", chat)
+    app.router.add_post("/v1/embeddings", embeddings)
+    app.router.add_get("/v1/models", models)
+    app.router.add_route("*", "/{tail:.*}", anything)
+    return app
+
+
+def make_settings(tmp_path: Path, upstream_url: str = "http://127.0.0.1:9", **overrides: str) -> Settings:
+    """Build Settings the way production does, from an environment mapping."""
+    environ = {"MANAGEMENT_TOKEN": MANAGEMENT_TOKEN, "ENCRYPTION_KEY": ENCRYPTION_KEY,
+               "OPENAI_API_URL": upstream_url, "DATABASE_PATH": str(tmp_path / "gateway.db"),
+               "AUDIT_LOG_FILE": str(tmp_path / "audit.log"), **overrides}
+    return load_settings(environ, env_file=None)
+
+
+class Gateway:
+    """A running gateway plus shortcuts for the management API and the OpenAI SDK."""
+
+    def __init__(self, client: TestClient, settings: Settings, upstream: UpstreamState | None) -> None:
+        self.client = client
+        self.settings = settings
+        self.upstream = upstream
+        self.auth = {"Authorization": f"Bearer {MANAGEMENT_TOKEN}"}
+        self._sdk_clients: list[openai.AsyncOpenAI] = []
+
+    @property
+    def app(self) -> web.Application:
+        return self.client.server.app  # type: ignore[return-value]
+
+    async def manage(self, method: str, path: str, json: Any = None, expect: int | None = None) -> Any:
+        response = await self.client.request(method, "/manage" + path, json=json, headers=self.auth)
+        body = await response.read()
+        if expect is not None:
+            assert response.status == expect, (response.status, body)
+        return orjson.loads(body) if body else None
+
+    async def project(self, name: str = "proj", api_key: str = UPSTREAM_KEY) -> dict[str, Any]:
+        return await self.manage("POST", "/projects", {"name": name, "api_key": api_key}, expect=201)
+
+    async def token(self, project_id: str | None = None, **fields: Any) -> dict[str, Any]:
+        if project_id is None:
+            project_id = (await self.project())["id"]
+        return await self.manage("POST", "/tokens", {"project_id": project_id, **fields}, expect=201)
+
+    def openai(self, token: str) -> openai.AsyncOpenAI:
+        sdk = openai.AsyncOpenAI(base_url=str(self.client.make_url("/v1")), api_key=token, max_retries=0,
+                                 timeout=10)
+        self._sdk_clients.append(sdk)
+        return sdk
+
+    async def close(self) -> None:
+        for sdk in self._sdk_clients:
+            await sdk.close()
+        await self.client.close()
+
+
+def read_all_bytes(path: Path) -> bytes:
+    """Read a file and its SQLite side files (WAL), for secret scans."""
+    data = b""
+    for candidate in (path, Path(str(path) + "-wal"), Path(str(path) + "-shm")):
+        if candidate.exists():
+            data += candidate.read_bytes()
+    return data
+

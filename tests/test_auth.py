@@ -1,0 +1,158 @@
+"""Client token checks on /v1 and the management token on /manage, through real HTTP."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import openai
+import pytest
+
+from llm_proxy.database import Database
+from llm_proxy.keys import DATABASE
+from tests.fakes import MANAGEMENT_TOKEN, Gateway
+
+
+class Clock:
+    def __init__(self, now: float) -> None:
+        self.now = now
+
+    def __call__(self) -> float:
+        return self.now
+
+
+async def _status_and_code(gateway: Gateway, token: str) -> tuple[int, str | None]:
+    response = await gateway.client.get("/v1/models", headers={"Authorization": f"Bearer {token}"})
+    body = await response.json()
+    return response.status, body.get("error", {}).get("code") if isinstance(body, dict) else None
+
+
+@pytest.mark.parametrize("presented", [
+    None, "", "tok-", "tok-" + "A" * 43, "tok-" + "A" * 42 + "!", "sk-something", "Bearer", MANAGEMENT_TOKEN,
+])
+async def test_missing_or_invalid_tokens_are_401_invalid_token(gateway: Gateway, presented: str | None) -> None:
+    headers = {} if presented is None else {"Authorization": f"Bearer {presented}"}
+    response = await gateway.client.get("/v1/models", headers=headers)
+
+    assert response.status == 401
+    assert (await response.json())["error"]["code"] == "invalid_token"
+    assert gateway.upstream.requests == []
+
+
+async def test_sdk_sees_authentication_error(gateway: Gateway) -> None:
+    with pytest.raises(openai.AuthenticationError) as caught:
+        await gateway.openai("tok-" + "B" * 43).models.list()
+    assert caught.value.code == "invalid_token"
+
+
+async def test_revocation_bites_on_the_very_next_request(gateway: Gateway) -> None:
+    token = await gateway.token()
+    assert (await _status_and_code(gateway, token["token"]))[0] == 200
+
+    await gateway.manage("DELETE", f"/tokens/{token['id']}", expect=204)
+
+    assert await _status_and_code(gateway, token["token"]) == (401, "token_revoked")
+
+
+async def test_deactivation_and_reactivation_bite_immediately(gateway: Gateway) -> None:
+    token = await gateway.token()
+    assert (await _status_and_code(gateway, token["token"]))[0] == 200
+
+    await gateway.manage("PATCH", f"/tokens/{token['id']}", {"is_active": False}, expect=200)
+    assert await _status_and_code(gateway, token["token"]) == (401, "token_revoked")
+
+    await gateway.manage("PATCH", f"/tokens/{token['id']}", {"is_active": True}, expect=200)
+    assert (await _status_and_code(gateway, token["token"]))[0] == 200
+
+
+async def test_project_deactivation_bites_immediately(gateway: Gateway) -> None:
+    token = await gateway.token()
+    assert (await _status_and_code(gateway, token["token"]))[0] == 200
+
+    await gateway.manage("PATCH", f"/projects/{token['project_id']}", {"is_active": False}, expect=200)
+
+    assert await _status_and_code(gateway, token["token"]) == (403, "project_inactive")
+
+
+async def test_bulk_revoke_bites_immediately(gateway: Gateway) -> None:
+    project = await gateway.project()
+    first, second = await gateway.token(project["id"]), await gateway.token(project["id"])
+    assert (await _status_and_code(gateway, first["token"]))[0] == 200
+
+    result = await gateway.manage("POST", f"/projects/{project['id']}/tokens/revoke", expect=200)
+
+    assert result == {"revoked_count": 2, "already_revoked_count": 0, "total_tokens": 2}
+    assert await _status_and_code(gateway, first["token"]) == (401, "token_revoked")
+    assert await _status_and_code(gateway, second["token"]) == (401, "token_revoked")
+
+
+async def test_expiry_bites_at_the_expiry_instant(make_gateway: Any) -> None:
+    clock = Clock(1_800_000_000.0)
+    gateway = await make_gateway(clock=clock)
+    token = await gateway.token(duration_minutes=1)
+    assert (await _status_and_code(gateway, token["token"]))[0] == 200
+
+    clock.now += 59
+    assert (await _status_and_code(gateway, token["token"]))[0] == 200
+    clock.now += 1
+    assert await _status_and_code(gateway, token["token"]) == (401, "token_expired")
+
+
+async def test_warm_token_checks_read_nothing_from_the_database(gateway: Gateway, monkeypatch: Any) -> None:
+    token = await gateway.token()
+    assert (await _status_and_code(gateway, token["token"]))[0] == 200
+    db: Database = gateway.app[DATABASE]
+    reads: list[str] = []
+    original_one, original_all = db.fetchone, db.fetchall
+
+    async def counting_one(sql: str, params: Any = ()) -> Any:
+        reads.append(sql)
+        return await original_one(sql, params)
+
+    async def counting_all(sql: str, params: Any = ()) -> Any:
+        reads.append(sql)
+        return await original_all(sql, params)
+
+    monkeypatch.setattr(db, "fetchone", counting_one)
+    monkeypatch.setattr(db, "fetchall", counting_all)
+
+    for _ in range(20):
+        assert (await _status_and_code(gateway, token["token"]))[0] == 200
+    # Unknown tokens are remembered too, so repeating a bad one costs no reads either.
+    bogus = "tok-" + "C" * 43
+    for _ in range(5):
+        assert (await _status_and_code(gateway, bogus))[0] == 401
+
+    assert reads == ["SELECT * FROM tokens WHERE token_hash = ?"]
+
+
+async def test_token_created_by_a_previous_process_is_loaded_from_the_database(make_gateway: Any) -> None:
+    first = await make_gateway()
+    token = await first.token()
+    await first.client.close()
+
+    second = await make_gateway()
+    assert (await _status_and_code(second, token["token"]))[0] == 200
+
+
+@pytest.mark.parametrize("header", [None, "Bearer wrong-token-" + "x" * 40, "Basic " + MANAGEMENT_TOKEN,
+                                    "Bearer " + MANAGEMENT_TOKEN[:-1]])
+async def test_management_api_rejects_missing_or_wrong_management_token(gateway: Gateway, header: str | None) -> None:
+    headers = {} if header is None else {"Authorization": header}
+    response = await gateway.client.get("/manage/projects", headers=headers)
+
+    assert response.status == 401
+    assert (await response.json())["error"]["code"] == "invalid_management_token"
+
+
+async def test_client_tokens_do_not_open_the_management_api(gateway: Gateway) -> None:
+    token = await gateway.token()
+    response = await gateway.client.get("/manage/projects", headers={"Authorization": f"Bearer {token['token']}"})
+    assert response.status == 401
+
+
+async def test_several_management_tokens_are_all_accepted(make_gateway: Any) -> None:
+    old, new = "old-" + "o" * 40, "new-" + "n" * 40
+    gateway = await make_gateway(MANAGEMENT_TOKEN=f"{old},{new}")
+    for secret in (old, new):
+        response = await gateway.client.get("/manage/projects", headers={"Authorization": f"Bearer {secret}"})
+        assert response.status == 200

@@ -1,0 +1,199 @@
+"""The proxy end to end: the real openai SDK -> gateway -> fake upstream (a real aiohttp app)."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+import aiohttp
+import openai
+import pytest
+
+from tests.fakes import UPSTREAM_KEY, Gateway
+
+
+async def test_chat_completion_through_openai_sdk_uses_project_key(gateway: Gateway) -> None:
+    token = await gateway.token()
+    client = gateway.openai(token["token"])
+
+    completion = await client.chat.completions.create(
+        model="gpt-4o-mini", messages=[{"role": "user", "content": "hi"}])
+
+    assert completion.choices[0].message.content == "Hello there"
+    seen = gateway.upstream.requests[-1]
+    assert seen.path_qs == "/v1/chat/completions"
+    assert seen.headers["Authorization"] == f"Bearer {UPSTREAM_KEY}"
+    assert token["token"] not in str(seen.headers)
+
+
+async def test_streamed_chat_chunks_arrive_as_upstream_sends_them(gateway: Gateway) -> None:
+    gateway.upstream.chunk_delay = 0.3
+    gateway.upstream.chunks = 3
+    token = await gateway.token()
+    client = gateway.openai(token["token"])
+
+    arrivals: list[float] = []
+    parts: list[str] = []
+    stream = await client.chat.completions.create(
+        model="gpt-4o-mini", messages=[{"role": "user", "content": "hi"}], stream=True)
+    async for chunk in stream:
+        arrivals.append(time.monotonic())
+        if chunk.choices and chunk.choices[0].delta.content:
+            parts.append(chunk.choices[0].delta.content)
+
+    assert parts == ["part0 ", "part1 ", "part2 "]
+    # Buffering would deliver everything at once; streaming spaces the chunks by the upstream's pauses.
+    gaps = [later - earlier for earlier, later in zip(arrivals, arrivals[1:])]
+    assert sum(1 for gap in gaps if gap >= 0.2) >= 2, gaps
+
+
+async def test_embeddings_and_models_through_openai_sdk(gateway: Gateway) -> None:
+    token = await gateway.token()
+    client = gateway.openai(token["token"])
+
+    embedding = await client.embeddings.create(model="text-embedding-3-small", input="hello")
+    models = await client.models.list()
+
+    assert embedding.data[0].embedding == [0.1, 0.2, 0.3]
+    assert [model.id async for model in models] == ["gpt-4o-mini"]
+
+
+async def test_hop_by_hop_cookie_and_forwarded_headers_are_dropped_query_kept(gateway: Gateway) -> None:
+    token = await gateway.token()
+    response = await gateway.client.get(
+        "/v1/models?limit=5&after=x", headers={
+            "Authorization": f"Bearer {token['token']}", "Cookie": "session=abc", "X-Forwarded-For": "6.6.6.6",
+            "X-Forwarded-Host": "evil", "Forwarded": "for=6.6.6.6", "Connection": "keep-alive, X-Custom-Hop",
+            "X-Custom-Hop": "1", "Proxy-Authorization": "Basic Zm9v", "X-Keep-Me": "yes"})
+
+    assert response.status == 200
+    seen = gateway.upstream.requests[-1]
+    names = {name.lower() for name in seen.headers}
+    assert seen.path_qs == "/v1/models?limit=5&after=x"
+    assert not names & {"cookie", "x-forwarded-for", "x-forwarded-host", "forwarded", "x-custom-hop",
+                        "proxy-authorization"}
+    assert seen.headers["X-Keep-Me"] == "yes"
+
+
+async def test_upstream_cookies_and_account_ids_do_not_reach_the_client(gateway: Gateway) -> None:
+    token = await gateway.token()
+    response = await gateway.client.post("/v1/chat/completions", json={"model": "m", "messages": []},
+                                         headers={"Authorization": f"Bearer {token['token']}"})
+
+    assert response.status == 200
+    assert "Set-Cookie" not in response.headers
+    assert "openai-organization" not in response.headers
+    assert response.headers["X-Upstream-Request-ID"] == "upstream-req-1"
+    assert response.headers["X-Request-ID"] != "upstream-req-1"
+
+
+@pytest.mark.parametrize("path", [
+    "/v1/files", "/v1/chat/completions/../../admin", "/v1/chat/completions/%2e%2e/x", "/v1//models",
+    "/v1/models%2f..%2f..%2fmanage", "/v1/fine_tuning/jobs", "/v1/chat%2fcompletions",
+])
+async def test_paths_outside_allowed_endpoints_are_404_and_never_forwarded(gateway: Gateway, path: str) -> None:
+    token = await gateway.token()
+    response = await gateway.client.get(path, headers={"Authorization": f"Bearer {token['token']}"})
+
+    assert response.status == 404
+    body = await response.json()
+    assert set(body["error"]) >= {"message", "type", "code"}
+    assert gateway.upstream.requests == []
+
+
+async def test_upstream_errors_pass_through_unchanged(gateway: Gateway) -> None:
+    gateway.upstream.status = 429
+    gateway.upstream.status_headers = {"Retry-After": "7", "x-ratelimit-remaining-requests": "0"}
+    token = await gateway.token()
+
+    response = await gateway.client.post("/v1/chat/completions", json={"model": "m", "messages": []},
+                                         headers={"Authorization": f"Bearer {token['token']}"})
+
+    assert response.status == 429
+    assert response.headers["Retry-After"] == "7"
+    assert response.headers["x-ratelimit-remaining-requests"] == "0"
+    assert (await response.json())["error"]["code"] == "upstream_code"
+
+
+async def test_upstream_5xx_reaches_sdk_as_api_error(gateway: Gateway) -> None:
+    gateway.upstream.status = 503
+    token = await gateway.token()
+
+    with pytest.raises(openai.InternalServerError) as caught:
+        await gateway.openai(token["token"]).chat.completions.create(model="m", messages=[])
+    assert caught.value.status_code == 503
+
+
+async def test_unreachable_upstream_is_502(make_gateway) -> None:  # type: ignore[no-untyped-def]
+    gateway = await make_gateway(upstream_url="http://127.0.0.1:1")
+    token = await gateway.token()
+
+    response = await gateway.client.get("/v1/models", headers={"Authorization": f"Bearer {token['token']}"})
+
+    assert response.status == 502
+    assert (await response.json())["error"]["code"] == "upstream_unavailable"
+
+
+async def test_silent_upstream_is_504_after_request_timeout(make_gateway) -> None:  # type: ignore[no-untyped-def]
+    gateway = await make_gateway(REQUEST_TIMEOUT="300ms")
+    gateway.upstream.hang = True
+    token = await gateway.token()
+
+    response = await gateway.client.post("/v1/chat/completions", json={"model": "m", "messages": []},
+                                         headers={"Authorization": f"Bearer {token['token']}"})
+
+    assert response.status == 504
+    assert (await response.json())["error"]["code"] == "upstream_timeout"
+
+
+async def test_client_disconnect_mid_stream_closes_upstream_request(gateway: Gateway) -> None:
+    gateway.upstream.chunk_delay = 0.2
+    gateway.upstream.chunks = 50
+    token = await gateway.token()
+
+    async with aiohttp.ClientSession() as session:
+        response = await session.post(gateway.client.make_url("/v1/chat/completions"),
+                                      json={"model": "m", "messages": [], "stream": True},
+                                      headers={"Authorization": f"Bearer {token['token']}"})
+        await response.content.readline()
+        response.close()  # drop the connection while the upstream is still streaming
+
+    # 50 chunks at 0.2 s would take 10 s; the upstream sees its client go away within about one chunk.
+    await asyncio.wait_for(gateway.upstream.stream_closed.wait(), timeout=2)
+
+
+async def test_upstream_reset_mid_stream_ends_client_stream_and_gateway_stays_healthy(gateway: Gateway) -> None:
+    gateway.upstream.chunks = 5
+    gateway.upstream.break_after_chunks = 2
+    token = await gateway.token()
+
+    with pytest.raises(openai.APIError):
+        stream = await gateway.openai(token["token"]).chat.completions.create(model="m", messages=[], stream=True)
+        async for _ in stream:
+            pass
+
+    assert (await gateway.client.get("/health")).status == 200
+
+
+async def test_request_body_over_limit_is_413(make_gateway) -> None:  # type: ignore[no-untyped-def]
+    gateway = await make_gateway(MAX_REQUEST_SIZE="1KB")
+    token = await gateway.token()
+    headers = {"Authorization": f"Bearer {token['token']}"}
+
+    json_response = await gateway.client.post("/v1/chat/completions", headers=headers,
+                                              json={"model": "m", "messages": [], "pad": "x" * 2000})
+    upload = await gateway.client.post("/v1/audio/transcriptions", headers=headers, data=b"x" * 4096)
+
+    assert json_response.status == 413
+    assert upload.status == 413
+    assert gateway.upstream.requests == []
+
+
+async def test_request_id_is_echoed_or_generated(gateway: Gateway) -> None:
+    sane = await gateway.client.get("/health", headers={"X-Request-ID": "abc-123.X_y"})
+    insane = await gateway.client.get("/health", headers={"X-Request-ID": "bad id\u00e9<script>"})
+    missing = await gateway.client.get("/nope")
+
+    assert sane.headers["X-Request-ID"] == "abc-123.X_y"
+    assert insane.headers["X-Request-ID"] != "bad id\u00e9<script>"
+    assert len(missing.headers["X-Request-ID"]) == 32
