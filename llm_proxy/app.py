@@ -23,8 +23,9 @@ from .settings import Settings
 from .tokenstore import TokenStore
 
 
-def create_app(settings: Settings, *, clock: Callable[[], float] = time.time) -> web.Application:
-    """Build the application; nothing is opened until it starts."""
+def create_app(settings: Settings, *, clock: Callable[[], float] = time.time,
+               monotonic: Callable[[], float] = time.monotonic) -> web.Application:
+    """Build the application; nothing is opened until it starts (clocks are injectable for tests)."""
     keyring = KeyRing(settings.encryption_key, settings.encryption_keys_previous)
     db = Database(settings.database_path)
     store = TokenStore(db, keyring, clock)
@@ -48,7 +49,7 @@ def create_app(settings: Settings, *, clock: Callable[[], float] = time.time) ->
 
     # Inside each sub-application: an IP that failed authentication too often is refused before
     # its credential is even looked at; then the credential; then (for /v1) rate, quota and capacity.
-    failures = FailureCounter(settings.ip_rate_limit)
+    failures = FailureCounter(settings.ip_rate_limit, clock=monotonic)
     manage = web.Application(middlewares=[
         ip_block_middleware(failures, audit, "management"),
         management_auth_middleware(settings.management_tokens, settings.management_allowed_ips, audit, failures)])
@@ -61,7 +62,7 @@ def create_app(settings: Settings, *, clock: Callable[[], float] = time.time) ->
         admission_middleware(store, audit, default_rate=settings.rate_limit_per_minute,
                              global_rate=settings.global_rate_limit,
                              concurrency=ConcurrencyLimiter(settings.max_concurrent_requests),
-                             limiter=RateLimiter(clock=clock))])
+                             limiter=RateLimiter(clock=monotonic))])
     proxy.on_response_prepare.append(add_rate_limit_headers)
     proxy.router.add_route("*", "/{tail:.*}", forwarder.handle)
     app.add_subapp("/v1", proxy)

@@ -7,7 +7,7 @@ import hashlib
 import re
 import secrets
 
-TOKEN_PREFIX = "tok-"
+TOKEN_PREFIX = "tok-"  # noqa: S105 - a public prefix, not a secret
 # 32 random bytes in unpadded base64url are exactly 43 characters.
 TOKEN_PATTERN = re.compile(r"tok-[A-Za-z0-9_-]{43}")
 

@@ -2,18 +2,26 @@
 
 from __future__ import annotations
 
-import aiohttp
+from typing import TYPE_CHECKING
+
 from aiohttp import web
 
-SETTINGS = web.AppKey("settings", "Settings")
-KEYRING = web.AppKey("keyring", "KeyRing")
-DATABASE = web.AppKey("database", "Database")
-TOKEN_STORE = web.AppKey("token_store", "TokenStore")
-AUDIT = web.AppKey("audit", "AuditWriter")
-UPSTREAM_SESSION = web.AppKey("upstream_session", aiohttp.ClientSession)
+if TYPE_CHECKING:
+    from .audit import AuditWriter
+    from .crypto import KeyRing
+    from .database import Database
+    from .ratelimit import Decision
+    from .settings import Settings
+    from .tokenstore import Credential, TokenStore
+
+SETTINGS: web.AppKey[Settings] = web.AppKey("settings")
+KEYRING: web.AppKey[KeyRing] = web.AppKey("keyring")
+DATABASE: web.AppKey[Database] = web.AppKey("database")
+TOKEN_STORE: web.AppKey[TokenStore] = web.AppKey("token_store")
+AUDIT: web.AppKey[AuditWriter] = web.AppKey("audit")
 
 REQUEST_ID = web.RequestKey("request_id", str)
 CLIENT_IP = web.RequestKey("client_ip", str)
-CREDENTIAL = web.RequestKey("credential", "Credential")
+CREDENTIAL: web.RequestKey[Credential] = web.RequestKey("credential")
+RATE_DECISION: web.RequestKey[Decision] = web.RequestKey("rate_decision")
 UPSTREAM_BROKEN = web.RequestKey("upstream_broken", bool)
-RATE_DECISION = web.RequestKey("rate_decision", "Decision")

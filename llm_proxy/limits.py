@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 from aiohttp import web
 from aiohttp.typedefs import Handler, Middleware
 
@@ -28,7 +30,7 @@ def ip_block_middleware(failures: FailureCounter, audit: AuditWriter, actor: str
                        client_ip=client_ip, details={"http_method": request.method, "endpoint": request.path,
                                                      "reason": "ip_blocked"})
             raise RateLimited("too many failed authentications from this address",
-                              headers={"Retry-After": str(max(1, int(wait + 0.999)))})
+                              headers={"Retry-After": str(max(1, math.ceil(wait)))})
         return await handler(request)
 
     return ip_block
@@ -50,16 +52,20 @@ def admission_middleware(store: TokenStore, audit: AuditWriter, *, default_rate:
             raise Overloaded(headers={"Retry-After": "1"})
         try:
             try:
+                rate = credential.rate_limit_per_minute
+                rate = default_rate if rate is None else rate
+                # Peek at both limits before spending either, so a denial by one costs nothing in the other.
                 if global_rate:
-                    overall = limiter.hit(_GLOBAL_KEY, global_rate)
+                    overall = limiter.peek(_GLOBAL_KEY, global_rate)
                     if not overall.allowed:
                         raise RateLimited("the gateway's global rate limit is exceeded",
                                           headers={"Retry-After": str(overall.retry_after_seconds)})
-                rate = credential.rate_limit_per_minute
-                decision = limiter.hit(credential.id, default_rate if rate is None else rate)
+                decision = limiter.hit(credential.id, rate)
                 if not decision.allowed:
                     raise RateLimited(headers={**_rate_headers(decision),
                                                "Retry-After": str(decision.retry_after_seconds)})
+                if global_rate:
+                    limiter.hit(_GLOBAL_KEY, global_rate)
                 store.consume(credential)
             except TooManyRequests as exc:
                 audit.emit("token.access", actor="client", result="denied", project_id=credential.project.id,

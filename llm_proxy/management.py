@@ -35,9 +35,12 @@ def json_response(document: Any, status: int = 200) -> web.Response:
     return web.Response(body=orjson.dumps(document), status=status, content_type="application/json")
 
 
-def audited(action: str) -> Callable[[ActionHandler], Callable[[Management, web.Request], Awaitable[web.StreamResponse]]]:
+Route = Callable[["Management", web.Request], Awaitable[web.StreamResponse]]
+
+
+def audited(action: str) -> Callable[[ActionHandler], Route]:
     """Emit one audit event per call of the handler, whatever its outcome."""
-    def wrap(handler: ActionHandler) -> Callable[[Management, web.Request], Awaitable[web.StreamResponse]]:
+    def wrap(handler: ActionHandler) -> Route:
         async def run(self: Management, request: web.Request) -> web.StreamResponse:
             details: Details = {"http_method": request.method, "endpoint": request.path}
             result = "success"

@@ -61,7 +61,7 @@ def _check(name: str, value: Any, spec: Field) -> Any:
     # bool is a subclass of int: an int field must not accept true/false, nor a bool field 0/1.
     if type(value) is not spec.kind:
         raise BadRequest(f"`{name}` must be {_KIND_NAMES[spec.kind]}", param=name)
-    if spec.kind is str:
+    if isinstance(value, str):
         value = value.strip()
         if not value:
             raise BadRequest(f"`{name}` must not be empty", param=name)
@@ -69,7 +69,7 @@ def _check(name: str, value: Any, spec: Field) -> Any:
             raise BadRequest(f"`{name}` must be at most {spec.max_length} characters", param=name)
         if any(ord(ch) < 32 or ord(ch) == 127 for ch in value):
             raise BadRequest(f"`{name}` must not contain control characters", param=name)
-    if spec.kind is int:
+    if isinstance(value, int):
         if spec.minimum is not None and value < spec.minimum:
             raise BadRequest(f"`{name}` must be at least {spec.minimum}", param=name)
         if spec.maximum is not None and value > spec.maximum:

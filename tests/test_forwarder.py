@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import itertools
 import time
 
 import aiohttp
@@ -43,7 +44,7 @@ async def test_streamed_chat_chunks_arrive_as_upstream_sends_them(gateway: Gatew
 
     assert parts == ["part0 ", "part1 ", "part2 "]
     # Buffering would deliver everything at once; streaming spaces the chunks by the upstream's pauses.
-    gaps = [later - earlier for earlier, later in zip(arrivals, arrivals[1:])]
+    gaps = [later - earlier for earlier, later in itertools.pairwise(arrivals)]
     assert sum(1 for gap in gaps if gap >= 0.2) >= 2, gaps
 
 
