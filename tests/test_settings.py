@@ -1,0 +1,118 @@
+"""Configuration: every documented variable is read, bad values stop startup with one clear line."""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from llm_proxy.settings import VARIABLES, ConfigError, Settings, load_settings
+from tests.fakes import ENCRYPTION_KEY, MANAGEMENT_TOKEN
+
+README = Path(__file__).resolve().parent.parent / "README.md"
+BASE = {"MANAGEMENT_TOKEN": MANAGEMENT_TOKEN, "ENCRYPTION_KEY": ENCRYPTION_KEY}
+
+
+def test_readme_configuration_table_matches_the_variables_read() -> None:
+    documented = set(re.findall(r"^\| `([A-Z_]+)`", README.read_text(), flags=re.MULTILINE))
+    assert documented == set(VARIABLES)
+
+
+def test_every_variable_maps_to_a_settings_field() -> None:
+    fields = {field.name for field in dataclasses.fields(Settings)}
+    # LISTEN_ADDR is split into host and port; ENCRYPTION_KEY_PREVIOUS is a tuple of keys.
+    renamed = {"LISTEN_ADDR": "listen_host", "MANAGEMENT_TOKEN": "management_tokens",
+               "ENCRYPTION_KEY_PREVIOUS": "encryption_keys_previous"}
+    for variable in VARIABLES:
+        assert renamed.get(variable, variable.lower()) in fields, variable
+
+
+def test_defaults() -> None:
+    settings = load_settings(BASE, env_file=None)
+    assert (settings.listen_host, settings.listen_port) == ("", 8080)
+    assert settings.max_request_size == 10 * 1024 * 1024
+    assert settings.request_timeout == 60 and settings.stream_idle_timeout == 300
+    assert settings.audit_log_file == Path("./data/audit.log")
+    assert settings.allowed_endpoints[0] == "/v1/chat/completions"
+
+
+def test_values_are_parsed() -> None:
+    settings = load_settings({**BASE, "LISTEN_ADDR": "127.0.0.1:9000", "MAX_REQUEST_SIZE": "512KB",
+                              "REQUEST_TIMEOUT": "500ms", "STREAM_IDLE_TIMEOUT": "2m", "AUDIT_LOG_FILE": "",
+                              "TRUSTED_PROXIES": "10.0.0.0/8, ::1", "ALLOWED_MODELS": "gpt-4o*, o1",
+                              "MANAGEMENT_TOKEN": f"{MANAGEMENT_TOKEN},{'z' * 32}", "AUDIT_ENABLED": "false"},
+                             env_file=None)
+    assert (settings.listen_host, settings.listen_port) == ("127.0.0.1", 9000)
+    assert settings.max_request_size == 512 * 1024
+    assert settings.request_timeout == 0.5 and settings.stream_idle_timeout == 120
+    assert settings.audit_log_file is None and settings.audit_enabled is False
+    assert [str(n) for n in settings.trusted_proxies] == ["10.0.0.0/8", "::1/128"]
+    assert settings.allowed_models == ("gpt-4o*", "o1")
+    assert len(settings.management_tokens) == 2
+
+
+def test_dotenv_file_is_read_and_environment_wins(tmp_path: Path) -> None:
+    env_file = tmp_path / ".env"
+    env_file.write_text(f"MANAGEMENT_TOKEN={MANAGEMENT_TOKEN}\nENCRYPTION_KEY={ENCRYPTION_KEY}\nLOG_LEVEL=debug\n")
+    settings = load_settings({"LOG_LEVEL": "error"}, env_file=env_file)
+    assert settings.log_level == "error"
+    assert settings.management_tokens == (MANAGEMENT_TOKEN,)
+
+
+@pytest.mark.parametrize(("overrides", "variable"), [
+    ({"MANAGEMENT_TOKEN": ""}, "MANAGEMENT_TOKEN"),
+    ({"MANAGEMENT_TOKEN": "short-secret-value"}, "MANAGEMENT_TOKEN"),
+    ({"ENCRYPTION_KEY": ""}, "ENCRYPTION_KEY"),
+    ({"ENCRYPTION_KEY": "not base64 !!"}, "ENCRYPTION_KEY"),
+    ({"ENCRYPTION_KEY": "c2hvcnQ="}, "ENCRYPTION_KEY"),
+    ({"ENCRYPTION_KEY_PREVIOUS": "c2hvcnQ="}, "ENCRYPTION_KEY_PREVIOUS"),
+    ({"LISTEN_ADDR": "8080"}, "LISTEN_ADDR"),
+    ({"LISTEN_ADDR": ":99999"}, "LISTEN_ADDR"),
+    ({"OPENAI_API_URL": "ftp://x"}, "OPENAI_API_URL"),
+    ({"OPENAI_API_URL": "https://api.openai.com/v1"}, "OPENAI_API_URL"),
+    ({"LOG_LEVEL": "loud"}, "LOG_LEVEL"),
+    ({"LOG_FORMAT": "xml"}, "LOG_FORMAT"),
+    ({"AUDIT_ENABLED": "maybe"}, "AUDIT_ENABLED"),
+    ({"RATE_LIMIT_PER_MINUTE": "-1"}, "RATE_LIMIT_PER_MINUTE"),
+    ({"RATE_LIMIT_PER_MINUTE": "ten"}, "RATE_LIMIT_PER_MINUTE"),
+    ({"MAX_REQUEST_SIZE": "big"}, "MAX_REQUEST_SIZE"),
+    ({"REQUEST_TIMEOUT": "0s"}, "REQUEST_TIMEOUT"),
+    ({"REQUEST_TIMEOUT": "soon"}, "REQUEST_TIMEOUT"),
+    ({"TRUSTED_PROXIES": "10.0.0.0/33"}, "TRUSTED_PROXIES"),
+    ({"MANAGEMENT_ALLOWED_IPS": "localhost"}, "MANAGEMENT_ALLOWED_IPS"),
+    ({"CORS_ALLOWED_ORIGINS": "app.example.com"}, "CORS_ALLOWED_ORIGINS"),
+    ({"ALLOWED_ENDPOINTS": "/admin"}, "ALLOWED_ENDPOINTS"),
+    ({"TLS_MIN_VERSION": "1.1"}, "TLS_MIN_VERSION"),
+    ({"TLS_CERT_FILE": "/tmp/cert.pem"}, "TLS_KEY_FILE"),
+    ({"MAX_CONCURRENT_REQUESTS": "0"}, "MAX_CONCURRENT_REQUESTS"),
+    ({"ANOMALY_RATE_FACTOR": "nan"}, "ANOMALY_RATE_FACTOR"),
+    ({"DEFAULT_TOKEN_DURATION_MINUTES": "100", "MAX_TOKEN_DURATION_MINUTES": "10"}, "DEFAULT_TOKEN_DURATION_MINUTES"),
+])
+def test_invalid_values_name_the_variable(overrides: dict[str, str], variable: str) -> None:
+    with pytest.raises(ConfigError) as caught:
+        load_settings({**BASE, **overrides}, env_file=None)
+    assert caught.value.variable == variable
+    assert str(caught.value).startswith(f"{variable}: ")
+    for name, value in overrides.items():
+        if name in ("MANAGEMENT_TOKEN", "ENCRYPTION_KEY", "ENCRYPTION_KEY_PREVIOUS") and value:
+            assert value not in str(caught.value)  # secrets are never echoed
+
+
+def test_settings_repr_hides_secrets() -> None:
+    text = repr(load_settings(BASE, env_file=None))
+    assert MANAGEMENT_TOKEN not in text and "encryption_key" not in text
+
+
+def test_serve_with_bad_config_prints_one_line_and_exits_nonzero(tmp_path: Path) -> None:
+    secret = "too-short-but-secret"
+    result = subprocess.run([sys.executable, "-m", "llm_proxy", "serve"], cwd=tmp_path, capture_output=True,
+                            text=True, timeout=60, env={"MANAGEMENT_TOKEN": secret, "ENCRYPTION_KEY": ENCRYPTION_KEY,
+                                                        "PATH": "/usr/bin:/bin"})
+    assert result.returncode != 0
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and "MANAGEMENT_TOKEN" in lines[0]
+    assert "Traceback" not in result.stderr and secret not in result.stderr
