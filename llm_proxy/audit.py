@@ -11,6 +11,7 @@ import os
 import sqlite3
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -28,6 +29,9 @@ FILE_MODE = 0o640
 _TEXT_KEYS = ("timestamp", "action", "actor", "project_id", "request_id", "client_ip", "result")
 _INSERT = ("INSERT INTO audit_events (seq, timestamp, action, actor, project_id, request_id, client_ip,"
            " result, details, hash) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)")
+# Both, in case rows were written past the head (the head is normally the newer of the two).
+_READ_HEAD = ("SELECT seq, hash FROM audit_chain WHERE id = 1",
+              "SELECT seq, hash FROM audit_events ORDER BY seq DESC LIMIT 1")
 _SET_HEAD = ("INSERT INTO audit_chain (id, seq, hash) VALUES (1, ?, ?)"
              " ON CONFLICT (id) DO UPDATE SET seq = excluded.seq, hash = excluded.hash")
 
@@ -125,6 +129,14 @@ class _AppendFile:
                 os.close(fd)
             except OSError as exc:
                 log.error("audit file %s: close failed: %s", self.path, exc)
+
+
+@dataclass(slots=True)
+class _Chained:
+    lines: list[bytes]
+    rows: list[tuple[Any, ...]]
+    seq: int
+    hash: str
 
 
 def _sanitized(event: dict[str, Any]) -> dict[str, Any]:
@@ -335,73 +347,100 @@ class AuditWriter:
                 return
 
     async def _write_batch(self, batch: list[dict[str, Any]]) -> None:
-        lines: list[bytes] = []
-        rows: list[tuple[Any, ...]] = []
-        seq, prev = self._seq, self._hash
         for event in batch:
             for key in _TEXT_KEYS:
                 value = event.get(key)
                 if value is not None and type(value) is not str:
                     # audit_events stores these as TEXT; keep file and table identical.
                     event[key] = str(value)
+        chained = await self._store(batch)
+        if chained is None:
+            # The database is unavailable: chain from the head in memory so the file still gets
+            # the batch; the rows are retried with the next batch.
+            chained = self._chain(batch, self._seq, self._hash)
+            self._unsaved = (self._unsaved + chained.rows)[-self._max_unsaved:]
+        self._seq, self._hash = chained.seq, chained.hash
+        self._written += len(batch)
+        if self._file is not None:
+            await self._append(b"\n".join(chained.lines) + b"\n", len(chained.lines))
+
+    def _chain(self, batch: list[dict[str, Any]], seq: int, prev: str) -> _Chained:
+        """Give each event its seq and hash after (seq, prev); also encode its line and row."""
+        chained = _Chained([], [], seq, prev)
+        for index, event in enumerate(batch):
+            event.pop("hash", None)  # chained again after another process moved the head
             event["seq"] = seq + 1
             try:
                 body = canonical(event)
             except TypeError:
                 log.error("audit event %r has values that cannot be encoded; storing a sanitized copy",
                           event.get("action"))
-                event = _sanitized(event)
+                event = batch[index] = _sanitized(event)
                 body = canonical(event)
             seq += 1
             prev = event["hash"] = _sha256_hex(prev, body)
-            lines.append(orjson.dumps(event, default=str))
+            chained.lines.append(orjson.dumps(event, default=str))
             if self._store_in_db:
                 details = event.get("details")
-                rows.append((seq, event["timestamp"], event["action"], event["actor"], event.get("project_id"),
-                             event.get("request_id"), event.get("client_ip"), event["result"],
-                             None if details is None else orjson.dumps(details, default=str).decode(), prev))
-        self._seq, self._hash = seq, prev
-        self._written += len(batch)
-        # Database first: it holds the chain head, so a crash between the two leaves a gap in the
-        # file (reported by verify) rather than a seq written twice. Whatever happens to the
-        # database, the file still gets the batch.
-        try:
-            await self._store(rows, (seq, prev))
-        finally:
-            if self._file is not None:
-                await self._append(b"\n".join(lines) + b"\n", len(lines))
+                chained.rows.append((seq, event["timestamp"], event["action"], event["actor"],
+                                     event.get("project_id"), event.get("request_id"), event.get("client_ip"),
+                                     event["result"],
+                                     None if details is None else orjson.dumps(details, default=str).decode(),
+                                     prev))
+        chained.seq, chained.hash = seq, prev
+        return chained
 
-    async def _store(self, rows: list[tuple[Any, ...]], head: tuple[int, str]) -> None:
-        rows = self._unsaved + rows
+    async def _store(self, batch: list[dict[str, Any]]) -> _Chained | None:
+        """Chain the batch inside one transaction with the rows and the head; None if the database failed.
 
-        async def work(conn: aiosqlite.Connection) -> None:
+        Chaining under BEGIN IMMEDIATE from the stored head keeps seq unique even when another
+        process (a CLI command) appended to the chain since we last wrote.
+        """
+        async def work(conn: aiosqlite.Connection) -> _Chained:
+            seq, prev = self._seq, self._hash
+            row = None
+            for sql in _READ_HEAD:
+                cursor = await conn.execute(sql)
+                found = await cursor.fetchone()
+                if found is not None and found[0] > (row[0] if row else seq):
+                    row = found
+            if row is not None:
+                log.warning("audit chain was extended by another process (seq %d..%d); continuing after it",
+                            seq + 1, row[0])
+                seq, prev = row[0], row[1]
+                if self._unsaved:
+                    log.error("audit events %d..%d collide with that process's events and are not stored "
+                              "in the database", self._unsaved[0][0], self._unsaved[-1][0])
+                    self._unsaved = []
+            chained = self._chain(batch, seq, prev)
+            rows = self._unsaved + chained.rows
             if rows:
                 await conn.executemany(_INSERT, rows)
-            await conn.execute(_SET_HEAD, head)
+            await conn.execute(_SET_HEAD, (chained.seq, chained.hash))
+            return chained
 
         for delay in (*self.DB_RETRY_DELAYS, None):
             try:
-                await self._db.write(work)
+                chained = await self._db.write(work)
             except sqlite3.IntegrityError as exc:
-                # A seq already in the table: retrying cannot help, and carrying the rows would
-                # block every later batch.
+                # A seq already in the table: retrying cannot help, and carrying the rows on
+                # would block every later batch. The file still gets them.
                 self._db_errors += 1
+                log.error("audit events not stored in the database: %s", exc)
                 self._unsaved = []
-                log.error("audit events %d..%d not stored in the database: %s",
-                          rows[0][0] if rows else head[0], head[0], exc)
-                return
+                return self._chain(batch, self._seq, self._hash)
             except (sqlite3.Error, OSError, ValueError, RuntimeError) as exc:  # the last two: not connected
                 if delay is not None:
                     log.warning("audit database write failed (%s); retrying in %.2fs", exc, delay)
                     await asyncio.sleep(delay)
                     continue
                 self._db_errors += 1
-                self._unsaved = rows[-self._max_unsaved:]
-                log.error("audit database write failed after retries (%s); %d events kept to retry "
-                          "with the next batch", exc, len(self._unsaved))
-                return
+                log.error("audit database write failed after retries (%s); the events are kept to retry "
+                          "with the next batch", exc)
+                return None
             self._unsaved = []
-            return
+            return chained
+        return None  # not reached: the last delay is None
 
     async def _append(self, data: bytes, count: int) -> None:
         assert self._file is not None

@@ -45,7 +45,7 @@ def chain_hash(prev_hash: str, event_without_hash: dict[str, Any]) -> str:
 def event_from_row(row: sqlite3.Row | tuple[Any, ...]) -> dict[str, Any]:
     """Rebuild the event of an audit_events row (COLUMNS order) with the file's key order and omissions."""
     event: dict[str, Any] = {}
-    for key, value in zip(COLUMNS, row):
+    for key, value in zip(COLUMNS, row, strict=True):
         if value is None:
             continue
         event[key] = orjson.loads(value) if key == "details" else value
@@ -184,7 +184,8 @@ class ChainWalk:
         if seq > expected:
             missing = f"{expected}" if seq == expected + 1 else f"{expected}..{seq - 1}"
             self.problem = Break("removed", source, line, seq, expected,
-                                 f"seq {seq} where {expected} was expected: event(s) {missing} missing before this line")
+                                 f"seq {seq} where {expected} was expected: "
+                                 f"event(s) {missing} missing before this line")
             return False
         if seq < expected:
             self.problem = Break("inserted", source, line, seq, expected,
@@ -266,7 +267,7 @@ _ROTATED = re.compile(r"^(?P<base>.+?)(?:\.(?P<n>\d+)|-(?P<date>\d{8,14}))?$")
 
 
 def rotation_order(paths: Iterable[Path]) -> list[Path]:
-    """Sort logrotate's files oldest first: audit.log.N[.gz] (higher N older), dated ones by date, then the current file."""
+    """Sort logrotate's files oldest first: audit.log.N[.gz] (higher N older), dated by date, then the current."""
     def key(path: Path) -> tuple[int, int]:
         name = path.name.removesuffix(".gz")
         match = _ROTATED.match(name)
