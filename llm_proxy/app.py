@@ -8,7 +8,7 @@ from collections.abc import AsyncIterator, Callable
 from aiohttp import web
 
 from .audit import AuditWriter
-from .auth import management_auth_middleware, token_auth_middleware
+from .auth import bearer, management_auth_middleware, token_auth_middleware
 from .crypto import KeyRing
 from .database import Database
 from .errors import error_middleware
@@ -17,6 +17,7 @@ from .health import health_routes
 from .keys import AUDIT, DATABASE, KEYRING, SETTINGS, TOKEN_STORE
 from .limits import add_rate_limit_headers, admission_middleware, ip_block_middleware
 from .management import Management
+from .metrics import Metrics, metrics_middleware, metrics_route
 from .ratelimit import ConcurrencyLimiter, FailureCounter, RateLimiter
 from .request_context import add_request_id_header, request_context_middleware
 from .settings import Settings
@@ -32,36 +33,40 @@ def create_app(settings: Settings, *, clock: Callable[[], float] = time.time,
     audit = AuditWriter(db, enabled=settings.audit_enabled, file_path=settings.audit_log_file,
                         create_dir=settings.audit_create_dir, store_in_db=settings.audit_store_in_db,
                         mask_client_ip=settings.audit_mask_client_ip)
-    forwarder = Forwarder(settings, audit)
+    concurrency = ConcurrencyLimiter(settings.max_concurrent_requests)
+    metrics = Metrics(audit, concurrency)
+    forwarder = Forwarder(settings, audit, metrics)
     management = Management(settings, db, keyring, store, audit, clock)
 
     # The one place the middleware order is decided. Outermost first:
     # 1. request context: every later layer, and every error body and audit event, needs the
     #    request id and the resolved client IP;
-    # 2. errors: whatever is raised below (auth, limits, forwarder) becomes an OpenAI error body.
-    # The sub-applications add their own credential check inside these two: the management token
+    # 2. metrics: outside the error middleware, so it counts the status the client really gets;
+    # 3. errors: whatever is raised below (auth, limits, forwarder) becomes an OpenAI error body.
+    # The sub-applications add their own credential check inside these: the management token
     # for /manage, client tokens for /v1 (so neither can be used on the other's routes).
-    app = web.Application(middlewares=[request_context_middleware(settings.trusted_proxies), error_middleware],
+    app = web.Application(middlewares=[request_context_middleware(settings.trusted_proxies),
+                                       metrics_middleware(metrics), error_middleware],
                           client_max_size=settings.max_request_size)
     app[SETTINGS], app[KEYRING], app[DATABASE], app[TOKEN_STORE], app[AUDIT] = settings, keyring, db, store, audit
     app.on_response_prepare.append(add_request_id_header)
-    app.add_routes(health_routes(db))
+    app.add_routes([*health_routes(db), metrics_route(metrics, settings.management_tokens,
+                                                      settings.management_allowed_ips, bearer)])
 
     # Inside each sub-application: an IP that failed authentication too often is refused before
     # its credential is even looked at; then the credential; then (for /v1) rate, quota and capacity.
     failures = FailureCounter(settings.ip_rate_limit, clock=monotonic)
     manage = web.Application(middlewares=[
-        ip_block_middleware(failures, audit, "management"),
+        ip_block_middleware(failures, audit, metrics, "management"),
         management_auth_middleware(settings.management_tokens, settings.management_allowed_ips, audit, failures)])
     manage.add_routes(management.routes())
     app.add_subapp("/manage", manage)
 
     proxy = web.Application(middlewares=[
-        ip_block_middleware(failures, audit, "client"),
+        ip_block_middleware(failures, audit, metrics, "client"),
         token_auth_middleware(store, audit, failures),
-        admission_middleware(store, audit, default_rate=settings.rate_limit_per_minute,
-                             global_rate=settings.global_rate_limit,
-                             concurrency=ConcurrencyLimiter(settings.max_concurrent_requests),
+        admission_middleware(store, audit, metrics, default_rate=settings.rate_limit_per_minute,
+                             global_rate=settings.global_rate_limit, concurrency=concurrency,
                              limiter=RateLimiter(clock=monotonic))])
     proxy.on_response_prepare.append(add_rate_limit_headers)
     proxy.router.add_route("*", "/{tail:.*}", forwarder.handle)

@@ -25,7 +25,8 @@ from .errors import (
     UpstreamTimeout,
     UpstreamUnavailable,
 )
-from .keys import CLIENT_IP, CREDENTIAL, REQUEST_ID, UPSTREAM_BROKEN
+from .keys import CLIENT_IP, CREDENTIAL, REQUEST_ID, REQUEST_STARTED, UPSTREAM_BROKEN
+from .metrics import Metrics
 from .settings import Settings
 
 log = logging.getLogger(__name__)
@@ -51,9 +52,10 @@ def _forwardable(name: str) -> bool:
 class Forwarder:
     """The /v1 handler: validates the path and body, then streams request and response through."""
 
-    def __init__(self, settings: Settings, audit: AuditWriter) -> None:
+    def __init__(self, settings: Settings, audit: AuditWriter, metrics: Metrics) -> None:
         self.session: aiohttp.ClientSession | None = None
         self._audit = audit
+        self._metrics = metrics
         self._upstream = settings.openai_api_url
         self._allowed = settings.allowed_endpoints
         self._allowed_models = settings.allowed_models
@@ -140,6 +142,7 @@ class Forwarder:
             headers.popall(name.strip(), None)
         headers["Authorization"] = request[CREDENTIAL].project.authorization
         headers["Accept-Encoding"] = "identity"
+        sent = time.perf_counter()
         try:
             async with asyncio.timeout(self._request_timeout):
                 upstream = await self.session.request(request.method, url, headers=headers, data=body,
@@ -151,12 +154,15 @@ class Forwarder:
         except aiohttp.ClientError as exc:
             log.warning("upstream request failed: %s", type(exc).__name__)
             raise UpstreamUnavailable() from None
+        answered = time.perf_counter()
+        self._metrics.upstream_latency.observe(answered - sent)
         try:
-            return await self._relay(request, upstream)
+            return await self._relay(request, upstream, sent, answered)
         finally:
             upstream.close()
 
-    async def _relay(self, request: web.Request, upstream: aiohttp.ClientResponse) -> web.StreamResponse:
+    async def _relay(self, request: web.Request, upstream: aiohttp.ClientResponse, sent: float,
+                     answered: float) -> web.StreamResponse:
         response = web.StreamResponse(status=upstream.status, reason=upstream.reason)
         for name, value in upstream.headers.items():
             if name.lower() not in RESPONSE_DENY:
@@ -168,9 +174,16 @@ class Forwarder:
             response.headers["Cache-Control"] = "no-cache"
         elif upstream.content_length is not None:
             response.content_length = upstream.content_length
+        # What the gateway itself cost so far: everything but the wait for the upstream's headers.
+        overhead = time.perf_counter() - request[REQUEST_STARTED] - (answered - sent)
+        response.headers["X-LLM-Proxy-Overhead-Ms"] = f"{overhead * 1000:.3f}"
         await response.prepare(request)
+        first = True
         try:
             async for chunk in upstream.content.iter_any():
+                if first:
+                    self._metrics.upstream_ttfb.observe(time.perf_counter() - sent)
+                    first = False
                 await response.write(chunk)
         except (aiohttp.ClientError, TimeoutError) as exc:
             # Headers are gone already: the only honest signal left is to cut the connection.

@@ -10,13 +10,14 @@ from aiohttp.typedefs import Handler, Middleware
 from .audit import AuditWriter
 from .errors import Overloaded, RateLimited, TooManyRequests
 from .keys import CLIENT_IP, CREDENTIAL, RATE_DECISION, REQUEST_ID
+from .metrics import Metrics
 from .ratelimit import ConcurrencyLimiter, Decision, FailureCounter, RateLimiter
 from .tokenstore import TokenStore
 
 _GLOBAL_KEY = "*"
 
 
-def ip_block_middleware(failures: FailureCounter, audit: AuditWriter, actor: str) -> Middleware:
+def ip_block_middleware(failures: FailureCounter, audit: AuditWriter, metrics: Metrics, actor: str) -> Middleware:
     """Build the middleware refusing an IP that failed authentication too often, before any credential check."""
 
     @web.middleware
@@ -26,6 +27,7 @@ def ip_block_middleware(failures: FailureCounter, audit: AuditWriter, actor: str
         # normally would keep the oracle a brute-force attack needs.
         wait = failures.retry_after(client_ip)
         if wait > 0:
+            metrics.count_denial("ip_blocked")
             audit.emit("auth.failure", actor=actor, result="denied", request_id=request[REQUEST_ID],
                        client_ip=client_ip, details={"http_method": request.method, "endpoint": request.path,
                                                      "reason": "ip_blocked"})
@@ -40,7 +42,8 @@ def _rate_headers(decision: Decision) -> dict[str, str]:
     return {"X-RateLimit-Limit": str(decision.limit), "X-RateLimit-Remaining": str(decision.remaining)}
 
 
-def admission_middleware(store: TokenStore, audit: AuditWriter, *, default_rate: int, global_rate: int,
+def admission_middleware(store: TokenStore, audit: AuditWriter, metrics: Metrics, *, default_rate: int,
+                         global_rate: int,
                          concurrency: ConcurrencyLimiter, limiter: RateLimiter) -> Middleware:
     """Build the middleware that admits an authenticated /v1 request or answers 429/503."""
 
@@ -49,6 +52,7 @@ def admission_middleware(store: TokenStore, audit: AuditWriter, *, default_rate:
         credential = request[CREDENTIAL]
         # Capacity first: a request turned away with 503 must not cost the token quota or rate.
         if not concurrency.try_acquire():
+            metrics.count_denial("overloaded")
             raise Overloaded(headers={"Retry-After": "1"})
         try:
             try:
@@ -68,6 +72,7 @@ def admission_middleware(store: TokenStore, audit: AuditWriter, *, default_rate:
                     limiter.hit(_GLOBAL_KEY, global_rate)
                 store.consume(credential)
             except TooManyRequests as exc:
+                metrics.count_denial(exc.code)
                 audit.emit("token.access", actor="client", result="denied", project_id=credential.project.id,
                            request_id=request[REQUEST_ID], client_ip=request[CLIENT_IP],
                            details={"http_method": request.method, "endpoint": request.path,

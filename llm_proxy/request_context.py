@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import ipaddress
 import re
+import time
 import uuid
 
 from aiohttp import web
 from aiohttp.typedefs import Handler, Middleware
 
-from .keys import CLIENT_IP, REQUEST_ID
+from .keys import CLIENT_IP, REQUEST_ID, REQUEST_STARTED
 from .settings import IPNetwork
 
 _SANE_ID = re.compile(r"[A-Za-z0-9._-]{1,128}")
@@ -45,6 +46,7 @@ def request_context_middleware(trusted_proxies: tuple[IPNetwork, ...]) -> Middle
 
     @web.middleware
     async def request_context(request: web.Request, handler: Handler) -> web.StreamResponse:
+        request[REQUEST_STARTED] = time.perf_counter()
         presented = request.headers.get("X-Request-ID")
         request[REQUEST_ID] = presented if presented and _SANE_ID.fullmatch(presented) else uuid.uuid4().hex
         peer = request.remote or ""
