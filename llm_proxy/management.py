@@ -14,12 +14,12 @@ from .audit import AuditWriter
 from .credentials import generate_token, hash_token
 from .crypto import KeyRing
 from .database import Database
-from .errors import ApiError, Conflict, MethodNotAllowed, ProjectInactive
+from .errors import ApiError, BadRequest, Conflict, MethodNotAllowed, ProjectInactive
 from .keys import CLIENT_IP, REQUEST_ID
 from .obfuscation import obfuscate
 from .settings import Settings
 from .tokenstore import TokenStore
-from .validation import Field, parse_json_object, query_bool, validate
+from .validation import Field, parse_json_object, query_bool, query_int, query_timestamp, validate
 
 MAX_GRACE_SECONDS = 86_400
 _NAME = Field(str, max_length=200)
@@ -91,6 +91,7 @@ class Management:
             web.patch("/tokens/{id}", self.update_token),
             web.delete("/tokens/{id}", self.revoke_token),
             web.post("/tokens/{id}/refresh", self.refresh_token),
+            web.get("/audit", self.list_audit, allow_head=False),
         ]
 
     def token_public(self, token: repo.TokenRecord) -> dict[str, Any]:
@@ -238,3 +239,22 @@ class Management:
         self.store.token_changed(token, project)
         details.update(token_id=token.token_hint, duration_minutes=duration, grace_seconds=grace)
         return json_response({**self.token_public(token), "token": plaintext}, status=201)
+
+    # ---- audit ----
+
+    @audited("audit.list")
+    async def list_audit(self, request: web.Request, details: Details) -> web.StreamResponse:
+        query = request.query
+        unknown = set(query) - {"action", "project_id", "result", "since", "until", "limit", "before"}
+        if unknown:
+            name = sorted(unknown)[0]
+            raise BadRequest(f"unknown query parameter `{name}`", param=name)
+        filters = {name: query[name] for name in ("action", "project_id", "result") if query.get(name)}
+        limit = query_int(query, "limit", default=100, minimum=1, maximum=1000)
+        assert limit is not None
+        events = await repo.list_audit_events(
+            self.db, filters=filters, since=query_timestamp(query, "since"), until=query_timestamp(query, "until"),
+            before=query_int(query, "before", default=None, minimum=1, maximum=2**62), limit=limit)
+        details.update(filters, count=len(events))
+        next_before = events[-1]["seq"] if len(events) == limit else None
+        return json_response({"data": events, "next_before": next_before})

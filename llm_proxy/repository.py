@@ -11,6 +11,7 @@ from typing import Any
 
 import aiosqlite
 
+from .auditchain import COLUMNS, event_from_row
 from .crypto import KeyRing
 from .database import Database
 from .errors import Conflict, NotFound
@@ -270,3 +271,29 @@ async def refresh_token(db: Database, old: TokenRecord, *, token_hash: str, toke
                                (iso(old_stops_at), new_id, old.id))
     await db.write(work)
     return await get_token(db, new_id)
+
+
+# ---- audit queries ----
+
+async def list_audit_events(db: Database, *, filters: Mapping[str, str], since: str | None, until: str | None,
+                            before: int | None, limit: int) -> list[dict[str, Any]]:
+    """Return events newest first, filtered on exact action/project_id/result, a time range and a seq cursor."""
+    where: list[str] = []
+    params: list[Any] = []
+    for column in ("action", "project_id", "result"):
+        if column in filters:
+            where.append(f"{column} = ?")
+            params.append(filters[column])
+    if since is not None:
+        where.append("timestamp >= ?")
+        params.append(since)
+    if until is not None:
+        where.append("timestamp < ?")
+        params.append(until)
+    if before is not None:
+        where.append("seq < ?")
+        params.append(before)
+    clause = f" WHERE {' AND '.join(where)}" if where else ""
+    rows = await db.fetchall(f"SELECT {', '.join(COLUMNS)} FROM audit_events{clause} ORDER BY seq DESC LIMIT ?",
+                             (*params, limit))
+    return [event_from_row(row) for row in rows]

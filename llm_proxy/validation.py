@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass
+from datetime import datetime
 from typing import Any
 
 import orjson
@@ -87,3 +89,33 @@ def query_bool(query: Mapping[str, str], name: str) -> bool | None:
     if raw.lower() in ("false", "0"):
         return False
     raise BadRequest(f"query parameter `{name}` must be true or false", param=name)
+
+
+_DAY = re.compile(r"\d{4}-\d{2}-\d{2}")
+_INSTANT = re.compile(r"\d{4}-\d{2}-\d{2}T\d{2}:\d{2}:\d{2}Z")
+
+
+def query_timestamp(query: Mapping[str, str], name: str) -> str | None:
+    """Read an optional `YYYY-MM-DD` or `YYYY-MM-DDTHH:MM:SSZ` query parameter as a UTC timestamp."""
+    raw = query.get(name)
+    if not raw:
+        return None
+    text = raw + "T00:00:00Z" if _DAY.fullmatch(raw) else raw
+    try:
+        if not _INSTANT.fullmatch(text):
+            raise ValueError
+        datetime.strptime(text, "%Y-%m-%dT%H:%M:%SZ")
+    except ValueError:
+        raise BadRequest(f"query parameter `{name}` must be YYYY-MM-DD or YYYY-MM-DDTHH:MM:SSZ",
+                         param=name) from None
+    return text
+
+
+def query_int(query: Mapping[str, str], name: str, *, default: int | None, minimum: int, maximum: int) -> int | None:
+    """Read an optional integer query parameter within bounds."""
+    raw = query.get(name)
+    if not raw:
+        return default
+    if not raw.isdigit() or not minimum <= int(raw) <= maximum:
+        raise BadRequest(f"query parameter `{name}` must be an integer from {minimum} to {maximum}", param=name)
+    return int(raw)

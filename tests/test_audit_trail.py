@@ -1,0 +1,218 @@
+"""The audit trail end to end: which request writes which event, the query API, and no secret anywhere."""
+
+from __future__ import annotations
+
+import sqlite3
+from typing import Any
+
+import orjson
+import pytest
+
+from llm_proxy.keys import AUDIT
+from tests.fakes import ENCRYPTION_KEY, MANAGEMENT_TOKEN, UPSTREAM_KEY, Gateway, read_all_bytes
+
+
+async def _events(gateway: Gateway) -> list[dict[str, Any]]:
+    await gateway.app[AUDIT].flush()
+    path = gateway.settings.audit_log_file
+    assert path is not None
+    return [orjson.loads(line) for line in path.read_bytes().splitlines() if line]
+
+
+async def _last(gateway: Gateway) -> dict[str, Any]:
+    return (await _events(gateway))[-1]
+
+
+# (action, actor, result, how to produce it) — one row per action the HTTP API emits.
+async def _project_create(g: Gateway, ctx: dict[str, Any]) -> None:
+    ctx["project"] = await g.project("audited")
+
+
+async def _project_create_bad(g: Gateway, ctx: dict[str, Any]) -> None:
+    await g.manage("POST", "/projects", {"name": ""}, expect=400)
+
+
+async def _project_read(g: Gateway, ctx: dict[str, Any]) -> None:
+    await g.manage("GET", f"/projects/{ctx['project']['id']}", expect=200)
+
+
+async def _project_list(g: Gateway, ctx: dict[str, Any]) -> None:
+    await g.manage("GET", "/projects", expect=200)
+
+
+async def _project_update(g: Gateway, ctx: dict[str, Any]) -> None:
+    await g.manage("PATCH", f"/projects/{ctx['project']['id']}", {"name": "renamed"}, expect=200)
+
+
+async def _project_delete(g: Gateway, ctx: dict[str, Any]) -> None:
+    await g.manage("DELETE", f"/projects/{ctx['project']['id']}", expect=405)
+
+
+async def _token_create(g: Gateway, ctx: dict[str, Any]) -> None:
+    ctx["token"] = await g.token(ctx["project"]["id"], rate_limit_per_minute=1)
+
+
+async def _token_read(g: Gateway, ctx: dict[str, Any]) -> None:
+    await g.manage("GET", f"/tokens/{ctx['token']['id']}", expect=200)
+
+
+async def _token_list(g: Gateway, ctx: dict[str, Any]) -> None:
+    await g.manage("GET", "/tokens", expect=200)
+
+
+async def _token_update(g: Gateway, ctx: dict[str, Any]) -> None:
+    await g.manage("PATCH", f"/tokens/{ctx['token']['id']}", {"max_requests": 100}, expect=200)
+
+
+async def _token_access(g: Gateway, ctx: dict[str, Any]) -> None:
+    response = await g.client.post("/v1/chat/completions", json={"model": "gpt-4o-mini", "messages": []},
+                                   headers={"Authorization": f"Bearer {ctx['token']['token']}",
+                                            "User-Agent": "audit-test/1.0"})
+    assert response.status == 200
+
+
+async def _token_access_limited(g: Gateway, ctx: dict[str, Any]) -> None:
+    response = await g.client.get("/v1/models", headers={"Authorization": f"Bearer {ctx['token']['token']}"})
+    assert response.status == 429
+
+
+async def _token_refresh(g: Gateway, ctx: dict[str, Any]) -> None:
+    ctx["token"] = await g.manage("POST", f"/tokens/{ctx['token']['id']}/refresh", {}, expect=201)
+
+
+async def _token_revoke(g: Gateway, ctx: dict[str, Any]) -> None:
+    await g.manage("DELETE", f"/tokens/{ctx['token']['id']}", expect=204)
+
+
+async def _token_validate_denied(g: Gateway, ctx: dict[str, Any]) -> None:
+    response = await g.client.get("/v1/models", headers={"Authorization": f"Bearer {ctx['token']['token']}"})
+    assert response.status == 401
+
+
+async def _revoke_batch(g: Gateway, ctx: dict[str, Any]) -> None:
+    await g.manage("POST", f"/projects/{ctx['project']['id']}/tokens/revoke", expect=200)
+
+
+async def _auth_failure_client(g: Gateway, ctx: dict[str, Any]) -> None:
+    response = await g.client.get("/v1/models", headers={"Authorization": "Bearer tok-" + "Q" * 43})
+    assert response.status == 401
+
+
+async def _auth_failure_management(g: Gateway, ctx: dict[str, Any]) -> None:
+    response = await g.client.get("/manage/projects", headers={"Authorization": "Bearer not-the-management-token"})
+    assert response.status == 401
+
+
+async def _audit_list(g: Gateway, ctx: dict[str, Any]) -> None:
+    await g.manage("GET", "/audit?limit=5", expect=200)
+
+
+SCENARIO = [
+    ("project.create", "management", "success", _project_create),
+    ("project.create", "management", "failure", _project_create_bad),
+    ("project.read", "management", "success", _project_read),
+    ("project.list", "management", "success", _project_list),
+    ("project.update", "management", "success", _project_update),
+    ("project.delete", "management", "denied", _project_delete),
+    ("token.create", "management", "success", _token_create),
+    ("token.read", "management", "success", _token_read),
+    ("token.list", "management", "success", _token_list),
+    ("token.update", "management", "success", _token_update),
+    ("token.access", "client", "success", _token_access),
+    ("token.access", "client", "denied", _token_access_limited),
+    ("token.refresh", "management", "success", _token_refresh),
+    ("token.revoke", "management", "success", _token_revoke),
+    ("token.validate", "client", "denied", _token_validate_denied),
+    ("token.revoke_batch", "management", "success", _revoke_batch),
+    ("auth.failure", "client", "failure", _auth_failure_client),
+    ("auth.failure", "management", "failure", _auth_failure_management),
+    ("audit.list", "management", "success", _audit_list),
+]
+
+
+async def test_each_request_writes_its_audit_event(gateway: Gateway) -> None:
+    ctx: dict[str, Any] = {}
+    for action, actor, result, produce in SCENARIO:
+        await produce(gateway, ctx)
+        event = await _last(gateway)
+        assert (event["action"], event["actor"], event["result"]) == (action, actor, result), produce.__name__
+        assert event["timestamp"].endswith("Z") and event["client_ip"] == "127.0.0.1"
+        assert event["request_id"]
+
+
+async def test_token_access_event_details(gateway: Gateway) -> None:
+    ctx: dict[str, Any] = {}
+    await _project_create(gateway, ctx)
+    await _token_create(gateway, ctx)
+    await _token_access(gateway, ctx)
+
+    event = await _last(gateway)
+    details = event["details"]
+    assert event["project_id"] == ctx["project"]["id"]
+    assert details["status"] == 200 and details["model"] == "gpt-4o-mini"
+    assert details["http_method"] == "POST" and details["endpoint"] == "/v1/chat/completions"
+    assert details["user_agent"] == "audit-test/1.0" and details["duration_ms"] >= 0
+    assert details["token_id"] == ctx["token"]["token_hint"]
+    assert list(event)[-2:] == ["seq", "hash"]
+
+
+async def test_file_and_table_hold_the_same_events(gateway: Gateway) -> None:
+    ctx: dict[str, Any] = {}
+    for _, _, _, produce in SCENARIO[:8]:
+        await produce(gateway, ctx)
+    file_events = await _events(gateway)
+
+    listed = await gateway.manage("GET", "/audit?limit=1000", expect=200)
+    table_events = list(reversed(listed["data"]))
+
+    assert table_events[: len(file_events)] == file_events
+
+
+async def test_audit_query_filters_and_paginates(gateway: Gateway) -> None:
+    project = await gateway.project()
+    for _ in range(5):
+        await gateway.manage("GET", f"/projects/{project['id']}", expect=200)
+    await gateway.app[AUDIT].flush()
+
+    page1 = await gateway.manage("GET", "/audit?action=project.read&limit=2", expect=200)
+    page2 = await gateway.manage("GET", f"/audit?action=project.read&limit=2&before={page1['next_before']}",
+                                 expect=200)
+    page3 = await gateway.manage("GET", f"/audit?action=project.read&limit=2&before={page2['next_before']}",
+                                 expect=200)
+
+    seqs = [e["seq"] for page in (page1, page2, page3) for e in page["data"]]
+    assert len(seqs) == 5 and seqs == sorted(seqs, reverse=True)
+    assert page3["next_before"] is None
+    by_project = await gateway.manage("GET", f"/audit?project_id={project['id']}&result=success", expect=200)
+    assert {e["action"] for e in by_project["data"]} == {"project.create", "project.read"}
+    future = await gateway.manage("GET", "/audit?since=2999-01-01", expect=200)
+    assert future["data"] == []
+
+
+@pytest.mark.parametrize("query", ["limit=0", "limit=abc", "limit=100000", "since=yesterday", "before=-1",
+                                   "colour=red"])
+async def test_audit_query_rejects_bad_parameters(gateway: Gateway, query: str) -> None:
+    body = await gateway.manage("GET", f"/audit?{query}", expect=400)
+    assert body["error"]["param"] == query.split("=")[0]
+
+
+async def test_no_secret_reaches_the_audit_file_or_table(gateway: Gateway) -> None:
+    ctx: dict[str, Any] = {}
+    for _, _, _, produce in SCENARIO:
+        await produce(gateway, ctx)
+    bogus = "tok-" + "S" * 43
+    await gateway.client.get("/v1/models", headers={"Authorization": f"Bearer {bogus}"})
+    await gateway.client.post("/v1/chat/completions", headers={"Authorization": f"Bearer {bogus}"},
+                              json={"model": "m", "messages": [{"role": "user", "content": "BODY-SECRET-42"}]})
+    await gateway.app[AUDIT].flush()
+
+    audit_file = gateway.settings.audit_log_file
+    assert audit_file is not None
+    texts = [audit_file.read_bytes()]
+    with sqlite3.connect(gateway.settings.database_path) as conn:
+        texts.append(orjson.dumps(conn.execute("SELECT * FROM audit_events").fetchall()))
+    texts.append(read_all_bytes(gateway.settings.database_path))
+    for text in texts:
+        for secret in (ctx["token"]["token"], ctx["token"]["token"][4:], bogus, bogus[4:], UPSTREAM_KEY,
+                       MANAGEMENT_TOKEN, ENCRYPTION_KEY, "BODY-SECRET-42"):
+            assert secret.encode() not in text
