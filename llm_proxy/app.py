@@ -9,6 +9,7 @@ from aiohttp import web
 
 from .audit import AuditWriter
 from .auth import bearer, management_auth_middleware, token_auth_middleware
+from .cors import cors_headers_hook, cors_middleware
 from .crypto import KeyRing
 from .database import Database
 from .errors import error_middleware
@@ -20,6 +21,7 @@ from .management import Management
 from .metrics import Metrics, metrics_middleware, metrics_route
 from .ratelimit import ConcurrencyLimiter, FailureCounter, RateLimiter
 from .request_context import add_request_id_header, request_context_middleware
+from .security_headers import security_headers_hook
 from .settings import Settings
 from .tokenstore import TokenStore
 
@@ -42,14 +44,23 @@ def create_app(settings: Settings, *, clock: Callable[[], float] = time.time,
     # 1. request context: every later layer, and every error body and audit event, needs the
     #    request id and the resolved client IP;
     # 2. metrics: outside the error middleware, so it counts the status the client really gets;
-    # 3. errors: whatever is raised below (auth, limits, forwarder) becomes an OpenAI error body.
+    # 3. CORS preflight: answered before any sub-application's credential check (a browser
+    #    preflight never carries Authorization); CORS headers on real responses come from a
+    #    response hook, because only a hook reaches streamed responses;
+    # 4. errors: whatever is raised below (auth, limits, forwarder) becomes an OpenAI error body.
     # The sub-applications add their own credential check inside these: the management token
     # for /manage, client tokens for /v1 (so neither can be used on the other's routes).
     app = web.Application(middlewares=[request_context_middleware(settings.trusted_proxies),
-                                       metrics_middleware(metrics), error_middleware],
+                                       metrics_middleware(metrics),
+                                       cors_middleware(settings.cors_allowed_origins), error_middleware],
                           client_max_size=settings.max_request_size)
     app[SETTINGS], app[KEYRING], app[DATABASE], app[TOKEN_STORE], app[AUDIT] = settings, keyring, db, store, audit
-    app.on_response_prepare.append(add_request_id_header)
+    # Response hooks run for every response, streamed and error ones included.
+    app.on_response_prepare.extend([
+        add_request_id_header,
+        cors_headers_hook(settings.cors_allowed_origins),  # always: it also strips upstream Access-Control-*
+        security_headers_hook(hsts_max_age=settings.hsts_max_age if settings.tls_cert_file else None),
+    ])
     app.add_routes([*health_routes(db), metrics_route(metrics, settings.management_tokens,
                                                       settings.management_allowed_ips, bearer)])
 

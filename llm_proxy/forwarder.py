@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import asyncio
+import email.policy
 import fnmatch
 import logging
 import re
 import time
 from collections.abc import AsyncIterator
+from email.parser import BytesParser
 
 import aiohttp
 import orjson
@@ -117,22 +119,23 @@ class Forwarder:
         length = request.content_length
         if length is not None and length > self._max_body:
             raise PayloadTooLarge(f"request body exceeds {self._max_body} bytes")
-        if request.content_type != "application/json":
+        content_type = request.content_type
+        if content_type != "application/json" and not self._allowed_models:
             return _capped(request.content, self._max_body), None
+        # JSON bodies are small and name the model (for the audit and ALLOWED_MODELS). With models
+        # restricted, every body is read, whatever it claims to be, so no label can dodge the check.
         body = await request.read()
-        try:
-            document = orjson.loads(body)
-        except orjson.JSONDecodeError:
-            if self._allowed_models:
-                raise BadRequest("request body is not valid JSON") from None
-            return body, None  # the upstream explains malformed JSON in its own words
-        model = document.get("model") if isinstance(document, dict) else None
+        if content_type == "multipart/form-data":
+            model = _multipart_model(request.headers.get("Content-Type", ""), body)
+        else:
+            model = _json_model(body)
         if self._allowed_models:
-            if not isinstance(model, str):
-                raise BadRequest("`model` is required while ALLOWED_MODELS is set", param="model")
+            if model is None:
+                raise BadRequest("while ALLOWED_MODELS is set, the body must be JSON or multipart/form-data "
+                                 "naming a `model`", param="model")
             if not any(fnmatch.fnmatchcase(model, pattern) for pattern in self._allowed_models):
                 raise ModelNotAllowed(f"model {model!r} is not allowed", param="model")
-        return body, model if isinstance(model, str) else None
+        return body, model
 
     async def _forward(self, request: web.Request, url: URL,
                        body: bytes | AsyncIterator[bytes] | None) -> web.StreamResponse:
@@ -149,9 +152,10 @@ class Forwarder:
                                                       allow_redirects=False)
         except TimeoutError:
             raise UpstreamTimeout() from None
-        except _BodyTooLarge:
-            raise PayloadTooLarge(f"request body exceeds {self._max_body} bytes") from None
         except aiohttp.ClientError as exc:
+            # aiohttp wraps what the body generator raised; a cut-off upload is the client's fault.
+            if isinstance(exc.__cause__, _BodyTooLarge) or isinstance(exc, _BodyTooLarge):
+                raise PayloadTooLarge(f"request body exceeds {self._max_body} bytes") from None
             log.warning("upstream request failed: %s", type(exc).__name__)
             raise UpstreamUnavailable() from None
         answered = time.perf_counter()
@@ -211,3 +215,27 @@ async def _capped(stream: aiohttp.StreamReader, limit: int) -> AsyncIterator[byt
         if total > limit:
             raise _BodyTooLarge()
         yield chunk
+
+
+def _json_model(body: bytes) -> str | None:
+    """Return the `model` of a JSON object body, if it has a string one."""
+    try:
+        document = orjson.loads(body)
+    except orjson.JSONDecodeError:
+        return None
+    model = document.get("model") if isinstance(document, dict) else None
+    return model if isinstance(model, str) else None
+
+
+def _multipart_model(content_type: str, body: bytes) -> str | None:
+    """Return the `model` field of a multipart/form-data body (audio and image uploads)."""
+    message = BytesParser(policy=email.policy.HTTP).parsebytes(
+        b"Content-Type: " + content_type.encode("latin-1", "replace") + b"\r\n\r\n" + body)
+    if not message.is_multipart():
+        return None
+    for part in message.iter_parts():
+        if part.get_param("name", header="content-disposition") == "model":
+            payload = part.get_payload(decode=True)
+            if isinstance(payload, bytes):
+                return payload.decode("utf-8", "replace").strip() or None
+    return None

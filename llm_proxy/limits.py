@@ -56,6 +56,8 @@ def admission_middleware(store: TokenStore, audit: AuditWriter, metrics: Metrics
             raise Overloaded(headers={"Retry-After": "1"})
         try:
             try:
+                # A token out of quota must not spend the rate or global allowance either.
+                store.check_quota(credential)
                 rate = credential.rate_limit_per_minute
                 rate = default_rate if rate is None else rate
                 # Peek at both limits before spending either, so a denial by one costs nothing in the other.
@@ -63,7 +65,8 @@ def admission_middleware(store: TokenStore, audit: AuditWriter, metrics: Metrics
                     overall = limiter.peek(_GLOBAL_KEY, global_rate)
                     if not overall.allowed:
                         raise RateLimited("the gateway's global rate limit is exceeded",
-                                          headers={"Retry-After": str(overall.retry_after_seconds)})
+                                          headers={**_rate_headers(overall),
+                                                   "Retry-After": str(overall.retry_after_seconds)})
                 decision = limiter.hit(credential.id, rate)
                 if not decision.allowed:
                     raise RateLimited(headers={**_rate_headers(decision),

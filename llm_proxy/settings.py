@@ -231,9 +231,11 @@ def _parse_endpoints(raw: str) -> tuple[str, ...]:
 
 
 def _parse_origins(raw: str) -> tuple[str, ...]:
+    from .cors import normalize_origin
+
     origins = tuple(_split(raw))
     for origin in origins:
-        if origin != "*" and not re.fullmatch(r"https?://[^/\s]+", origin):
+        if origin != "*" and normalize_origin(origin) is None:
             raise ValueError(f"{origin!r} must be an origin such as https://app.example.com")
     return origins
 

@@ -96,13 +96,19 @@ class TokenStore:
         if not credential.project.is_active:
             raise ProjectInactive()
 
+    def check_quota(self, credential: Credential) -> None:
+        """Raise QuotaExceeded when the token's lifetime quota is used up."""
+        limit = credential.max_requests
+        if limit is not None and credential.request_count >= limit:
+            # The quota never refills: Retry-After points at the token's expiry, and the SDKs are
+            # told not to retry at all.
+            raise QuotaExceeded(headers={"Retry-After": str(max(1, int(credential.expires_at - self._clock()))),
+                                         "x-should-retry": "false"})
+
     def consume(self, credential: Credential) -> None:
         """Count one request against the token's lifetime quota, or raise QuotaExceeded."""
         # No await between the check and the increment: exact under any concurrency.
-        limit = credential.max_requests
-        if limit is not None and credential.request_count >= limit:
-            raise QuotaExceeded(headers={"Retry-After": str(max(1, int(credential.expires_at - self._clock()))),
-                                         "x-should-retry": "false"})
+        self.check_quota(credential)
         credential.request_count += 1
         credential.last_used_at = self._clock()
         self._dirty[credential.id] = credential

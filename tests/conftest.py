@@ -28,12 +28,12 @@ async def make_gateway(tmp_path: Path, upstream: tuple[UpstreamState, TestServer
     """Start gateways (default: pointed at the fake upstream) with environment overrides."""
     gateways: list[Gateway] = []
 
-    async def start(clock: Callable[[], float] = time.time, upstream_url: str | None = None,
-                    **overrides: str) -> Gateway:
+    async def start(clock: Callable[[], float] = time.time, monotonic: Callable[[], float] = time.monotonic,
+                    upstream_url: str | None = None, **overrides: str) -> Gateway:
         state, server = upstream
         url = upstream_url or str(server.make_url("")).rstrip("/")
         settings = make_settings(tmp_path, url, **overrides)
-        client = TestClient(TestServer(create_app(settings, clock=clock), host="127.0.0.1"))
+        client = TestClient(TestServer(create_app(settings, clock=clock, monotonic=monotonic), host="127.0.0.1"))
         await client.start_server()
         gateways.append(Gateway(client, settings, state))
         return gateways[-1]

@@ -1,0 +1,41 @@
+"""Set the security headers every response carries, streamed and error responses included."""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable
+
+from aiohttp import hdrs, web
+
+ResponseHook = Callable[[web.Request, web.StreamResponse], Awaitable[None]]
+
+# Management answers hold tokens, keys and audit data: never stored, framed or leaked via Referer.
+_MANAGEMENT_HEADERS = {
+    hdrs.CACHE_CONTROL: "no-store",
+    "X-Frame-Options": "DENY",
+    "Referrer-Policy": "no-referrer",
+}
+
+
+def is_management_path(path: str) -> bool:
+    """Tell whether a request path belongs to the management API."""
+    return path == "/manage" or path.startswith("/manage/")
+
+
+def security_headers_hook(*, hsts_max_age: int | None) -> ResponseHook:
+    """Build the on_response_prepare hook; pass hsts_max_age=None (or 0) when not serving TLS."""
+    if hsts_max_age is not None and (isinstance(hsts_max_age, bool) or hsts_max_age < 0):
+        raise ValueError(f"hsts_max_age must be a non-negative int or None, not {hsts_max_age!r}")
+    hsts = f"max-age={hsts_max_age}; includeSubDomains" if hsts_max_age else None
+
+    async def add_security_headers(request: web.Request, response: web.StreamResponse) -> None:
+        headers = response.headers
+        # aiohttp adds `Server: Python/3.x aiohttp/3.x` in _prepare_headers, which runs just
+        # before on_response_prepare, so removing it here keeps versions off the wire.
+        headers.popall(hdrs.SERVER, None)
+        headers["X-Content-Type-Options"] = "nosniff"
+        if hsts is not None:
+            headers[hdrs.STRICT_TRANSPORT_SECURITY] = hsts
+        if is_management_path(request.path):
+            headers.update(_MANAGEMENT_HEADERS)
+
+    return add_security_headers
