@@ -25,6 +25,11 @@ from .security_headers import security_headers_hook
 from .settings import Settings
 from .tokenstore import TokenStore
 
+# Given to the server runner by `serve`: a connection that has not delivered a complete request
+# within this many seconds of opening (or of its previous response) is closed, so a client that
+# sends its headers byte by byte cannot pin a connection. Slow bodies are bounded by REQUEST_TIMEOUT.
+CONNECTION_IDLE_TIMEOUT = 75.0
+
 
 def create_app(settings: Settings, *, clock: Callable[[], float] = time.time,
                monotonic: Callable[[], float] = time.monotonic) -> web.Application:

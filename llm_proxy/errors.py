@@ -14,6 +14,7 @@
     ├── NotFound                   404 invalid_request_error  not_found
     │   └── EndpointNotAllowed                             endpoint_not_allowed
     ├── MethodNotAllowed           405 invalid_request_error  method_not_allowed (sets Allow)
+    ├── RequestTimeout             408 invalid_request_error  request_timeout
     ├── Conflict                   409 invalid_request_error  conflict
     ├── PayloadTooLarge            413 invalid_request_error  request_too_large
     ├── TooManyRequests            429 rate_limit_error       (sets Retry-After)
@@ -103,6 +104,10 @@ class EndpointNotAllowed(NotFound):
 
 class MethodNotAllowed(ApiError):
     status, type, code, message = 405, "invalid_request_error", "method_not_allowed", "method not allowed"
+
+
+class RequestTimeout(ApiError):
+    status, type, code, message = 408, "invalid_request_error", "request_timeout", "request body arrived too slowly"
 
 
 class Conflict(ApiError):

@@ -24,12 +24,14 @@ from .errors import (
     EndpointNotAllowed,
     ModelNotAllowed,
     PayloadTooLarge,
+    RequestTimeout,
     UpstreamTimeout,
     UpstreamUnavailable,
 )
 from .keys import CLIENT_IP, CREDENTIAL, REQUEST_ID, REQUEST_STARTED, UPSTREAM_BROKEN
 from .metrics import Metrics
 from .settings import Settings
+from .validation import read_body
 
 log = logging.getLogger(__name__)
 
@@ -113,7 +115,7 @@ class Forwarder:
                          "duration_ms": round((time.perf_counter() - started) * 1000, 2), "model": model,
                          "token_id": credential.hint, "user_agent": request.headers.get("User-Agent")})
 
-    async def _body(self, request: web.Request) -> tuple[bytes | AsyncIterator[bytes] | None, str | None]:
+    async def _body(self, request: web.Request) -> tuple[bytes | _CappedBody | None, str | None]:
         if not request.body_exists:
             return None, None
         length = request.content_length
@@ -121,10 +123,10 @@ class Forwarder:
             raise PayloadTooLarge(f"request body exceeds {self._max_body} bytes")
         content_type = request.content_type
         if content_type != "application/json" and not self._allowed_models:
-            return _capped(request.content, self._max_body), None
+            return _CappedBody(request.content, self._max_body), None
         # JSON bodies are small and name the model (for the audit and ALLOWED_MODELS). With models
         # restricted, every body is read, whatever it claims to be, so no label can dodge the check.
-        body = await request.read()
+        body = await read_body(request, self._request_timeout)
         if content_type == "multipart/form-data":
             model = _multipart_model(request.headers.get("Content-Type", ""), body)
         else:
@@ -138,7 +140,7 @@ class Forwarder:
         return body, model
 
     async def _forward(self, request: web.Request, url: URL,
-                       body: bytes | AsyncIterator[bytes] | None) -> web.StreamResponse:
+                       body: bytes | _CappedBody | None) -> web.StreamResponse:
         assert self.session is not None
         headers = CIMultiDict((k, v) for k, v in request.headers.items() if _forwardable(k))
         for name in request.headers.get("Connection", "").split(","):
@@ -151,6 +153,8 @@ class Forwarder:
                 upstream = await self.session.request(request.method, url, headers=headers, data=body,
                                                       allow_redirects=False)
         except TimeoutError:
+            if isinstance(body, _CappedBody) and not body.finished:
+                raise RequestTimeout() from None  # the client, not the upstream, was too slow
             raise UpstreamTimeout() from None
         except aiohttp.ClientError as exc:
             # aiohttp wraps what the body generator raised; a cut-off upload is the client's fault.
@@ -207,14 +211,22 @@ class _BodyTooLarge(Exception):
     pass
 
 
-async def _capped(stream: aiohttp.StreamReader, limit: int) -> AsyncIterator[bytes]:
-    """Yield a request body as it arrives, stopping once it grows past `limit`."""
-    total = 0
-    async for chunk in stream.iter_any():
-        total += len(chunk)
-        if total > limit:
-            raise _BodyTooLarge()
-        yield chunk
+class _CappedBody:
+    """A request body passed through as it arrives, refused once it grows past `limit`."""
+
+    def __init__(self, stream: aiohttp.StreamReader, limit: int) -> None:
+        self._stream = stream
+        self._limit = limit
+        self.finished = False
+
+    async def __aiter__(self) -> AsyncIterator[bytes]:
+        total = 0
+        async for chunk in self._stream.iter_any():
+            total += len(chunk)
+            if total > self._limit:
+                raise _BodyTooLarge()
+            yield chunk
+        self.finished = True
 
 
 def _json_model(body: bytes) -> str | None:

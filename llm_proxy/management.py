@@ -19,7 +19,7 @@ from .keys import CLIENT_IP, REQUEST_ID
 from .obfuscation import obfuscate
 from .settings import Settings
 from .tokenstore import TokenStore
-from .validation import Field, parse_json_object, query_bool, query_int, query_timestamp, validate
+from .validation import Field, parse_json_object, query_bool, query_int, query_timestamp, read_body, validate
 
 MAX_GRACE_SECONDS = 86_400
 _NAME = Field(str, max_length=200)
@@ -112,7 +112,7 @@ class Management:
 
     @audited("project.create")
     async def create_project(self, request: web.Request, details: Details) -> web.StreamResponse:
-        body = validate(parse_json_object(await request.read()),
+        body = validate(parse_json_object(await read_body(request, self.settings.request_timeout)),
                         {"name": Field(str, required=True, max_length=200), "api_key": Field(str, required=True,
                                                                                                max_length=4096)})
         project = await repo.create_project(self.db, self.keyring, body["name"], body["api_key"], self.clock())
@@ -134,7 +134,7 @@ class Management:
     @audited("project.update")
     async def update_project(self, request: web.Request, details: Details) -> web.StreamResponse:
         project_id = details["project_id"] = request.match_info["id"]
-        changes = validate(parse_json_object(await request.read()),
+        changes = validate(parse_json_object(await read_body(request, self.settings.request_timeout)),
                            {"name": _NAME, "api_key": _API_KEY, "is_active": Field(bool)}, require_any=True)
         project = await repo.update_project(self.db, self.keyring, project_id, changes, self.clock())
         self.store.project_changed(project)
@@ -162,7 +162,7 @@ class Management:
 
     @audited("token.create")
     async def create_token(self, request: web.Request, details: Details) -> web.StreamResponse:
-        body = validate(parse_json_object(await request.read()), {
+        body = validate(parse_json_object(await read_body(request, self.settings.request_timeout)), {
             "project_id": Field(str, required=True, max_length=64), "duration_minutes": self._duration,
             "max_requests": _LIMIT, "rate_limit_per_minute": _LIMIT, "max_tokens_total": _LIMIT})
         project = await repo.get_project(self.db, body["project_id"])
@@ -198,7 +198,7 @@ class Management:
 
     @audited("token.update")
     async def update_token(self, request: web.Request, details: Details) -> web.StreamResponse:
-        changes = validate(parse_json_object(await request.read()), {
+        changes = validate(parse_json_object(await read_body(request, self.settings.request_timeout)), {
             "is_active": Field(bool), "max_requests": _LIMIT, "rate_limit_per_minute": _LIMIT,
             "max_tokens_total": _LIMIT}, require_any=True)
         current = await repo.get_token(self.db, request.match_info["id"])
@@ -219,7 +219,7 @@ class Management:
 
     @audited("token.refresh")
     async def refresh_token(self, request: web.Request, details: Details) -> web.StreamResponse:
-        body = validate(parse_json_object(await request.read()), {
+        body = validate(parse_json_object(await read_body(request, self.settings.request_timeout)), {
             "duration_minutes": self._duration, "grace_seconds": Field(int, minimum=0, maximum=MAX_GRACE_SECONDS)})
         old = await repo.get_token(self.db, request.match_info["id"])
         details.update(project_id=old.project_id, old_token_id=old.token_hint)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -9,8 +10,9 @@ from datetime import datetime
 from typing import Any
 
 import orjson
+from aiohttp import web
 
-from .errors import BadRequest
+from .errors import BadRequest, RequestTimeout
 
 
 @dataclass(frozen=True, slots=True)
@@ -119,3 +121,12 @@ def query_int(query: Mapping[str, str], name: str, *, default: int | None, minim
     if not raw.isdigit() or not minimum <= int(raw) <= maximum:
         raise BadRequest(f"query parameter `{name}` must be an integer from {minimum} to {maximum}", param=name)
     return int(raw)
+
+
+async def read_body(request: web.Request, limit_seconds: float) -> bytes:
+    """Read a whole (size-capped) request body, refusing a client that sends it too slowly."""
+    try:
+        async with asyncio.timeout(limit_seconds):
+            return await request.read()
+    except TimeoutError:
+        raise RequestTimeout() from None
