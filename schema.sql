@@ -61,3 +61,14 @@ CREATE TABLE IF NOT EXISTS audit_chain (
     seq  INTEGER NOT NULL,
     hash TEXT NOT NULL
 );
+
+-- Per-project daily totals, added to in batches by the token store (never on the request path).
+CREATE TABLE IF NOT EXISTS usage_daily (
+    project_id        TEXT NOT NULL,
+    day               TEXT NOT NULL,          -- UTC date, YYYY-MM-DD
+    requests          INTEGER NOT NULL DEFAULT 0,
+    prompt_tokens     INTEGER NOT NULL DEFAULT 0,
+    completion_tokens INTEGER NOT NULL DEFAULT 0,
+    total_tokens      INTEGER NOT NULL DEFAULT 0,
+    PRIMARY KEY (project_id, day)
+);

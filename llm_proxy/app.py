@@ -42,7 +42,7 @@ def create_app(settings: Settings, *, clock: Callable[[], float] = time.time,
                         mask_client_ip=settings.audit_mask_client_ip)
     concurrency = ConcurrencyLimiter(settings.max_concurrent_requests)
     metrics = Metrics(audit, concurrency)
-    forwarder = Forwarder(settings, audit, metrics)
+    forwarder = Forwarder(settings, store, audit, metrics)
     management = Management(settings, db, keyring, store, audit, clock)
 
     # The one place the middleware order is decided. Outermost first:

@@ -10,6 +10,7 @@ import re
 import time
 from collections.abc import AsyncIterator
 from email.parser import BytesParser
+from typing import Any
 
 import aiohttp
 import orjson
@@ -17,6 +18,7 @@ from aiohttp import web
 from multidict import CIMultiDict
 from yarl import URL
 
+from . import usage
 from .audit import AuditWriter
 from .errors import (
     ApiError,
@@ -31,6 +33,7 @@ from .errors import (
 from .keys import CLIENT_IP, CREDENTIAL, REQUEST_ID, REQUEST_STARTED, UPSTREAM_BROKEN
 from .metrics import Metrics
 from .settings import Settings
+from .tokenstore import TokenStore
 from .validation import read_body
 
 log = logging.getLogger(__name__)
@@ -56,8 +59,9 @@ def _forwardable(name: str) -> bool:
 class Forwarder:
     """The /v1 handler: validates the path and body, then streams request and response through."""
 
-    def __init__(self, settings: Settings, audit: AuditWriter, metrics: Metrics) -> None:
+    def __init__(self, settings: Settings, store: TokenStore, audit: AuditWriter, metrics: Metrics) -> None:
         self.session: aiohttp.ClientSession | None = None
+        self._store = store
         self._audit = audit
         self._metrics = metrics
         self._upstream = settings.openai_api_url
@@ -84,14 +88,16 @@ class Forwarder:
         return URL(self._upstream + raw_path, encoded=True)
 
     async def handle(self, request: web.Request) -> web.StreamResponse:
-        """Forward the request; audit it as token.access whatever happens."""
+        """Forward the request; charge its usage and audit it as token.access whatever happens."""
         started = time.perf_counter()
         credential = request[CREDENTIAL]
-        status, result, model = 0, "error", None
+        status, result, model, tap = 0, "error", None, None
         try:
             url = self.upstream_url(request.raw_path)
-            body, model = await self._body(request)
-            response = await self._forward(request, url, body)
+            body, document, model = await self._body(request)
+            if isinstance(body, bytes):
+                body, tap = usage.prepare(request.path, body, document)
+            response = await self._forward(request, url, body, tap)
             status = response.status
             result = "success" if status < 400 else ("error" if status >= 500 else "failure")
             if request.get(UPSTREAM_BROKEN):
@@ -108,39 +114,48 @@ class Forwarder:
             status, result = 499, "error"  # the client went away
             raise
         finally:
-            self._audit.emit(
-                "token.access", actor="client", result=result, project_id=credential.project.id,
-                request_id=request[REQUEST_ID], client_ip=request[CLIENT_IP],
-                details={"http_method": request.method, "endpoint": request.path, "status": status,
-                         "duration_ms": round((time.perf_counter() - started) * 1000, 2), "model": model,
-                         "token_id": credential.hint, "user_agent": request.headers.get("User-Agent")})
+            details: dict[str, object] = {
+                "http_method": request.method, "endpoint": request.path, "status": status,
+                "duration_ms": round((time.perf_counter() - started) * 1000, 2), "model": model,
+                "token_id": credential.hint, "user_agent": request.headers.get("User-Agent")}
+            spent = tap.result() if tap is not None and status in (200, 499) else None
+            if spent is not None:
+                self._store.add_usage(credential, spent.prompt_tokens, spent.completion_tokens, spent.total_tokens)
+                details.update(prompt_tokens=spent.prompt_tokens, completion_tokens=spent.completion_tokens,
+                               total_tokens=spent.total_tokens, usage_estimated=spent.estimated or None)
+            self._audit.emit("token.access", actor="client", result=result, project_id=credential.project.id,
+                             request_id=request[REQUEST_ID], client_ip=request[CLIENT_IP], details=details)
 
-    async def _body(self, request: web.Request) -> tuple[bytes | _CappedBody | None, str | None]:
+    async def _body(self, request: web.Request
+                    ) -> tuple[bytes | _CappedBody | None, dict[str, Any] | None, str | None]:
         if not request.body_exists:
-            return None, None
+            return None, None, None
         length = request.content_length
         if length is not None and length > self._max_body:
             raise PayloadTooLarge(f"request body exceeds {self._max_body} bytes")
         content_type = request.content_type
         if content_type != "application/json" and not self._allowed_models:
-            return _CappedBody(request.content, self._max_body), None
+            return _CappedBody(request.content, self._max_body), None, None
         # JSON bodies are small and name the model (for the audit and ALLOWED_MODELS). With models
         # restricted, every body is read, whatever it claims to be, so no label can dodge the check.
         body = await read_body(request, self._request_timeout)
+        document = None
         if content_type == "multipart/form-data":
             model = _multipart_model(request.headers.get("Content-Type", ""), body)
         else:
-            model = _json_model(body)
+            document = _json_object(body)
+            model = document.get("model") if document is not None else None
+            model = model if isinstance(model, str) else None
         if self._allowed_models:
             if model is None:
                 raise BadRequest("while ALLOWED_MODELS is set, the body must be JSON or multipart/form-data "
                                  "naming a `model`", param="model")
             if not any(fnmatch.fnmatchcase(model, pattern) for pattern in self._allowed_models):
                 raise ModelNotAllowed(f"model {model!r} is not allowed", param="model")
-        return body, model
+        return body, document, model
 
-    async def _forward(self, request: web.Request, url: URL,
-                       body: bytes | _CappedBody | None) -> web.StreamResponse:
+    async def _forward(self, request: web.Request, url: URL, body: bytes | _CappedBody | None,
+                       tap: usage.UsageTap | None) -> web.StreamResponse:
         assert self.session is not None
         headers = CIMultiDict((k, v) for k, v in request.headers.items() if _forwardable(k))
         for name in request.headers.get("Connection", "").split(","):
@@ -165,12 +180,15 @@ class Forwarder:
         answered = time.perf_counter()
         self._metrics.upstream_latency.observe(answered - sent)
         try:
-            return await self._relay(request, upstream, sent, answered)
+            if tap is not None and (upstream.status != 200 or upstream.content_type not in (
+                    "application/json", "text/event-stream")):
+                tap = None  # errors and unexpected answers are relayed untouched and not metered
+            return await self._relay(request, upstream, sent, answered, tap)
         finally:
             upstream.close()
 
     async def _relay(self, request: web.Request, upstream: aiohttp.ClientResponse, sent: float,
-                     answered: float) -> web.StreamResponse:
+                     answered: float, tap: usage.UsageTap | None) -> web.StreamResponse:
         response = web.StreamResponse(status=upstream.status, reason=upstream.reason)
         for name, value in upstream.headers.items():
             if name.lower() not in RESPONSE_DENY:
@@ -180,7 +198,7 @@ class Forwarder:
         if upstream.content_type == "text/event-stream":
             response.headers["X-Accel-Buffering"] = "no"
             response.headers["Cache-Control"] = "no-cache"
-        elif upstream.content_length is not None:
+        elif upstream.content_length is not None and (tap is None or not tap.streamed):
             response.content_length = upstream.content_length
         # What the gateway itself cost so far: everything but the wait for the upstream's headers.
         overhead = time.perf_counter() - request[REQUEST_STARTED] - (answered - sent)
@@ -192,7 +210,13 @@ class Forwarder:
                 if first:
                     self._metrics.upstream_ttfb.observe(time.perf_counter() - sent)
                     first = False
+                if tap is not None:
+                    chunk = tap.feed(chunk)
+                    if not chunk:
+                        continue
                 await response.write(chunk)
+            if tap is not None and (rest := tap.finish()):
+                await response.write(rest)
         except (aiohttp.ClientError, TimeoutError) as exc:
             # Headers are gone already: the only honest signal left is to cut the connection.
             log.warning("upstream stream broke after %d bytes: %s", response.body_length, type(exc).__name__)
@@ -229,14 +253,13 @@ class _CappedBody:
         self.finished = True
 
 
-def _json_model(body: bytes) -> str | None:
-    """Return the `model` of a JSON object body, if it has a string one."""
+def _json_object(body: bytes) -> dict[str, Any] | None:
+    """Return a body's JSON object, or None when it is not one."""
     try:
         document = orjson.loads(body)
     except orjson.JSONDecodeError:
         return None
-    model = document.get("model") if isinstance(document, dict) else None
-    return model if isinstance(model, str) else None
+    return document if isinstance(document, dict) else None
 
 
 def _multipart_model(content_type: str, body: bytes) -> str | None:

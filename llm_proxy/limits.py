@@ -56,8 +56,9 @@ def admission_middleware(store: TokenStore, audit: AuditWriter, metrics: Metrics
             raise Overloaded(headers={"Retry-After": "1"})
         try:
             try:
-                # A token out of quota must not spend the rate or global allowance either.
+                # A token out of quota or budget must not spend the rate or global allowance either.
                 store.check_quota(credential)
+                store.check_budget(credential)
                 rate = credential.rate_limit_per_minute
                 rate = default_rate if rate is None else rate
                 # Peek at both limits before spending either, so a denial by one costs nothing in the other.

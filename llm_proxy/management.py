@@ -85,6 +85,7 @@ class Management:
             web.patch("/projects/{id}", self.update_project),
             web.delete("/projects/{id}", self.delete_project),
             web.post("/projects/{id}/tokens/revoke", self.revoke_project_tokens),
+            web.get("/projects/{id}/usage", self.project_usage, allow_head=False),
             web.post("/tokens", self.create_token),
             web.get("/tokens", self.list_tokens, allow_head=False),
             web.get("/tokens/{id}", self.get_token, allow_head=False),
@@ -157,6 +158,18 @@ class Management:
         details.update(revoked_count=len(revoked), already_revoked_count=already, total_tokens=total)
         return json_response({"revoked_count": len(revoked), "already_revoked_count": already,
                               "total_tokens": total})
+
+    @audited("project.read")
+    async def project_usage(self, request: web.Request, details: Details) -> web.StreamResponse:
+        project_id = details["project_id"] = request.match_info["id"]
+        details["view"] = "usage"
+        await repo.get_project(self.db, project_id)
+        await self.store.flush()  # include what is still only in memory
+        days = await repo.project_usage(self.db, project_id, query_timestamp(request.query, "since"),
+                                        query_timestamp(request.query, "until"))
+        totals = {key: sum(day[key] for day in days)
+                  for key in ("requests", "prompt_tokens", "completion_tokens", "total_tokens")}
+        return json_response({"project_id": project_id, "data": days, "totals": totals})
 
     # ---- tokens ----
 

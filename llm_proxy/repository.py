@@ -238,17 +238,41 @@ async def revoke_project_tokens(db: Database, project_id: str, now: float) -> tu
     return await db.write(work)
 
 
-async def save_counters(db: Database, rows: Iterable[tuple[int, int, int, int, str | None, str]]) -> None:
-    """Persist in-memory counters: (request_count, prompt, completion, total, last_used_at, id) per token."""
-    batch = list(rows)
-    if not batch:
+async def save_usage(db: Database, counters: Iterable[tuple[int, int, int, int, str | None, str]],
+                     daily: Iterable[tuple[str, str, int, int, int, int]]) -> None:
+    """In one transaction, persist token counters (request_count, prompt, completion, total,
+    last_used_at, id) and add daily deltas (project_id, day, requests, prompt, completion, total)."""
+    counter_rows, daily_rows = list(counters), list(daily)
+    if not counter_rows and not daily_rows:
         return
 
     async def work(conn: aiosqlite.Connection) -> None:
         await conn.executemany(
             "UPDATE tokens SET request_count = ?, prompt_tokens = ?, completion_tokens = ?, total_tokens = ?,"
-            " last_used_at = ? WHERE id = ?", batch)
+            " last_used_at = ? WHERE id = ?", counter_rows)
+        await conn.executemany(
+            "INSERT INTO usage_daily (project_id, day, requests, prompt_tokens, completion_tokens, total_tokens)"
+            " VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT (project_id, day) DO UPDATE SET"
+            " requests = requests + excluded.requests, prompt_tokens = prompt_tokens + excluded.prompt_tokens,"
+            " completion_tokens = completion_tokens + excluded.completion_tokens,"
+            " total_tokens = total_tokens + excluded.total_tokens", daily_rows)
     await db.write(work)
+
+
+async def project_usage(db: Database, project_id: str, since: str | None, until: str | None) -> list[dict[str, Any]]:
+    """Return a project's daily totals, oldest first, for days in [since, until)."""
+    where, params = ["project_id = ?"], [project_id]
+    if since is not None:
+        where.append("day >= ?")
+        params.append(since[:10])
+    if until is not None:
+        where.append("day < ?")
+        params.append(until[:10])
+    rows = await db.fetchall(
+        "SELECT day, requests, prompt_tokens, completion_tokens, total_tokens FROM usage_daily"
+        f" WHERE {' AND '.join(where)} ORDER BY day", params)
+    return [{"date": row[0], "requests": row[1], "prompt_tokens": row[2], "completion_tokens": row[3],
+             "total_tokens": row[4]} for row in rows]
 
 
 async def refresh_token(db: Database, old: TokenRecord, *, token_hash: str, token_hint: str, expires_at: float,

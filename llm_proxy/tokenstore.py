@@ -14,6 +14,7 @@ from .credentials import hash_token, is_token_shaped
 from .crypto import KeyRing
 from .database import Database
 from .errors import (
+    BudgetExceeded,
     InvalidToken,
     ProjectInactive,
     QuotaExceeded,
@@ -68,6 +69,10 @@ class TokenStore:
         self._unknown: OrderedDict[str, None] = OrderedDict()
         self._loading: dict[str, asyncio.Future[Credential | None]] = {}
         self._dirty: dict[str, Credential] = {}
+        # (project_id, UTC day) -> [requests, prompt, completion, total] not yet written.
+        self._daily: dict[tuple[str, str], list[int]] = {}
+        self._day_number = -1
+        self._day = ""
         # Bumped by every management change, so a load that raced with one is redone.
         self._generation = 0
         self._flusher: asyncio.Task[None] | None = None
@@ -105,13 +110,43 @@ class TokenStore:
             raise QuotaExceeded(headers={"Retry-After": str(max(1, int(credential.expires_at - self._clock()))),
                                          "x-should-retry": "false"})
 
+    def check_budget(self, credential: Credential) -> None:
+        """Raise BudgetExceeded once the token has used its max_tokens_total."""
+        budget = credential.max_tokens_total
+        if budget is not None and credential.total_tokens >= budget:
+            raise BudgetExceeded(headers={"Retry-After": str(max(1, int(credential.expires_at - self._clock()))),
+                                          "x-should-retry": "false"})
+
     def consume(self, credential: Credential) -> None:
         """Count one request against the token's lifetime quota, or raise QuotaExceeded."""
         # No await between the check and the increment: exact under any concurrency.
         self.check_quota(credential)
+        now = self._clock()
         credential.request_count += 1
-        credential.last_used_at = self._clock()
+        credential.last_used_at = now
         self._dirty[credential.id] = credential
+        self._day_totals(credential.project.id, now)[0] += 1
+
+    def add_usage(self, credential: Credential, prompt: int, completion: int, total: int) -> None:
+        """Charge a request's token usage to its token and its project's day."""
+        credential.prompt_tokens += prompt
+        credential.completion_tokens += completion
+        credential.total_tokens += total
+        self._dirty[credential.id] = credential
+        totals = self._day_totals(credential.project.id, self._clock())
+        totals[1] += prompt
+        totals[2] += completion
+        totals[3] += total
+
+    def _day_totals(self, project_id: str, now: float) -> list[int]:
+        day_number = int(now // 86400)
+        if day_number != self._day_number:
+            self._day_number, self._day = day_number, time.strftime("%Y-%m-%d", time.gmtime(now))
+        key = (project_id, self._day)
+        totals = self._daily.get(key)
+        if totals is None:
+            totals = self._daily[key] = [0, 0, 0, 0]
+        return totals
 
     # ---- cache maintenance ----
 
@@ -215,18 +250,25 @@ class TokenStore:
     # ---- batched persistence ----
 
     async def flush(self) -> None:
-        """Write every changed counter in one transaction."""
-        if not self._dirty:
+        """Write every changed counter and the daily totals in one transaction."""
+        if not self._dirty and not self._daily:
             return
         dirty, self._dirty = self._dirty, {}
+        daily, self._daily = self._daily, {}
         rows = [(c.request_count, c.prompt_tokens, c.completion_tokens, c.total_tokens,
                  repo.iso(c.last_used_at) if c.last_used_at else None, c.id) for c in dirty.values()]
+        deltas = [(project_id, day, totals[0], totals[1], totals[2], totals[3])
+                  for (project_id, day), totals in daily.items()]
         try:
-            await repo.save_counters(self._db, rows)
+            await repo.save_usage(self._db, rows, deltas)
         except Exception:
-            # Keep them dirty: the next flush retries, nothing is lost while the process lives.
+            # Keep everything pending: the next flush retries, nothing is lost while the process lives.
             for credential in dirty.values():
                 self._dirty.setdefault(credential.id, credential)
+            for key, totals in daily.items():
+                merged = self._daily.setdefault(key, [0, 0, 0, 0])
+                for index, value in enumerate(totals):
+                    merged[index] += value
             log.exception("could not persist token counters; will retry")
 
     async def _flush_forever(self) -> None:

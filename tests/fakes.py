@@ -49,10 +49,12 @@ def _completion(model: str) -> dict[str, Any]:
             "usage": {"prompt_tokens": 5, "completion_tokens": 2, "total_tokens": 7}}
 
 
-def _chunk(model: str, index: int, content: str | None, finish: str | None = None) -> bytes:
+def _chunk(model: str, index: int, content: str | None, finish: str | None = None, usage: bool = False) -> bytes:
     delta = {"content": content} if content is not None else {}
-    payload = {"id": "chatcmpl-1", "object": "chat.completion.chunk", "created": 1700000000, "model": model,
-               "choices": [{"index": 0, "delta": delta, "finish_reason": finish}]}
+    payload: dict[str, Any] = {"id": "chatcmpl-1", "object": "chat.completion.chunk", "created": 1700000000,
+                               "model": model, "choices": [{"index": 0, "delta": delta, "finish_reason": finish}]}
+    if usage:
+        payload["usage"] = None  # what the real API sends on every chunk but the last when asked for usage
     return b"data: " + orjson.dumps(payload) + b"\n\n"
 
 
@@ -77,6 +79,7 @@ def make_upstream(state: UpstreamState) -> web.Application:
             return web.json_response(_completion(model), headers={"X-Request-ID": "upstream-req-1",
                                                                   "Set-Cookie": "__cf_bm=secret; Path=/",
                                                                   "openai-organization": "org-secret"})
+        include_usage = (body.get("stream_options") or {}).get("include_usage") is True
         response = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
         await response.prepare(request)
         state.stream_started.set()
@@ -86,10 +89,15 @@ def make_upstream(state: UpstreamState) -> web.Application:
                     assert request.transport is not None
                     request.transport.close()
                     return response
-                await response.write(_chunk(model, index, f"part{index} "))
+                await response.write(_chunk(model, index, f"part{index} ", usage=include_usage))
                 if state.chunk_delay:
                     await asyncio.sleep(state.chunk_delay)
-            await response.write(_chunk(model, state.chunks, None, "stop"))
+            await response.write(_chunk(model, state.chunks, None, "stop", usage=include_usage))
+            if include_usage:
+                await response.write(b"data: " + orjson.dumps({
+                    "id": "chatcmpl-1", "object": "chat.completion.chunk", "created": 1700000000, "model": model,
+                    "choices": [], "usage": {"prompt_tokens": 11, "completion_tokens": state.chunks,
+                                             "total_tokens": 11 + state.chunks}}) + b"\n\n")
             await response.write(b"data: [DONE]\n\n")
             await response.write_eof()
         finally:
@@ -107,6 +115,21 @@ def make_upstream(state: UpstreamState) -> web.Application:
         return web.json_response({"object": "list", "data": [
             {"id": "gpt-4o-mini", "object": "model", "created": 1700000000, "owned_by": "openai"}]})
 
+    async def responses(request: web.Request) -> web.StreamResponse:
+        body = orjson.loads(await record(request))
+        usage = {"input_tokens": 9, "output_tokens": 4, "total_tokens": 13}
+        if not body.get("stream"):
+            return web.json_response({"id": "resp_1", "object": "response", "status": "completed",
+                                      "model": body.get("model"), "output": [], "usage": usage})
+        response = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+        await response.prepare(request)
+        for kind, data in (("response.output_text.delta", {"type": "response.output_text.delta", "delta": "hi"}),
+                           ("response.completed", {"type": "response.completed",
+                                                   "response": {"id": "resp_1", "usage": usage}})):
+            await response.write(f"event: {kind}\ndata: ".encode() + orjson.dumps(data) + b"\n\n")
+        await response.write_eof()
+        return response
+
     async def anything(request: web.Request) -> web.Response:
         await record(request)
         return web.json_response({"path": request.path_qs})
@@ -115,6 +138,7 @@ def make_upstream(state: UpstreamState) -> web.Application:
     app.router.add_post("/v1/chat/completions", chat)
     app.router.add_post("/v1/embeddings", embeddings)
     app.router.add_get("/v1/models", models)
+    app.router.add_post("/v1/responses", responses)
     app.router.add_route("*", "/{tail:.*}", anything)
     return app
 
