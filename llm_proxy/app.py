@@ -7,6 +7,7 @@ from collections.abc import AsyncIterator, Callable
 
 from aiohttp import web
 
+from .anomaly import AnomalyDetector
 from .audit import AuditWriter
 from .auth import bearer, management_auth_middleware, token_auth_middleware
 from .cors import cors_headers_hook, cors_middleware
@@ -15,7 +16,8 @@ from .database import Database
 from .errors import error_middleware
 from .forwarder import Forwarder
 from .health import health_routes
-from .keys import AUDIT, DATABASE, KEYRING, SETTINGS, TOKEN_STORE
+from .housekeeping import ExpiryJob
+from .keys import ANOMALIES, AUDIT, DATABASE, EXPIRY_JOB, KEYRING, SETTINGS, TOKEN_STORE
 from .limits import add_rate_limit_headers, admission_middleware, ip_block_middleware
 from .management import Management
 from .metrics import Metrics, metrics_middleware, metrics_route
@@ -44,6 +46,10 @@ def create_app(settings: Settings, *, clock: Callable[[], float] = time.time,
     metrics = Metrics(audit, concurrency)
     forwarder = Forwarder(settings, store, audit, metrics)
     management = Management(settings, db, keyring, store, audit, clock)
+    anomalies = AnomalyDetector(max_ips_per_hour=settings.anomaly_max_ips_per_hour,
+                                rate_factor=settings.anomaly_rate_factor, auto_suspend=settings.anomaly_auto_suspend,
+                                db=db, store=store, audit=audit, clock=clock)
+    expiry = ExpiryJob(db, store, audit, clock)
 
     # The one place the middleware order is decided. Outermost first:
     # 1. request context: every later layer, and every error body and audit event, needs the
@@ -60,6 +66,7 @@ def create_app(settings: Settings, *, clock: Callable[[], float] = time.time,
                                        cors_middleware(settings.cors_allowed_origins), error_middleware],
                           client_max_size=settings.max_request_size)
     app[SETTINGS], app[KEYRING], app[DATABASE], app[TOKEN_STORE], app[AUDIT] = settings, keyring, db, store, audit
+    app[ANOMALIES], app[EXPIRY_JOB] = anomalies, expiry
     # Response hooks run for every response, streamed and error ones included.
     app.on_response_prepare.extend([
         add_request_id_header,
@@ -80,8 +87,8 @@ def create_app(settings: Settings, *, clock: Callable[[], float] = time.time,
 
     proxy = web.Application(middlewares=[
         ip_block_middleware(failures, audit, metrics, "client"),
-        token_auth_middleware(store, audit, failures),
-        admission_middleware(store, audit, metrics, default_rate=settings.rate_limit_per_minute,
+        token_auth_middleware(store, audit, failures, anomalies),
+        admission_middleware(store, audit, metrics, anomalies, default_rate=settings.rate_limit_per_minute,
                              global_rate=settings.global_rate_limit, concurrency=concurrency,
                              limiter=RateLimiter(clock=monotonic))])
     proxy.on_response_prepare.append(add_rate_limit_headers)
@@ -90,7 +97,7 @@ def create_app(settings: Settings, *, clock: Callable[[], float] = time.time,
 
     # Started in this order, torn down in reverse: the upstream session closes first, then
     # counters are flushed and the audit queue drained, and the database closes last.
-    app.cleanup_ctx.extend([_database(db), _audit(audit), _token_store(store),
+    app.cleanup_ctx.extend([_database(db), _audit(audit), _token_store(store), _jobs(expiry, anomalies),
                             _upstream(forwarder, settings.max_concurrent_requests)])
     return app
 
@@ -116,6 +123,15 @@ def _token_store(store: TokenStore) -> Callable[[web.Application], AsyncIterator
         store.start()
         yield
         await store.close()
+    return ctx
+
+
+def _jobs(expiry: ExpiryJob, anomalies: AnomalyDetector) -> Callable[[web.Application], AsyncIterator[None]]:
+    async def ctx(app: web.Application) -> AsyncIterator[None]:
+        expiry.start()
+        yield
+        await expiry.close()
+        await anomalies.close()
     return ctx
 
 

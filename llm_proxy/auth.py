@@ -7,6 +7,7 @@ import hmac
 from aiohttp import web
 from aiohttp.typedefs import Handler, Middleware
 
+from .anomaly import AnomalyDetector
 from .audit import AuditWriter
 from .errors import ApiError, InvalidManagementToken, InvalidToken, IPNotAllowed
 from .keys import CLIENT_IP, CREDENTIAL, REQUEST_ID
@@ -62,7 +63,8 @@ def management_auth_middleware(tokens: tuple[str, ...], allowed_ips: tuple[IPNet
     return management_auth
 
 
-def token_auth_middleware(store: TokenStore, audit: AuditWriter, failures: FailureCounter) -> Middleware:
+def token_auth_middleware(store: TokenStore, audit: AuditWriter, failures: FailureCounter,
+                          anomalies: AnomalyDetector) -> Middleware:
     """Build the middleware admitting /v1 requests only with a live client token."""
 
     @web.middleware
@@ -81,8 +83,11 @@ def token_auth_middleware(store: TokenStore, audit: AuditWriter, failures: Failu
         try:
             store.check(credential)
         except ApiError as exc:
-            # A revoked or expired token being replayed is a failed authentication too.
+            # A revoked or expired token being replayed is a failed authentication too, and
+            # repeated, the sign of a leaked token.
             failures.record_failure(request[CLIENT_IP])
+            if exc.code in ("token_revoked", "token_expired"):
+                anomalies.observe_dead_token(credential, request[CLIENT_IP], exc.code)
             audit.emit("token.validate", actor="client", result="denied", project_id=credential.project.id,
                        request_id=request[REQUEST_ID], client_ip=request[CLIENT_IP],
                        details={"http_method": request.method, "endpoint": request.path, "reason": exc.code,

@@ -7,9 +7,11 @@ from typing import TYPE_CHECKING
 from aiohttp import web
 
 if TYPE_CHECKING:
+    from .anomaly import AnomalyDetector
     from .audit import AuditWriter
     from .crypto import KeyRing
     from .database import Database
+    from .housekeeping import ExpiryJob
     from .ratelimit import Decision
     from .settings import Settings
     from .tokenstore import Credential, TokenStore
@@ -19,6 +21,8 @@ KEYRING: web.AppKey[KeyRing] = web.AppKey("keyring")
 DATABASE: web.AppKey[Database] = web.AppKey("database")
 TOKEN_STORE: web.AppKey[TokenStore] = web.AppKey("token_store")
 AUDIT: web.AppKey[AuditWriter] = web.AppKey("audit")
+ANOMALIES: web.AppKey[AnomalyDetector] = web.AppKey("anomalies")
+EXPIRY_JOB: web.AppKey[ExpiryJob] = web.AppKey("expiry_job")
 
 REQUEST_ID = web.RequestKey("request_id", str)
 CLIENT_IP = web.RequestKey("client_ip", str)

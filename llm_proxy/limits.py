@@ -7,6 +7,7 @@ import math
 from aiohttp import web
 from aiohttp.typedefs import Handler, Middleware
 
+from .anomaly import AnomalyDetector
 from .audit import AuditWriter
 from .errors import Overloaded, RateLimited, TooManyRequests
 from .keys import CLIENT_IP, CREDENTIAL, RATE_DECISION, REQUEST_ID
@@ -42,7 +43,8 @@ def _rate_headers(decision: Decision) -> dict[str, str]:
     return {"X-RateLimit-Limit": str(decision.limit), "X-RateLimit-Remaining": str(decision.remaining)}
 
 
-def admission_middleware(store: TokenStore, audit: AuditWriter, metrics: Metrics, *, default_rate: int,
+def admission_middleware(store: TokenStore, audit: AuditWriter, metrics: Metrics, anomalies: AnomalyDetector, *,
+                         default_rate: int,
                          global_rate: int,
                          concurrency: ConcurrencyLimiter, limiter: RateLimiter) -> Middleware:
     """Build the middleware that admits an authenticated /v1 request or answers 429/503."""
@@ -83,6 +85,7 @@ def admission_middleware(store: TokenStore, audit: AuditWriter, metrics: Metrics
                                     "status": exc.status, "reason": exc.code, "token_id": credential.hint,
                                     "user_agent": request.headers.get("User-Agent")})
                 raise
+            anomalies.observe(credential, request[CLIENT_IP])
             if decision.limit:
                 request[RATE_DECISION] = decision
             return await handler(request)

@@ -198,8 +198,11 @@ class Management:
     async def list_tokens(self, request: web.Request, details: Details) -> web.StreamResponse:
         project_id = request.query.get("project_id") or None
         details["project_id"] = project_id
-        tokens = await repo.list_tokens(self.db, project_id, bool(query_bool(request.query, "active_only")),
-                                        self.clock())
+        now = self.clock()
+        tokens = await repo.list_tokens(self.db, project_id, bool(query_bool(request.query, "active_only")), now)
+        expired = query_bool(request.query, "expired")
+        if expired is not None:
+            tokens = [token for token in tokens if (repo.epoch(token.expires_at) <= now) == expired]
         details["count"] = len(tokens)
         return json_response({"data": [self.token_public(token) for token in tokens]})
 

@@ -321,3 +321,15 @@ async def list_audit_events(db: Database, *, filters: Mapping[str, str], since: 
     rows = await db.fetchall(f"SELECT {', '.join(COLUMNS)} FROM audit_events{clause} ORDER BY seq DESC LIMIT ?",
                              (*params, limit))
     return [event_from_row(row) for row in rows]
+
+
+async def deactivate_expired_tokens(db: Database, now: float) -> list[tuple[str, str, str]]:
+    """Mark tokens past their expiry inactive; return (id, project_id, token_hint) of each one changed."""
+    async def work(conn: aiosqlite.Connection) -> list[tuple[str, str, str]]:
+        async with conn.execute(
+                "SELECT id, project_id, token_hint FROM tokens"
+                " WHERE is_active = 1 AND revoked_at IS NULL AND expires_at <= ?", (iso(now),)) as cursor:
+            rows = [(row[0], row[1], row[2]) for row in await cursor.fetchall()]
+        await conn.executemany("UPDATE tokens SET is_active = 0 WHERE id = ?", [(row[0],) for row in rows])
+        return rows
+    return await db.write(work)

@@ -94,10 +94,14 @@ class TokenStore:
 
     def check(self, credential: Credential) -> None:
         """Raise the matching 401/403 unless the credential may be used right now."""
-        if credential.revoked or not credential.is_active:
-            raise TokenRevoked("token has been revoked" if credential.revoked else "token is inactive")
+        if credential.revoked:
+            raise TokenRevoked()
+        # Expiry before activity: the housekeeping job deactivates expired tokens, and their
+        # holders should still be told the token expired.
         if credential.expires_at <= self._clock():
             raise TokenExpired()
+        if not credential.is_active:
+            raise TokenRevoked("token is inactive")
         if not credential.project.is_active:
             raise ProjectInactive()
 
@@ -222,6 +226,14 @@ class TokenStore:
             self._remember(token, project)
         else:
             self._unknown.pop(token.token_hash, None)
+
+    def tokens_deactivated(self, token_ids: list[str]) -> None:
+        """Mark cached tokens inactive after a write that deactivated them."""
+        self._generation += 1
+        for token_id in token_ids:
+            credential = self._by_id.get(token_id)
+            if credential is not None:
+                credential.is_active = False
 
     def tokens_revoked(self, token_ids: list[str]) -> None:
         """Mark cached tokens revoked after a write that revoked them."""

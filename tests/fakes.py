@@ -160,6 +160,7 @@ class Gateway:
         self.upstream = upstream
         self.auth = {"Authorization": f"Bearer {MANAGEMENT_TOKEN}"}
         self._sdk_clients: list[openai.AsyncOpenAI] = []
+        self._projects = 0
 
     @property
     def app(self) -> web.Application:
@@ -172,7 +173,9 @@ class Gateway:
             assert response.status == expect, (response.status, body)
         return orjson.loads(body) if body else None
 
-    async def project(self, name: str = "proj", api_key: str = UPSTREAM_KEY) -> dict[str, Any]:
+    async def project(self, name: str | None = None, api_key: str = UPSTREAM_KEY) -> dict[str, Any]:
+        self._projects += 1
+        name = name or f"proj-{self._projects}"
         return await self.manage("POST", "/projects", {"name": name, "api_key": api_key}, expect=201)
 
     async def token(self, project_id: str | None = None, **fields: Any) -> dict[str, Any]:

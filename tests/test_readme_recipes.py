@@ -52,3 +52,24 @@ async def test_jq_recipes_answer_their_questions(gateway: Gateway, tmp_path: Pat
     assert other["id"] not in str(mine)
     assert len(_run(revokes, workdir)) == 1
     assert re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\dZ", _run(failures, workdir)[0][0])
+
+
+async def test_jq_project_spend_recipe_sums_usage(gateway: Gateway, tmp_path: Path) -> None:
+    token = await gateway.token()
+    client = gateway.openai(token["token"])
+    await client.chat.completions.create(model="gpt-4o-mini", messages=[{"role": "user", "content": "hi"}])
+    await client.embeddings.create(model="text-embedding-3-small", input="hi")
+    await gateway.client.get("/v1/models", headers={"Authorization": f"Bearer {token['token']}"})
+    await gateway.app[AUDIT].flush()
+    (tmp_path / "data").mkdir()
+    assert gateway.settings.audit_log_file is not None
+    shutil.copy(gateway.settings.audit_log_file, tmp_path / "data" / "audit.log")
+    recipe = README.read_text().split("What one project spent, from the audit log:", 1)[1]
+    command = recipe.split("```sh", 1)[1].split("```", 1)[0].strip().replace("PROJECT_ID", token["project_id"])
+
+    result = subprocess.run(["bash", "-c", command], cwd=tmp_path, capture_output=True, text=True, timeout=30,
+                            check=False)
+
+    assert result.returncode == 0, result.stderr
+    assert orjson.loads(result.stdout) == {"requests": 3, "prompt_tokens": 8, "completion_tokens": 2,
+                                           "total_tokens": 10}

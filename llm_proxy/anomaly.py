@@ -1,0 +1,134 @@
+"""Flag tokens that behave like leaked ones: too many client IPs, a sudden burst, replays of dead tokens.
+
+Three explainable rules, evaluated in memory on every request (no database read):
+  * ``too_many_ips``: more distinct client IPs in the last hour than ANOMALY_MAX_IPS_PER_HOUR;
+  * ``rate_spike``: requests in the last minute above ANOMALY_RATE_FACTOR × the token's average
+    per minute over the hour before (only once the token has an hour of history, and never for
+    fewer than ANOMALY_RATE_FACTOR requests a minute);
+  * ``dead_token_replay``: REPLAY_THRESHOLD attempts within an hour with a revoked or expired token.
+Each rule flags a token at most once an hour: a ``token.anomaly`` audit event (actor ``system``) and,
+with ANOMALY_AUTO_SUSPEND, deactivation of a live token (``token.suspend``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections import OrderedDict
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from . import repository as repo
+from .audit import AuditWriter
+from .database import Database
+from .tokenstore import Credential, TokenStore
+
+log = logging.getLogger(__name__)
+
+HOUR = 3600.0
+REPLAY_THRESHOLD = 3
+_MAX_TRACKED = 100_000  # tokens watched at once; the least recently seen are forgotten first
+
+
+@dataclass(slots=True)
+class _Watch:
+    first_seen: float
+    ips: dict[str, float] = field(default_factory=dict)     # client IP -> last seen
+    minutes: dict[int, int] = field(default_factory=dict)   # minute number -> requests
+    replays: list[float] = field(default_factory=list)
+    flagged: dict[str, float] = field(default_factory=dict)  # rule -> when it last fired
+
+
+class AnomalyDetector:
+    """Watch each token's traffic and flag the patterns above."""
+
+    def __init__(self, *, max_ips_per_hour: int, rate_factor: float, auto_suspend: bool, db: Database,
+                 store: TokenStore, audit: AuditWriter, clock: Callable[[], float] = time.time) -> None:
+        self._max_ips = max_ips_per_hour
+        self._factor = rate_factor
+        self._auto_suspend = auto_suspend
+        self._db = db
+        self._store = store
+        self._audit = audit
+        self._clock = clock
+        self._watches: OrderedDict[str, _Watch] = OrderedDict()
+        self._tasks: set[asyncio.Task[None]] = set()
+
+    def _watch(self, token_id: str, now: float) -> _Watch:
+        watch = self._watches.get(token_id)
+        if watch is None:
+            watch = self._watches[token_id] = _Watch(first_seen=now)
+            if len(self._watches) > _MAX_TRACKED:
+                self._watches.popitem(last=False)
+        else:
+            self._watches.move_to_end(token_id)
+        return watch
+
+    def observe(self, credential: Credential, client_ip: str) -> None:
+        """Note an admitted request and flag the token if it now looks abused."""
+        now = self._clock()
+        watch = self._watch(credential.id, now)
+        watch.ips[client_ip] = now
+        minute = int(now // 60)
+        watch.minutes[minute] = watch.minutes.get(minute, 0) + 1
+        if len(watch.ips) > self._max_ips:
+            for ip, seen in list(watch.ips.items()):
+                if seen <= now - HOUR:
+                    del watch.ips[ip]
+            if len(watch.ips) > self._max_ips:
+                self._flag(credential, watch, "too_many_ips", now, distinct_ips=len(watch.ips),
+                           limit=self._max_ips)
+        current = watch.minutes[minute]
+        if current > self._factor and now - watch.first_seen >= HOUR:
+            for old in [m for m in watch.minutes if m < minute - 60]:
+                del watch.minutes[old]
+            previous = sum(count for m, count in watch.minutes.items() if m < minute) / 60
+            if current > self._factor * max(previous, 1.0):
+                self._flag(credential, watch, "rate_spike", now, requests_last_minute=current,
+                           average_per_minute=round(previous, 2))
+        elif len(watch.minutes) > 61:
+            for old in [m for m in watch.minutes if m < minute - 60]:
+                del watch.minutes[old]
+
+    def observe_dead_token(self, credential: Credential, client_ip: str, reason: str) -> None:
+        """Note an attempt with a revoked or expired token: repeated, it suggests a leaked one."""
+        now = self._clock()
+        watch = self._watch(credential.id, now)
+        watch.replays = [at for at in watch.replays if at > now - HOUR]
+        watch.replays.append(now)
+        if len(watch.replays) >= REPLAY_THRESHOLD:
+            self._flag(credential, watch, "dead_token_replay", now, attempts_last_hour=len(watch.replays),
+                       token_state=reason, client_ip=client_ip)
+
+    def _flag(self, credential: Credential, watch: _Watch, rule: str, now: float, **details: object) -> None:
+        last = watch.flagged.get(rule)
+        if last is not None and last > now - HOUR:
+            return
+        watch.flagged[rule] = now
+        suspend = self._auto_suspend and credential.is_active and not credential.revoked
+        self._audit.emit("token.anomaly", actor="system", result="denied" if suspend else "success",
+                         project_id=credential.project.id,
+                         details={"reason": rule, "token_id": credential.hint, "auto_suspend": suspend, **details})
+        if suspend:
+            # Takes effect on the very next request; the database write follows off the request path.
+            credential.is_active = False
+            task = asyncio.get_running_loop().create_task(self._suspend(credential, rule))
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
+
+    async def _suspend(self, credential: Credential, rule: str) -> None:
+        try:
+            token = await repo.update_token(self._db, credential.id, {"is_active": False})
+            self._store.token_changed(token)
+            result = "success"
+        except Exception:
+            log.exception("could not persist the suspension of a token")
+            result = "error"
+        self._audit.emit("token.suspend", actor="system", result=result, project_id=credential.project.id,
+                         details={"reason": rule, "token_id": credential.hint})
+
+    async def close(self) -> None:
+        """Wait for suspensions still being written."""
+        if self._tasks:
+            await asyncio.gather(*self._tasks, return_exceptions=True)

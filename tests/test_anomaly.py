@@ -1,0 +1,127 @@
+"""Anomaly detection and token expiry housekeeping, with an injected clock and synthetic traffic."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import orjson
+
+from llm_proxy.keys import ANOMALIES, AUDIT, EXPIRY_JOB
+from tests.fakes import Gateway
+
+
+class Clock:
+    def __init__(self, now: float = 1_800_000_000.0) -> None:
+        self.now = now
+
+    def __call__(self) -> float:
+        return self.now
+
+
+async def _events(gateway: Gateway, action: str) -> list[dict[str, Any]]:
+    await gateway.app[AUDIT].flush()
+    path = gateway.settings.audit_log_file
+    assert path is not None
+    return [e for e in map(orjson.loads, path.read_bytes().splitlines()) if e["action"] == action]
+
+
+async def _call(gateway: Gateway, token: str, ip: str = "203.0.113.1") -> int:
+    response = await gateway.client.get("/v1/models", headers={"Authorization": f"Bearer {token}",
+                                                               "X-Forwarded-For": ip})
+    await response.read()
+    return response.status
+
+
+async def test_too_many_client_ips_flags_the_token_once(make_gateway: Any) -> None:
+    gateway = await make_gateway(TRUSTED_PROXIES="127.0.0.1/32", ANOMALY_MAX_IPS_PER_HOUR="3")
+    token = await gateway.token()
+
+    for n in range(3):
+        assert await _call(gateway, token["token"], f"198.51.100.{n}") == 200
+    assert await _events(gateway, "token.anomaly") == []
+    for n in range(3, 6):
+        assert await _call(gateway, token["token"], f"198.51.100.{n}") == 200  # not suspended by default
+
+    flagged = await _events(gateway, "token.anomaly")
+    assert len(flagged) == 1
+    assert flagged[0]["actor"] == "system" and flagged[0]["project_id"] == token["project_id"]
+    assert flagged[0]["details"]["reason"] == "too_many_ips" and flagged[0]["details"]["distinct_ips"] == 4
+    assert flagged[0]["details"]["token_id"] == token["token_hint"]
+
+
+async def test_auto_suspend_deactivates_a_flagged_token_at_once(make_gateway: Any) -> None:
+    gateway = await make_gateway(TRUSTED_PROXIES="127.0.0.1/32", ANOMALY_MAX_IPS_PER_HOUR="2",
+                                 ANOMALY_AUTO_SUSPEND="true")
+    token = await gateway.token()
+
+    statuses = [await _call(gateway, token["token"], f"198.51.100.{n}") for n in range(4)]
+    await gateway.app[ANOMALIES].close()  # let the suspension reach the database
+
+    assert statuses == [200, 200, 200, 401]
+    assert (await gateway.manage("GET", f"/tokens/{token['id']}", expect=200))["is_active"] is False
+    suspended = await _events(gateway, "token.suspend")
+    assert [(e["result"], e["details"]["reason"]) for e in suspended] == [("success", "too_many_ips")]
+    assert (await _events(gateway, "token.anomaly"))[0]["details"]["auto_suspend"] is True
+
+
+async def test_rate_spike_over_the_trailing_hour_average(make_gateway: Any) -> None:
+    clock = Clock()
+    gateway = await make_gateway(clock=clock, ANOMALY_RATE_FACTOR="5", RATE_LIMIT_PER_MINUTE="0")
+    token = await gateway.token(duration_minutes=600)
+
+    for _ in range(13):  # a quiet hour: two requests every five minutes
+        for _ in range(2):
+            assert await _call(gateway, token["token"]) == 200
+        clock.now += 300
+    for _ in range(5):  # five in a minute is not more than 5 × max(average, 1)
+        assert await _call(gateway, token["token"]) == 200
+    assert await _events(gateway, "token.anomaly") == []
+
+    assert await _call(gateway, token["token"]) == 200  # the sixth in that minute is
+
+    flagged = await _events(gateway, "token.anomaly")
+    assert [e["details"]["reason"] for e in flagged] == ["rate_spike"]
+    assert flagged[0]["details"]["requests_last_minute"] == 6
+
+
+async def test_a_new_token_needs_an_hour_of_history_before_spikes_count(make_gateway: Any) -> None:
+    gateway = await make_gateway(clock=Clock(), ANOMALY_RATE_FACTOR="2", RATE_LIMIT_PER_MINUTE="0")
+    token = await gateway.token()
+    for _ in range(20):
+        assert await _call(gateway, token["token"]) == 200
+    assert await _events(gateway, "token.anomaly") == []
+
+
+async def test_replaying_a_revoked_token_is_flagged(gateway: Gateway) -> None:
+    token = await gateway.token()
+    await gateway.manage("DELETE", f"/tokens/{token['id']}", expect=204)
+
+    statuses = [await _call(gateway, token["token"]) for _ in range(3)]
+
+    assert statuses == [401, 401, 401]
+    flagged = await _events(gateway, "token.anomaly")
+    assert [(e["details"]["reason"], e["details"]["token_state"]) for e in flagged] == [
+        ("dead_token_replay", "token_revoked")]
+
+
+async def test_expiry_job_deactivates_expired_tokens_and_audits_them(make_gateway: Any) -> None:
+    clock = Clock()
+    gateway = await make_gateway(clock=clock)
+    short, long = await gateway.token(duration_minutes=1), await gateway.token(duration_minutes=60)
+    job = gateway.app[EXPIRY_JOB]
+
+    assert await job.run_once() == 0
+    clock.now += 61
+    assert await job.run_once() == 1
+    assert await job.run_once() == 0
+
+    expired = await _events(gateway, "token.expire")
+    assert [(e["actor"], e["result"], e["details"]["token_id"]) for e in expired] == [
+        ("system", "success", short["token_hint"])]
+    assert (await gateway.manage("GET", f"/tokens/{short['id']}", expect=200))["is_active"] is False
+    response = await gateway.client.get("/v1/models", headers={"Authorization": f"Bearer {short['token']}"})
+    assert (await response.json())["error"]["code"] == "token_expired"
+    listed_expired = await gateway.manage("GET", "/tokens?expired=true", expect=200)
+    listed_live = await gateway.manage("GET", "/tokens?expired=false", expect=200)
+    assert [t["id"] for t in listed_expired["data"]] == [short["id"]]
+    assert [t["id"] for t in listed_live["data"]] == [long["id"]]
