@@ -1,24 +1,50 @@
-"""The `llm-proxy` command: serve the gateway, create secrets, and operate a running gateway."""
+"""The `llm-proxy` command: serve the gateway, create secrets, operate a running gateway and its database."""
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import getpass
 import logging
 import os
+import re
+import sqlite3
 import ssl
 import sys
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Iterable, Sequence
 from pathlib import Path
+from typing import Any, TypeVar
 
+import aiohttp
+import orjson
+from aiohttp import web
+from dotenv import dotenv_values
+
+from . import __version__, auditchain, repository
+from .app import CONNECTION_IDLE_TIMEOUT, create_app
+from .audit import AuditWriter
 from .credentials import generate_encryption_key, generate_secret
+from .crypto import DecryptionError, KeyRing
+from .database import Database
+from .logs import ACCESS_LOGGER, AccessLogger, configure_logging, mask_secrets
 from .settings import ConfigError, Settings, load_settings
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
+DEFAULT_URL = "http://127.0.0.1:8080"
+T = TypeVar("T")
+log = logging.getLogger("llm_proxy")
 
 
 class CommandError(Exception):
     """A command failed; str() is the one line shown to the operator."""
+
+    exit_code = EXIT_FAILED
+
+
+class UsageError(CommandError):
+    """The command line or the configuration is wrong."""
+
+    exit_code = EXIT_USAGE
 
 
 def _fail(message: str, code: int = EXIT_FAILED) -> int:
@@ -30,40 +56,447 @@ def _settings() -> Settings:
     try:
         return load_settings()
     except ConfigError as exc:
-        raise CommandError(f"configuration error: {exc}") from None
+        raise UsageError(f"configuration error: {exc}") from None
 
 
-def _ssl_context(settings: Settings) -> ssl.SSLContext | None:
+# ---- output ----
+
+def _cell(value: Any) -> str:
+    if value is None:
+        return "-"
+    if isinstance(value, bool):
+        return "yes" if value else "no"
+    return str(value)
+
+
+def format_table(headers: Sequence[str], rows: Iterable[Sequence[Any]]) -> str:
+    """Return rows as left-aligned columns under upper-case headers, two spaces apart."""
+    cells = [[header.upper() for header in headers], *([_cell(value) for value in row] for row in rows)]
+    widths = [max(len(row[column]) for row in cells) for column in range(len(headers))]
+    return "\n".join("  ".join(value.ljust(width) for value, width in zip(row, widths, strict=True)).rstrip()
+                     for row in cells)
+
+
+def format_record(document: dict[str, Any], fields: Sequence[str]) -> str:
+    """Return one object as aligned `field  value` lines."""
+    width = max(len(field) for field in fields)
+    return "\n".join(f"{field.ljust(width)}  {_cell(document.get(field))}".rstrip() for field in fields)
+
+
+def _print_json(document: Any) -> None:
+    print(orjson.dumps(document, option=orjson.OPT_INDENT_2).decode())
+
+
+PROJECT_FIELDS = ("id", "name", "api_key", "is_active", "created_at", "updated_at")
+PROJECT_COLUMNS = ("id", "name", "is_active", "api_key", "created_at")
+TOKEN_FIELDS = ("id", "project_id", "token_hint", "is_active", "expires_at", "max_requests",
+                "rate_limit_per_minute", "max_tokens_total", "request_count", "prompt_tokens",
+                "completion_tokens", "total_tokens", "last_used_at", "created_at", "revoked_at", "replaced_by")
+TOKEN_COLUMNS = ("id", "project_id", "token_hint", "is_active", "expires_at", "request_count", "max_requests",
+                 "last_used_at")
+
+
+def _show(args: argparse.Namespace, document: Any, fields: Sequence[str]) -> None:
+    if args.json:
+        _print_json(document)
+    else:
+        print(format_record(document, fields))
+
+
+def _show_list(args: argparse.Namespace, document: Any, columns: Sequence[str]) -> None:
+    if args.json:
+        _print_json(document)
+    else:
+        rows = document.get("data", []) if isinstance(document, dict) else []
+        print(format_table(columns, ([row.get(column) for column in columns] for row in rows)))
+
+
+def _show_new_token(args: argparse.Namespace, document: dict[str, Any]) -> None:
+    if args.json:
+        _print_json(document)
+        return
+    print(format_record(document, TOKEN_FIELDS))
+    print(f"\ntoken: {document.get('token')}")
+    print("This is the only time the token is shown; store it now.", file=sys.stderr)
+
+
+# ---- talking to a running gateway ----
+
+def _client_config(name: str) -> str | None:
+    """Read a CLI-side variable from the environment, then from ./.env (never the gateway's Settings)."""
+    value = os.environ.get(name)
+    if value is None and Path(".env").is_file():
+        value = dotenv_values(".env").get(name)
+    return value.strip() if value and value.strip() else None
+
+
+def _management_token(args: argparse.Namespace) -> str:
+    if args.token_file is not None:
+        try:
+            raw = Path(args.token_file).read_text(encoding="utf-8")
+        except OSError as exc:
+            raise UsageError(f"--token-file: cannot read {args.token_file} ({exc.strerror})") from None
+    else:
+        raw = _client_config("MANAGEMENT_TOKEN") or ""
+    # MANAGEMENT_TOKEN may list several accepted tokens; any one of them will do.
+    token = next((item.strip() for item in raw.strip().split(",") if item.strip()), None)
+    if token is None:
+        raise UsageError("no management token: set MANAGEMENT_TOKEN (environment or .env) or pass --token-file")
+    return token
+
+
+def _base_url(args: argparse.Namespace) -> str:
+    url = (args.url or _client_config("LLM_PROXY_URL") or DEFAULT_URL).rstrip("/")
+    if not re.fullmatch(r"https?://[^/\s?#@]+(/[^\s?#]*)?", url):
+        raise UsageError("--url must be an http:// or https:// URL such as http://127.0.0.1:8080")
+    return url
+
+
+def _error_line(status: int, body: bytes) -> str:
+    try:
+        error = orjson.loads(body)["error"]
+        message, code = str(error["message"]), error.get("code")
+    except (orjson.JSONDecodeError, KeyError, TypeError):
+        return f"the gateway answered HTTP {status}"
+    return f"HTTP {status}{f' {code}' if code else ''}: {mask_secrets(message)}"
+
+
+async def _call(args: argparse.Namespace, method: str, path: str, *, body: dict[str, Any] | None = None,
+                query: dict[str, str] | None = None) -> Any:
+    """Send one management request; return its decoded JSON (None for an empty answer) or raise CommandError."""
+    url, token = _base_url(args), _management_token(args)
+    ssl_option: ssl.SSLContext | bool = True
+    if args.cafile is not None:
+        try:
+            ssl_option = ssl.create_default_context(cafile=args.cafile)
+        except (OSError, ssl.SSLError) as exc:
+            raise UsageError(f"--cafile: cannot load {args.cafile} ({type(exc).__name__})") from None
+    timeout = aiohttp.ClientTimeout(total=args.timeout)
+    headers = {"Authorization": f"Bearer {token}", "User-Agent": f"llm-proxy-cli/{__version__}"}
+    try:
+        async with aiohttp.ClientSession(timeout=timeout, headers=headers) as session, session.request(
+                method, url + "/manage" + path, json=body, params=query, ssl=ssl_option,
+                allow_redirects=False) as response:
+            data = await response.read()
+            status = response.status
+    except aiohttp.ClientConnectorCertificateError:
+        raise CommandError(f"the certificate of {url} is not trusted (pass --cafile)") from None
+    except aiohttp.ClientConnectorError as exc:
+        reason = exc.os_error.strerror or type(exc.os_error).__name__
+        raise CommandError(f"cannot connect to the gateway at {url}: {reason}") from None
+    except TimeoutError:
+        raise CommandError(f"the gateway at {url} did not answer within {args.timeout:g}s") from None
+    except aiohttp.ClientError as exc:
+        raise CommandError(f"request to the gateway at {url} failed ({type(exc).__name__})") from None
+    if status >= 400:
+        raise CommandError(_error_line(status, data))
+    if not data:
+        return None
+    try:
+        return orjson.loads(data)
+    except orjson.JSONDecodeError:
+        raise CommandError(f"the gateway answered HTTP {status} with a body that is not JSON") from None
+
+
+def _read_api_key(source: str | None) -> str:
+    """Read an upstream key from a file, stdin (`-`, or piped), or a hidden prompt: never from argv."""
+    try:
+        if source is not None and source != "-":
+            raw = Path(source).read_text(encoding="utf-8")
+        elif source is None and sys.stdin.isatty():
+            raw = getpass.getpass("Upstream API key: ")
+        else:
+            raw = sys.stdin.readline()
+    except OSError as exc:
+        raise UsageError(f"--api-key-file: cannot read {source or 'stdin'} ({exc.strerror or exc})") from None
+    key = raw.strip()
+    if not key:
+        raise UsageError("no API key given (use --api-key-file FILE, or pipe it on stdin)")
+    return key
+
+
+def cmd_project_create(args: argparse.Namespace) -> int:
+    """Create a project; its upstream API key is read from --api-key-file, stdin or a prompt."""
+    body = {"name": args.name, "api_key": _read_api_key(args.api_key_file)}
+    _show(args, asyncio.run(_call(args, "POST", "/projects", body=body)), PROJECT_FIELDS)
+    return EXIT_OK
+
+
+def cmd_project_list(args: argparse.Namespace) -> int:
+    """List projects, oldest first."""
+    query = {} if args.active is None else {"active": "true" if args.active else "false"}
+    _show_list(args, asyncio.run(_call(args, "GET", "/projects", query=query)), PROJECT_COLUMNS)
+    return EXIT_OK
+
+
+def cmd_project_get(args: argparse.Namespace) -> int:
+    """Show one project."""
+    _show(args, asyncio.run(_call(args, "GET", f"/projects/{args.id}")), PROJECT_FIELDS)
+    return EXIT_OK
+
+
+def cmd_project_update(args: argparse.Namespace) -> int:
+    """Rename a project, replace its upstream key, or (de)activate it."""
+    body: dict[str, Any] = {}
+    if args.name is not None:
+        body["name"] = args.name
+    if args.api_key_file is not None:
+        body["api_key"] = _read_api_key(args.api_key_file)
+    if args.active is not None:
+        body["is_active"] = args.active
+    if not body:
+        raise UsageError("project update: give at least one of --name, --api-key-file, --activate, --deactivate")
+    _show(args, asyncio.run(_call(args, "PATCH", f"/projects/{args.id}", body=body)), PROJECT_FIELDS)
+    return EXIT_OK
+
+
+def _limits(args: argparse.Namespace, names: Iterable[str]) -> dict[str, Any]:
+    return {name: getattr(args, name) for name in names if getattr(args, name) is not None}
+
+
+def cmd_token_create(args: argparse.Namespace) -> int:
+    """Issue a token for a project and print it (the only time it is shown)."""
+    body = {"project_id": args.project_id, **_limits(args, ("duration_minutes", "max_requests",
+                                                            "rate_limit_per_minute", "max_tokens_total"))}
+    _show_new_token(args, asyncio.run(_call(args, "POST", "/tokens", body=body)))
+    return EXIT_OK
+
+
+def cmd_token_list(args: argparse.Namespace) -> int:
+    """List tokens (never their plaintext), oldest first."""
+    query = {}
+    if args.project is not None:
+        query["project_id"] = args.project
+    if args.active_only:
+        query["active_only"] = "true"
+    _show_list(args, asyncio.run(_call(args, "GET", "/tokens", query=query)), TOKEN_COLUMNS)
+    return EXIT_OK
+
+
+def cmd_token_get(args: argparse.Namespace) -> int:
+    """Show one token."""
+    _show(args, asyncio.run(_call(args, "GET", f"/tokens/{args.id}")), TOKEN_FIELDS)
+    return EXIT_OK
+
+
+def cmd_token_revoke(args: argparse.Namespace) -> int:
+    """Revoke one token by id, or every token of a project with --project."""
+    if (args.id is None) == (args.project is None):
+        raise UsageError("token revoke: give either a token ID or --project PROJECT_ID")
+    if args.project is not None:
+        document = asyncio.run(_call(args, "POST", f"/projects/{args.project}/tokens/revoke"))
+        if args.json:
+            _print_json(document)
+        else:
+            print(f"revoked {document['revoked_count']} token(s) of project {args.project} "
+                  f"({document['already_revoked_count']} already revoked, {document['total_tokens']} in total)")
+        return EXIT_OK
+    asyncio.run(_call(args, "DELETE", f"/tokens/{args.id}"))
+    if args.json:
+        _print_json({"id": args.id, "revoked": True})
+    else:
+        print(f"revoked token {args.id}")
+    return EXIT_OK
+
+
+def cmd_token_refresh(args: argparse.Namespace) -> int:
+    """Issue a successor with the same project and limits; the old token stops after --grace-seconds."""
+    body = _limits(args, ("duration_minutes", "grace_seconds"))
+    _show_new_token(args, asyncio.run(_call(args, "POST", f"/tokens/{args.id}/refresh", body=body)))
+    return EXIT_OK
+
+
+# ---- working on the local database and audit files ----
+
+async def _with_database(settings: Settings, work: Callable[[Database, AuditWriter], Awaitable[T]]) -> T:
+    """Open the gateway's database and an audit writer (actor `system`), run work(db, audit), close both."""
+    if not settings.database_path.is_file():
+        raise UsageError(f"DATABASE_PATH: no database at {settings.database_path}")
+    db = Database(settings.database_path)
+    try:
+        await db.connect()
+        audit = AuditWriter(db, enabled=settings.audit_enabled, file_path=settings.audit_log_file,
+                            create_dir=settings.audit_create_dir, store_in_db=settings.audit_store_in_db,
+                            mask_client_ip=settings.audit_mask_client_ip)
+        try:
+            try:
+                await audit.start()
+            except OSError as exc:
+                raise CommandError(f"AUDIT_LOG_FILE: cannot open {settings.audit_log_file} ({exc.strerror})") from None
+            return await work(db, audit)
+        finally:
+            await audit.close()
+    except sqlite3.Error as exc:
+        raise CommandError(f"database error at {settings.database_path}: {exc}") from None
+    finally:
+        await db.close()
+
+
+def cmd_rotate_key(args: argparse.Namespace) -> int:
+    """Re-encrypt every stored upstream key under ENCRYPTION_KEY, reading old ones with ENCRYPTION_KEY_PREVIOUS."""
+    settings = _settings()
+    keyring = KeyRing(settings.encryption_key, settings.encryption_keys_previous)
+
+    async def work(db: Database, audit: AuditWriter) -> int:
+        try:
+            count = await repository.replace_encrypted_keys(db, keyring)
+        except DecryptionError:
+            audit.emit("key.rotate", actor="system", result="failure", details={"reason": "undecryptable_key"})
+            raise CommandError("a stored API key opens with neither ENCRYPTION_KEY nor ENCRYPTION_KEY_PREVIOUS; "
+                               "nothing was changed") from None
+        audit.emit("key.rotate", actor="system", result="success", details={"reencrypted": count})
+        return count
+
+    count = asyncio.run(_with_database(settings, work))
+    if args.json:
+        _print_json({"reencrypted": count})
+    else:
+        print(f"re-encrypted {count} project key(s) under the current ENCRYPTION_KEY")
+    return EXIT_OK
+
+
+def cmd_audit_prune(args: argparse.Namespace) -> int:
+    """Delete audit rows older than N days in batches; record the prune as an audit.prune event."""
+    settings = _settings()
+    days = settings.audit_retention_days if args.older_than_days is None else args.older_than_days
+
+    async def work(db: Database, audit: AuditWriter) -> auditchain.PruneResult:
+        try:
+            result = await auditchain.prune(db, days, args.batch_size)
+        except Exception:
+            audit.emit("audit.prune", actor="system", result="error",
+                        details={"older_than_days": days, "batch_size": args.batch_size})
+            raise
+        audit.emit("audit.prune", actor="system", result="success",
+                   details={**result.details(), "older_than_days": days, "batch_size": args.batch_size})
+        return result
+
+    result = asyncio.run(_with_database(settings, work))
+    if args.json:
+        _print_json({**result.details(), "batches": result.batches, "older_than_days": days})
+    else:
+        print(f"pruned {result.deleted} audit event(s) older than {days} day(s) in {result.batches} batch(es)")
+    return EXIT_OK
+
+
+def audit_files(current: Path) -> list[Path]:
+    """Return the audit file and logrotate's siblings of it (name.N, name-DATE, optionally .gz)."""
+    pattern = re.compile(re.escape(current.name) + r"(?:\.\d+|-\d{8,14})?(?:\.gz)?")
+    try:
+        return sorted(path for path in current.parent.iterdir() if pattern.fullmatch(path.name) and path.is_file())
+    except OSError:
+        return []
+
+
+def _result_document(result: auditchain.VerifyResult) -> dict[str, Any]:
+    problem = result.problem
+    return {"ok": result.ok, "events": result.events, "start": result.start, "first_seq": result.first_seq,
+            "last_seq": result.last_seq, "message": result.describe(),
+            "problem": None if problem is None else {"kind": problem.kind, "where": problem.where,
+                                                     "seq": problem.seq, "message": problem.message}}
+
+
+async def _verify_db(settings: Settings) -> auditchain.VerifyResult:
+    if not settings.database_path.is_file():
+        raise UsageError(f"DATABASE_PATH: no database at {settings.database_path}")
+    db = Database(settings.database_path)
+    try:
+        await db.connect()
+        # One read transaction: the rows and the chain head come from the same snapshot even while
+        # a gateway keeps appending (WAL readers never block the writer).
+        await db.reader.execute("BEGIN")
+        try:
+            head = await auditchain.chain_head(db) if settings.audit_store_in_db else None
+            return await auditchain.verify_table(db, head=head)
+        finally:
+            await db.reader.execute("COMMIT")
+    except sqlite3.Error as exc:
+        raise CommandError(f"database error at {settings.database_path}: {exc}") from None
+    finally:
+        await db.close()
+
+
+def cmd_audit_verify(args: argparse.Namespace) -> int:
+    """Check the audit hash chain of files (default: AUDIT_LOG_FILE and rotated siblings) or, with --db, the table."""
+    outcomes: dict[str, auditchain.VerifyResult] = {}
+    if args.files:
+        paths = [Path(name) for name in args.files]
+        for path in paths:
+            if not path.is_file():
+                raise UsageError(f"no audit file at {path}")
+        outcomes["files"] = auditchain.verify_files(paths)
+    elif not args.db:
+        settings = _settings()
+        if settings.audit_log_file is None:
+            raise UsageError("AUDIT_LOG_FILE is empty: there are no audit files (use --db)")
+        paths = audit_files(settings.audit_log_file)
+        if not paths:
+            raise CommandError(f"no audit files at {settings.audit_log_file}")
+        outcomes["files"] = auditchain.verify_files(paths)
+    if args.db:
+        outcomes["db"] = asyncio.run(_verify_db(_settings()))
+    if args.json:
+        _print_json({name: _result_document(result) for name, result in outcomes.items()})
+    else:
+        labels = {"files": "files", "db": auditchain.TABLE}
+        for name, result in outcomes.items():
+            print(f"{labels[name]}: {result.describe()}")
+    return EXIT_OK if all(result.ok for result in outcomes.values()) else EXIT_FAILED
+
+
+# ---- running the gateway, and secrets ----
+
+def build_ssl_context(settings: Settings) -> ssl.SSLContext | None:
+    """Return the server TLS context for TLS_CERT_FILE/TLS_KEY_FILE with TLS_MIN_VERSION, or None for plain HTTP."""
     if settings.tls_cert_file is None or settings.tls_key_file is None:
         return None
     context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
     context.minimum_version = ssl.TLSVersion.TLSv1_3 if settings.tls_min_version == "1.3" else ssl.TLSVersion.TLSv1_2
+    for variable, path in (("TLS_CERT_FILE", settings.tls_cert_file), ("TLS_KEY_FILE", settings.tls_key_file)):
+        if not path.is_file():
+            raise UsageError(f"configuration error: {variable}: no file at {path}")
     try:
         context.load_cert_chain(settings.tls_cert_file, settings.tls_key_file)
     except (OSError, ssl.SSLError) as exc:
-        raise CommandError(f"TLS_CERT_FILE/TLS_KEY_FILE: cannot load the certificate ({type(exc).__name__})") from None
+        raise UsageError(f"configuration error: TLS_CERT_FILE/TLS_KEY_FILE: cannot load the certificate and key "
+                         f"({type(exc).__name__})") from None
     return context
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
     """Run the gateway until SIGINT/SIGTERM."""
-    from aiohttp import web
-
-    from .app import create_app
-
     settings = _settings()
-    logging.basicConfig(level=settings.log_level.upper(), stream=sys.stderr,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    context = build_ssl_context(settings)
     try:
-        import uvloop
-    except ImportError:
-        pass
-    else:
-        asyncio.set_event_loop_policy(uvloop.EventLoopPolicy())
-    context = _ssl_context(settings)
-    web.run_app(create_app(settings), host=settings.listen_host or None, port=settings.listen_port,
-                ssl_context=context, shutdown_timeout=settings.shutdown_grace, handler_cancellation=True,
-                access_log=None, print=lambda line: print(line, file=sys.stderr))
+        listener = configure_logging(settings)
+    except ConfigError as exc:
+        raise UsageError(f"configuration error: {exc}") from None
+    try:
+        try:
+            import uvloop
+        except ImportError:
+            loop = None
+        else:
+            loop = uvloop.new_event_loop()
+        scheme = "https" if context is not None else "http"
+        log.info("llm-proxy %s listening on %s://%s:%d", __version__, scheme, settings.listen_host or "*",
+                 settings.listen_port, extra={"event_loop": "uvloop" if loop is not None else "asyncio"})
+        try:
+            web.run_app(create_app(settings), host=settings.listen_host or None, port=settings.listen_port,
+                        ssl_context=context, shutdown_timeout=settings.shutdown_grace, handler_cancellation=True,
+                        access_log_class=AccessLogger, access_log=logging.getLogger(ACCESS_LOGGER), print=None,
+                        loop=loop, keepalive_timeout=CONNECTION_IDLE_TIMEOUT)
+        except OSError as exc:
+            reason = exc.strerror or type(exc).__name__
+            if exc.filename is not None:  # a file opened at startup (audit log, database directory)
+                raise CommandError(f"cannot start: {exc.filename}: {reason}") from None
+            raise CommandError(f"cannot listen on {settings.listen_host or '*'}:{settings.listen_port}: "
+                               f"{reason}") from None
+        except sqlite3.Error as exc:
+            raise CommandError(f"DATABASE_PATH: cannot use {settings.database_path} ({exc})") from None
+        log.info("llm-proxy stopped")
+    finally:
+        listener.stop()
     return EXIT_OK
 
 
@@ -77,8 +510,12 @@ def cmd_init(args: argparse.Namespace) -> int:
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
     except FileExistsError:
         raise CommandError(f"{path} exists already; not overwriting it") from None
-    with os.fdopen(fd, "w") as handle:
+    except OSError as exc:
+        raise CommandError(f"cannot create {path} ({exc.strerror})") from None
+    with os.fdopen(fd, "w", encoding="utf-8") as handle:
+        os.fchmod(handle.fileno(), 0o600)  # whatever the umask
         handle.write(content)
+    # The README promises the management token once on screen; the encryption key stays in the file.
     print(f"wrote {path} (mode 600). Your management token, shown this once:\n\n  {management_token}\n")
     return EXIT_OK
 
@@ -89,21 +526,134 @@ def cmd_gen_secret(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+# ---- the parser ----
+
+class _Parser(argparse.ArgumentParser):
+    """Print a usage error as one line that points to --help, and exit 2."""
+
+    def error(self, message: str) -> Any:
+        command = self.prog.removeprefix("llm-proxy").strip()
+        where = f"{command}: " if command else ""
+        self.exit(EXIT_USAGE, f"llm-proxy: {where}{message} (see `{self.prog} --help`)\n")
+
+
+def _add(commands: Any, name: str, run: Callable[[argparse.Namespace], int], help_text: str,
+         parents: Sequence[argparse.ArgumentParser] = ()) -> argparse.ArgumentParser:
+    parser = commands.add_parser(name, help=help_text, description=run.__doc__, parents=list(parents))
+    parser.set_defaults(run=run)
+    return parser
+
+
+def _group(commands: Any, name: str, help_text: str) -> Any:
+    parser = commands.add_parser(name, help=help_text, description=help_text)
+    return parser.add_subparsers(dest=f"{name}_command", metavar="COMMAND", required=True,
+                                 parser_class=_Parser)
+
+
+def _positive(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{text!r} must be at least 1")
+    return value
+
+
+def _non_negative(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"{text!r} must not be negative")
+    return value
+
+
+def _seconds(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number of seconds") from None
+    if not 0 < value < float("inf"):
+        raise argparse.ArgumentTypeError(f"{text!r} must be a positive number of seconds")
+    return value
+
+
 def build_parser() -> argparse.ArgumentParser:
     """Return the argument parser of every command."""
-    parser = argparse.ArgumentParser(prog="llm-proxy", description="OpenAI-compatible gateway with short-lived tokens.")
-    commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    remote = _Parser(add_help=False)
+    options = remote.add_argument_group("gateway connection")
+    options.add_argument("--url", help=f"gateway base URL (default: $LLM_PROXY_URL or {DEFAULT_URL})")
+    options.add_argument("--token-file", metavar="FILE",
+                         help="read the management token from FILE (default: $MANAGEMENT_TOKEN or .env)")
+    options.add_argument("--cafile", metavar="FILE", help="trust this CA certificate for an https:// gateway")
+    options.add_argument("--timeout", type=_seconds, default=30.0, metavar="SECONDS", help="default: 30")
+    output = _Parser(add_help=False)
+    output.add_argument("--json", action="store_true", help="print JSON instead of a table")
 
-    serve = commands.add_parser("serve", help="run the gateway", description=cmd_serve.__doc__)
-    serve.set_defaults(run=cmd_serve)
+    parser = _Parser(prog="llm-proxy", description="OpenAI-compatible gateway with short-lived tokens.",
+                     epilog="Run `llm-proxy COMMAND --help` for the options of a command.")
+    parser.add_argument("--version", action="version", version=f"llm-proxy {__version__}")
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True, parser_class=_Parser)
 
-    init = commands.add_parser("init", help="write a .env with fresh secrets", description=cmd_init.__doc__)
+    _add(commands, "serve", cmd_serve, "run the gateway")
+    init = _add(commands, "init", cmd_init, "write a .env with fresh secrets")
     init.add_argument("--path", default=".env", help="where to write (default: .env)")
-    init.set_defaults(run=cmd_init)
-
-    gen = commands.add_parser("gen-secret", help="print a fresh secret", description=cmd_gen_secret.__doc__)
+    gen = _add(commands, "gen-secret", cmd_gen_secret, "print a fresh secret")
     gen.add_argument("--encryption-key", action="store_true", help="print an ENCRYPTION_KEY instead")
-    gen.set_defaults(run=cmd_gen_secret)
+
+    api = (remote, output)
+    projects = _group(commands, "project", "manage projects on a running gateway")
+    create = _add(projects, "create", cmd_project_create, "create a project", api)
+    create.add_argument("name")
+    create.add_argument("--api-key-file", metavar="FILE",
+                        help="read the upstream API key from FILE (`-` = stdin; default: prompt, or stdin if piped)")
+    listing = _add(projects, "list", cmd_project_list, "list projects", api)
+    state = listing.add_mutually_exclusive_group()
+    state.add_argument("--active", dest="active", action="store_const", const=True, help="only active projects")
+    state.add_argument("--inactive", dest="active", action="store_const", const=False, help="only inactive ones")
+    _add(projects, "get", cmd_project_get, "show a project", api).add_argument("id")
+    update = _add(projects, "update", cmd_project_update, "change a project", api)
+    update.add_argument("id")
+    update.add_argument("--name")
+    update.add_argument("--api-key-file", metavar="FILE", help="replace the upstream key with FILE's (`-` = stdin)")
+    state = update.add_mutually_exclusive_group()
+    state.add_argument("--activate", dest="active", action="store_const", const=True)
+    state.add_argument("--deactivate", dest="active", action="store_const", const=False)
+
+    tokens = _group(commands, "token", "manage client tokens on a running gateway")
+    create = _add(tokens, "create", cmd_token_create, "issue a token", api)
+    create.add_argument("project_id")
+    create.add_argument("--duration", dest="duration_minutes", type=_positive, metavar="MINUTES",
+                        help="lifetime (default: DEFAULT_TOKEN_DURATION_MINUTES of the gateway)")
+    create.add_argument("--max-requests", type=_non_negative, metavar="N", help="lifetime request quota")
+    create.add_argument("--rate-limit", dest="rate_limit_per_minute", type=_non_negative, metavar="N",
+                        help="requests per minute (0 = unlimited; default: the gateway's)")
+    create.add_argument("--max-tokens-total", type=_non_negative, metavar="N", help="usage budget in model tokens")
+    listing = _add(tokens, "list", cmd_token_list, "list tokens", api)
+    listing.add_argument("--project", metavar="PROJECT_ID", help="only this project's tokens")
+    listing.add_argument("--active-only", action="store_true", help="leave out revoked, inactive and expired ones")
+    _add(tokens, "get", cmd_token_get, "show a token", api).add_argument("id")
+    revoke = _add(tokens, "revoke", cmd_token_revoke, "revoke a token (or all of a project's)", api)
+    revoke.add_argument("id", nargs="?")
+    revoke.add_argument("--project", metavar="PROJECT_ID", help="revoke every token of this project")
+    refresh = _add(tokens, "refresh", cmd_token_refresh, "replace a token with a new one", api)
+    refresh.add_argument("id")
+    refresh.add_argument("--duration", dest="duration_minutes", type=_positive, metavar="MINUTES")
+    refresh.add_argument("--grace-seconds", type=_non_negative, metavar="N",
+                         help="keep the old token working this long (default: 0)")
+
+    audit = _group(commands, "audit", "check and prune the audit trail (on the gateway's host)")
+    prune = _add(audit, "prune", cmd_audit_prune, "delete old audit rows", (output,))
+    prune.add_argument("--older-than-days", type=_non_negative, metavar="N",
+                       help="default: AUDIT_RETENTION_DAYS")
+    prune.add_argument("--batch-size", type=_positive, default=1000, metavar="N", help="rows per transaction")
+    verify = _add(audit, "verify", cmd_audit_verify, "verify the audit hash chain", (output,))
+    verify.add_argument("files", nargs="*", metavar="FILE", help="audit files, rotated ones included (.gz too)")
+    verify.add_argument("--db", action="store_true", help="verify the audit_events table")
+
+    _add(commands, "rotate-key", cmd_rotate_key, "re-encrypt stored API keys under ENCRYPTION_KEY", (output,))
     return parser
 
 
@@ -113,13 +663,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         args = parser.parse_args(argv)
     except SystemExit as exc:
-        return int(exc.code or 0)
+        return exc.code if isinstance(exc.code, int) else EXIT_USAGE
     try:
         return int(args.run(args))
     except CommandError as exc:
-        return _fail(str(exc))
+        return _fail(str(exc), exc.exit_code)
     except KeyboardInterrupt:
-        return EXIT_FAILED
+        return _fail("interrupted")
+    except Exception as exc:  # never a traceback, and never a secret an exception message might hold
+        first_line = next(iter(mask_secrets(str(exc)).splitlines()), "")
+        return _fail(f"unexpected error ({type(exc).__name__}) {first_line}".rstrip())
 
 
 if __name__ == "__main__":

@@ -25,7 +25,8 @@ def security_headers_hook(*, hsts_max_age: int | None) -> ResponseHook:
     """Build the on_response_prepare hook; pass hsts_max_age=None (or 0) when not serving TLS."""
     if hsts_max_age is not None and (isinstance(hsts_max_age, bool) or hsts_max_age < 0):
         raise ValueError(f"hsts_max_age must be a non-negative int or None, not {hsts_max_age!r}")
-    hsts = f"max-age={hsts_max_age}; includeSubDomains" if hsts_max_age else None
+    # No includeSubDomains: the gateway cannot know that every sibling host of its name speaks HTTPS.
+    hsts = f"max-age={hsts_max_age}" if hsts_max_age else None
 
     async def add_security_headers(request: web.Request, response: web.StreamResponse) -> None:
         headers = response.headers

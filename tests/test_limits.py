@@ -3,18 +3,14 @@
 from __future__ import annotations
 
 import asyncio
-import time
-from collections.abc import AsyncIterator, Callable
-from pathlib import Path
+from collections.abc import AsyncIterator
 from typing import Any
 
 import aiohttp
 import openai
 import pytest
-from aiohttp.test_utils import TestClient, TestServer
 
-from llm_proxy.app import create_app
-from tests.fakes import MANAGEMENT_TOKEN, Gateway, UpstreamState, make_settings
+from tests.fakes import MANAGEMENT_TOKEN, Gateway
 
 CHAT = {"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "hi"}]}
 BOGUS = "tok-" + "Z" * 43

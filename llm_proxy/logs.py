@@ -1,0 +1,250 @@
+"""Application logging: JSON or text lines, written off the event loop, secrets masked, one access line per request."""
+
+from __future__ import annotations
+
+import copy
+import logging
+import logging.handlers
+import queue
+import re
+import sys
+import threading
+from datetime import UTC, datetime
+from typing import Any, TextIO
+
+import orjson
+from aiohttp.abc import AbstractAccessLogger
+from aiohttp.web import BaseRequest, StreamResponse
+
+from .keys import CLIENT_IP, CREDENTIAL, REQUEST_ID
+from .obfuscation import obfuscate
+from .settings import ConfigError, Settings
+
+ACCESS_LOGGER = "llm_proxy.access"
+# Attributes every LogRecord has; anything else on a record came in through `extra=`.
+_STANDARD = frozenset(vars(logging.LogRecord("", 0, "", 0, "", None, None))) | {"message", "asctime", "taskName"}
+# Extras that are identifiers by construction: scrubbed for prefixed secrets only, so a
+# 32-hex request id stays greppable.
+_ID_FIELDS = frozenset({"request_id"})
+
+# Prefixed credentials. Possessive quantifiers plus (?!\*) leave an already obfuscated value
+# (`tok-abcd****wxyz`) alone instead of masking it a second time.
+_PREFIXED = re.compile(r"(?<![A-Za-z0-9])(?:(?:tok-|sk-)[A-Za-z0-9_-]{6,}+|(?:api_|ghp_)[A-Za-z0-9_-]{16,}+)(?!\*)")
+_AUTH_SCHEME = re.compile(r"\b([Bb]earer|BEARER|Basic)(\s+)([^\s\"',;]{8,}+)")
+# Credentials in query strings (aiohttp's own access log prints the whole request line).
+_QUERY_SECRET = re.compile(r"(?i)([?&](?:api[_-]?key|key|token|access_token|secret|password|sig)=)([^&\s\"']+)")
+# Long runs of the base64 / base64url / hex alphabet (management tokens, ENCRYPTION_KEY, hex keys).
+_LONG_RUN = re.compile(r"(?<![A-Za-z0-9+/_*-])[A-Za-z0-9+/_-]{32,}+=*(?![*])")
+_HEX = re.compile(r"[0-9a-fA-F]+")
+_UUID = re.compile(r"[0-9a-fA-F]{8}-(?:[0-9a-fA-F]{4}-){3}[0-9a-fA-F]{12}")
+_UPPER, _LOWER, _DIGIT = re.compile(r"[A-Z]"), re.compile(r"[a-z]"), re.compile(r"[0-9]")
+
+
+def _mask_auth(match: re.Match[str]) -> str:
+    value = match.group(3)
+    return match.group(0) if "****" in value else f"{match.group(1)}{match.group(2)}{obfuscate(value)}"
+
+
+def _mask_query(match: re.Match[str]) -> str:
+    value = match.group(2)
+    return match.group(0) if "****" in value else match.group(1) + obfuscate(value)
+
+
+def _mask_run(match: re.Match[str]) -> str:
+    value = match.group(0)
+    core = value.rstrip("=")
+    # A secret is hex, or mixes upper, lower and digits (random base64 practically always does);
+    # paths, UUIDs and words do not, and are kept readable.
+    if _UUID.fullmatch(core):
+        return value
+    if _HEX.fullmatch(core) or (_UPPER.search(core) and _LOWER.search(core) and _DIGIT.search(core)):
+        return obfuscate(value)
+    return value
+
+
+def mask_secrets(text: str, *, long_runs: bool = True) -> str:
+    """Replace every token- or key-shaped part of `text` by its obfuscated form."""
+    text = _AUTH_SCHEME.sub(_mask_auth, text)
+    text = _QUERY_SECRET.sub(_mask_query, text)
+    text = _PREFIXED.sub(lambda match: obfuscate(match.group(0)), text)
+    return _LONG_RUN.sub(_mask_run, text) if long_runs else text
+
+
+class SecretMaskingFilter(logging.Filter):
+    """Scrub the final message, traceback and string extras of every record that reaches a handler."""
+
+    _exceptions = logging.Formatter()
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        try:
+            message = record.getMessage()
+        except Exception:  # bad %-args: still log, and still masked
+            message = f"{record.msg!s} {record.args!r}"
+        record.msg, record.args = mask_secrets(message), None
+        if record.exc_info and not record.exc_text:
+            record.exc_text = self._exceptions.formatException(record.exc_info)
+        if record.exc_text:
+            record.exc_text = mask_secrets(record.exc_text)
+        if record.stack_info:
+            record.stack_info = mask_secrets(record.stack_info)
+        for key, value in list(vars(record).items()):
+            if key not in _STANDARD and not key.startswith("_"):
+                setattr(record, key, _mask_value(value, long_runs=key not in _ID_FIELDS))
+        return True
+
+
+def _mask_value(value: Any, *, long_runs: bool = True) -> Any:
+    if isinstance(value, str):
+        return mask_secrets(value, long_runs=long_runs)
+    if isinstance(value, dict):
+        return {key: _mask_value(item) for key, item in value.items()}
+    if isinstance(value, list | tuple | set):
+        return [_mask_value(item) for item in value]
+    if value is None or isinstance(value, int | float):
+        return value
+    return mask_secrets(str(value))  # anything else is logged as its str() anyway
+
+
+def _utc(created: float) -> str:
+    return datetime.fromtimestamp(created, UTC).strftime("%Y-%m-%dT%H:%M:%S.%f")[:-3] + "Z"
+
+
+def _extras(record: logging.LogRecord) -> dict[str, Any]:
+    return {key: value for key, value in vars(record).items() if key not in _STANDARD and not key.startswith("_")}
+
+
+class JsonFormatter(logging.Formatter):
+    """One JSON object a line: time, level, logger, message, then the record's extras."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        document: dict[str, Any] = {
+            "time": _utc(record.created),
+            "level": record.levelname.lower(), "logger": record.name, "message": record.getMessage()}
+        for key, value in _extras(record).items():
+            document.setdefault(key, value)
+        if record.exc_info and not record.exc_text:
+            record.exc_text = self.formatException(record.exc_info)
+        if record.exc_text:
+            document["exception"] = record.exc_text
+        if record.stack_info:
+            document["stack"] = record.stack_info
+        return orjson.dumps(document, default=str).decode()
+
+
+class TextFormatter(logging.Formatter):
+    """`time LEVEL logger: message key=value …` for people reading a terminal."""
+
+    # The access line already says these in its message.
+    _IN_MESSAGE = frozenset({"method", "path", "status"})
+
+    def __init__(self) -> None:
+        super().__init__("%(asctime)s %(levelname)s %(name)s: %(message)s")
+
+    def formatTime(self, record: logging.LogRecord, datefmt: str | None = None) -> str:
+        return _utc(record.created)
+
+    def formatMessage(self, record: logging.LogRecord) -> str:
+        line = super().formatMessage(record)
+        extras = " ".join(f"{key}={value}" for key, value in _extras(record).items()
+                          if key not in self._IN_MESSAGE and value is not None)
+        return f"{line} {extras}" if extras else line
+
+
+def _handler(settings: Settings, stream: TextIO | None) -> logging.Handler:
+    if settings.log_file is None:
+        return logging.StreamHandler(stream if stream is not None else sys.stderr)
+    try:
+        # Reopens when the path's (st_dev, st_ino) changes: logrotate's rename + create needs no signal.
+        return logging.handlers.WatchedFileHandler(settings.log_file, encoding="utf-8")
+    except OSError as exc:
+        raise ConfigError("LOG_FILE", f"cannot open {settings.log_file} for appending ({exc.strerror})") from None
+
+
+class _QueueHandler(logging.handlers.QueueHandler):
+    """Merge message and args now (they may change later), but keep the traceback apart from the message."""
+
+    _exceptions = logging.Formatter()
+
+    def prepare(self, record: logging.LogRecord) -> logging.LogRecord:
+        try:
+            message = record.getMessage()
+        except Exception:  # bad %-args: still log
+            message = f"{record.msg!s} {record.args!r}"
+        exc_text = record.exc_text
+        if record.exc_info and not exc_text:
+            exc_text = self._exceptions.formatException(record.exc_info)
+        record = copy.copy(record)
+        record.message = record.msg = message
+        record.args, record.exc_info, record.exc_text = None, None, exc_text
+        return record
+
+
+class LogListener(logging.handlers.QueueListener):
+    """The thread that writes log records; stop() drains it, closes the destination and detaches from root."""
+
+    def __init__(self, log_queue: queue.Queue[Any], queue_handler: logging.Handler,
+                 *handlers: logging.Handler) -> None:
+        super().__init__(log_queue, *handlers, respect_handler_level=True)
+        self.queue_handler = queue_handler
+
+    def handle(self, record: logging.LogRecord) -> None:
+        marker = getattr(record, "_flushed", None)
+        if isinstance(marker, threading.Event):
+            marker.set()
+            return
+        super().handle(record)
+
+    def flush(self, timeout: float = 5.0) -> bool:
+        """Block until every record queued so far is written (for tests and orderly shutdown)."""
+        marker = threading.Event()
+        record = logging.makeLogRecord({"_flushed": marker})
+        self.queue.put_nowait(record)
+        return marker.wait(timeout)
+
+    def stop(self) -> None:
+        """Write what is queued, stop the thread, close the destination; safe to call twice."""
+        logging.getLogger().removeHandler(self.queue_handler)
+        if self._thread is not None:
+            super().stop()
+        for handler in self.handlers:
+            handler.close()
+
+
+def configure_logging(settings: Settings, *, stream: TextIO | None = None) -> LogListener:
+    """Route every logger through a queue to one masked JSON or text destination; return the started listener.
+
+    Raises ConfigError naming LOG_FILE when that file cannot be opened.
+    """
+    destination = _handler(settings, stream)
+    destination.setFormatter(JsonFormatter() if settings.log_format == "json" else TextFormatter())
+    destination.addFilter(SecretMaskingFilter())
+    # Unbounded on purpose: a bounded queue makes QueueHandler print tracebacks to stderr when full.
+    log_queue: queue.Queue[Any] = queue.Queue()
+    queue_handler = _QueueHandler(log_queue)
+    root = logging.getLogger()
+    for existing in list(root.handlers):
+        root.removeHandler(existing)
+    root.addHandler(queue_handler)
+    root.setLevel(settings.log_level.upper())
+    listener = LogListener(log_queue, queue_handler, destination)
+    listener.start()
+    return listener
+
+
+class AccessLogger(AbstractAccessLogger):
+    """One line per request: request id, method, path (never the query string), status, duration, client, token."""
+
+    def log(self, request: BaseRequest, response: StreamResponse, time: float) -> None:
+        credential = request.get(CREDENTIAL)
+        extra = {
+            "request_id": request.get(REQUEST_ID), "method": request.method,
+            # The query string can carry secrets (?api_key=…); the path alone identifies the route.
+            "path": request.path, "status": response.status, "duration_ms": round(time * 1000, 1),
+            "client_ip": request.get(CLIENT_IP) or request.remote,
+            "token_id": getattr(credential, "hint", None),
+        }
+        self.logger.info("%s %s %s", request.method, request.path, response.status, extra=extra)
+
+    @property
+    def enabled(self) -> bool:
+        return self.logger.isEnabledFor(logging.INFO)

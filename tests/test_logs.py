@@ -1,0 +1,216 @@
+"""Application logs: JSON and text lines, masking of secrets from any logger, logrotate, the access line."""
+
+from __future__ import annotations
+
+import base64
+import io
+import logging
+import re
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import orjson
+import pytest
+from aiohttp import web
+from aiohttp.test_utils import TestClient, TestServer
+
+from llm_proxy.app import create_app
+from llm_proxy.logs import ACCESS_LOGGER, AccessLogger, LogListener, configure_logging, mask_secrets
+from llm_proxy.settings import ConfigError
+from tests.fakes import MANAGEMENT_TOKEN, UPSTREAM_KEY, UpstreamState, make_settings
+
+CLIENT_TOKEN = "tok-" + "Zq9_x-Lm3Pw7Rt2Vb8Nc4Hd6Jf1Ks5Ga0Ye3Ui7Oo2Aa"
+ENCRYPTION_KEY = base64.b64encode(bytes(range(100, 132))).decode()  # 44 characters
+HEX_KEY = "9f86d081884c7d659a2feaa0c55ad015a3bf4f1b2b0b822cd15d6c15b0f00a08"
+SECRETS = (CLIENT_TOKEN, UPSTREAM_KEY, MANAGEMENT_TOKEN, ENCRYPTION_KEY, HEX_KEY)
+
+Configure = Callable[..., tuple[LogListener, Path]]
+
+
+@pytest.fixture
+def configure(tmp_path: Path) -> Iterator[Configure]:
+    """Configure logging to tmp_path/app.log (or as overridden); undo it afterwards."""
+    root = logging.getLogger()
+    level = root.level
+    listeners: list[LogListener] = []
+
+    def start(**overrides: str) -> tuple[LogListener, Path]:
+        settings = make_settings(tmp_path, **{"LOG_FILE": str(tmp_path / "app.log"), **overrides})
+        listeners.append(configure_logging(settings))
+        return listeners[-1], settings.log_file or tmp_path / "stderr"
+
+    yield start
+    for listener in listeners:
+        listener.stop()
+    root.setLevel(level)
+
+
+def json_lines(path: Path) -> list[dict[str, Any]]:
+    return [orjson.loads(line) for line in path.read_bytes().splitlines()]
+
+
+def test_json_lines_carry_time_level_logger_message_and_extras(configure: Configure) -> None:
+    listener, path = configure(LOG_FORMAT="json", LOG_LEVEL="info")
+    logging.getLogger("llm_proxy.test").info("hello %s", "world", extra={"request_id": "req-1", "status": 200})
+    logging.getLogger("llm_proxy.test").debug("not at info level")
+    try:
+        raise ValueError("broken")
+    except ValueError:
+        logging.getLogger("llm_proxy.test").exception("it failed")
+    listener.stop()
+
+    first, second = json_lines(path)
+    assert first["message"] == "hello world"
+    assert first["level"] == "info" and first["logger"] == "llm_proxy.test"
+    assert re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z", first["time"])
+    assert first["request_id"] == "req-1" and first["status"] == 200
+    assert second["level"] == "error" and second["message"] == "it failed"
+    assert "ValueError: broken" in second["exception"]
+
+
+def test_text_lines_are_readable_and_keep_extras(configure: Configure) -> None:
+    listener, path = configure(LOG_FORMAT="text", LOG_LEVEL="warning")
+    logging.getLogger("llm_proxy.test").info("below the level")
+    logging.getLogger("llm_proxy.test").warning("disk almost full", extra={"request_id": "req-2"})
+    listener.stop()
+
+    (line,) = path.read_text().splitlines()
+    assert re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z WARNING llm_proxy.test: disk almost full "
+                        r"request_id=req-2", line), line
+
+
+def test_stderr_is_the_default_destination(configure: Configure, capsys: pytest.CaptureFixture[str]) -> None:
+    listener, _ = configure(LOG_FILE="", LOG_FORMAT="json")
+    logging.getLogger("llm_proxy.test").warning("to stderr")
+    listener.stop()
+    assert orjson.loads(capsys.readouterr().err)["message"] == "to stderr"
+
+
+def test_an_unopenable_log_file_is_a_config_error(tmp_path: Path) -> None:
+    settings = make_settings(tmp_path, LOG_FILE=str(tmp_path / "missing-dir" / "app.log"))
+    with pytest.raises(ConfigError, match=r"^LOG_FILE: cannot open"):
+        configure_logging(settings)
+
+
+@pytest.mark.parametrize("log_format", ["json", "text"])
+async def test_secrets_logged_at_debug_from_any_module_never_reach_the_output(
+        configure: Configure, log_format: str) -> None:
+    listener, path = configure(LOG_FORMAT=log_format, LOG_LEVEL="debug")
+    anywhere = logging.getLogger("some.third_party.module")
+    anywhere.debug("presented %s for key %s", CLIENT_TOKEN, UPSTREAM_KEY)
+    anywhere.debug("headers: %r", {"Authorization": f"Bearer {MANAGEMENT_TOKEN}"})
+    anywhere.debug("ENCRYPTION_KEY=%s hex=%s", ENCRYPTION_KEY, HEX_KEY,
+                   extra={"key": ENCRYPTION_KEY, "headers": {"authorization": [f"Bearer {CLIENT_TOKEN}"]}})
+    anywhere.debug(f"already formatted: {CLIENT_TOKEN}", stack_info=True)
+    for name in ("aiohttp.server", "aiohttp.client", "aiohttp.access", "aiohttp.web"):
+        logging.getLogger(name).debug("Authorization: Bearer %s", CLIENT_TOKEN)
+    try:
+        raise RuntimeError(f"upstream rejected {UPSTREAM_KEY}")
+    except RuntimeError:
+        anywhere.exception("failed with %s", MANAGEMENT_TOKEN)
+
+    # And a real aiohttp code path: its server logs a handler's exception with the traceback.
+    async def handler(request: web.Request) -> web.Response:
+        raise RuntimeError(f"boom {CLIENT_TOKEN} {ENCRYPTION_KEY}")
+
+    app = web.Application()
+    app.router.add_get("/", handler)
+    async with TestClient(TestServer(app)) as client:
+        assert (await client.get("/")).status == 500
+    listener.stop()
+
+    output = path.read_text()
+    for secret in SECRETS:
+        assert secret not in output
+        assert secret[6:30] not in output  # not even a long fragment
+    assert "tok-Zq9_****o2Aa" in output  # obfuscated, still recognisable
+    assert "Bearer " in output and "Error handling request" in output and "RuntimeError: boom" in output
+
+
+@pytest.mark.parametrize(("text", "expected"), [
+    ("path /usr/lib/python3.11/site-packages/aiohttp/web_protocol.py", None),
+    ("/manage/tokens/3f2a0c1e-1234-4abc-9def-0123456789ab/refresh", None),
+    ("hint tok-abcd****wxyz stays as it is", None),
+    ("disk-usage, task-force, the api_key field, a bearer token", None),
+    ("key sk-proj-abcDEF123456789xyz", "key sk-proj****9xyz"),
+    (f"Authorization: Bearer {MANAGEMENT_TOKEN}", "Authorization: Bearer mg********d4"),
+    ("0123456789abcdef0123456789abcdef", "01********ef"),
+    ('"GET /v1/models?api_key=query-secret-value&x=1 HTTP/1.1"', '"GET /v1/models?api_key=qu********ue&x=1 HTTP/1.1"'),
+])
+def test_masking_keeps_ordinary_text_readable(text: str, expected: str | None) -> None:
+    assert mask_secrets(text) == (text if expected is None else expected)
+
+
+def test_log_file_survives_rotation(configure: Configure) -> None:
+    listener, path = configure(LOG_FORMAT="text")
+    logging.getLogger("llm_proxy.test").warning("before rotation")
+    assert listener.flush()
+    rotated = path.with_name("app.log.1")
+    path.rename(rotated)  # what logrotate does (no copytruncate, no signal)
+    logging.getLogger("llm_proxy.test").warning("after rotation")
+    listener.stop()
+
+    assert "before rotation" in rotated.read_text() and "after rotation" not in rotated.read_text()
+    assert "after rotation" in path.read_text() and "before rotation" not in path.read_text()
+
+
+async def test_access_line_per_request(configure: Configure, tmp_path: Path,
+                                       upstream: tuple[UpstreamState, TestServer]) -> None:
+    listener, path = configure(LOG_FORMAT="json")
+    _, upstream_server = upstream
+    settings = make_settings(tmp_path, str(upstream_server.make_url("")).rstrip("/"))
+    server = TestServer(create_app(settings))
+    await server.start_server(access_log_class=AccessLogger, access_log=logging.getLogger(ACCESS_LOGGER))
+    async with TestClient(server) as client:
+        auth = {"Authorization": f"Bearer {MANAGEMENT_TOKEN}"}
+        project = await (await client.post("/manage/projects", json={"name": "p", "api_key": UPSTREAM_KEY},
+                                           headers=auth)).json()
+        token = await (await client.post("/manage/tokens", json={"project_id": project["id"]}, headers=auth)).json()
+        response = await client.get("/v1/models", params={"api_key": "query-secret-value"},
+                                    headers={"Authorization": f"Bearer {token['token']}", "X-Request-ID": "req-abc"})
+        assert response.status == 200
+    listener.stop()
+
+    lines = [line for line in json_lines(path) if line["logger"] == ACCESS_LOGGER]
+    assert [line["path"] for line in lines] == ["/manage/projects", "/manage/tokens", "/v1/models"]
+    proxied = lines[-1]
+    assert proxied["request_id"] == "req-abc" and proxied["method"] == "GET" and proxied["status"] == 200
+    assert proxied["client_ip"] == "127.0.0.1" and isinstance(proxied["duration_ms"], float)
+    assert proxied["token_id"] == token["token_hint"] and proxied["message"] == "GET /v1/models 200"
+    assert lines[0]["token_id"] is None and lines[0]["status"] == 201
+    assert len(lines[0]["request_id"]) == 32  # generated ids are not mistaken for secrets
+    output = path.read_text()
+    assert "query-secret-value" not in output and token["token"] not in output
+
+
+def test_access_logger_is_off_below_info() -> None:
+    logger = logging.getLogger("llm_proxy.access.test-disabled")
+    logger.setLevel(logging.WARNING)
+    try:
+        assert AccessLogger(logger, "").enabled is False
+    finally:
+        logger.setLevel(logging.NOTSET)
+
+
+def test_the_masking_filter_also_works_without_the_queue() -> None:
+    from llm_proxy.logs import JsonFormatter, SecretMaskingFilter
+
+    stream = io.StringIO()
+    handler = logging.StreamHandler(stream)
+    handler.setFormatter(JsonFormatter())
+    handler.addFilter(SecretMaskingFilter())
+    logger = logging.getLogger("llm_proxy.test.direct")
+    logger.addHandler(handler)
+    logger.propagate = False
+    try:
+        try:
+            raise KeyError(CLIENT_TOKEN)
+        except KeyError:
+            logger.error("bad %s", UPSTREAM_KEY, exc_info=True)
+    finally:
+        logger.removeHandler(handler)
+        logger.propagate = True
+    line = orjson.loads(stream.getvalue())
+    assert CLIENT_TOKEN not in stream.getvalue() and UPSTREAM_KEY not in stream.getvalue()
+    assert "KeyError" in line["exception"] and line["message"].startswith("bad sk-upst")
