@@ -18,7 +18,6 @@ from typing import Any, TypeVar
 import aiohttp
 import orjson
 from aiohttp import web
-from dotenv import dotenv_values
 
 from . import __version__, auditchain, repository
 from .app import CONNECTION_IDLE_TIMEOUT, create_app
@@ -27,7 +26,7 @@ from .credentials import generate_encryption_key, generate_secret
 from .crypto import DecryptionError, KeyRing
 from .database import Database
 from .logs import ACCESS_LOGGER, AccessLogger, configure_logging, mask_secrets
-from .settings import ConfigError, Settings, load_settings
+from .settings import ConfigError, Settings, load_settings, read_client_variable
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
 DEFAULT_URL = "http://127.0.0.1:8080"
@@ -122,14 +121,6 @@ def _show_new_token(args: argparse.Namespace, document: dict[str, Any]) -> None:
 
 # ---- talking to a running gateway ----
 
-def _client_config(name: str) -> str | None:
-    """Read a CLI-side variable from the environment, then from ./.env (never the gateway's Settings)."""
-    value = os.environ.get(name)
-    if value is None and Path(".env").is_file():
-        value = dotenv_values(".env").get(name)
-    return value.strip() if value and value.strip() else None
-
-
 def _management_token(args: argparse.Namespace) -> str:
     if args.token_file is not None:
         try:
@@ -137,7 +128,7 @@ def _management_token(args: argparse.Namespace) -> str:
         except OSError as exc:
             raise UsageError(f"--token-file: cannot read {args.token_file} ({exc.strerror})") from None
     else:
-        raw = _client_config("MANAGEMENT_TOKEN") or ""
+        raw = read_client_variable("MANAGEMENT_TOKEN") or ""
     # MANAGEMENT_TOKEN may list several accepted tokens; any one of them will do.
     token = next((item.strip() for item in raw.strip().split(",") if item.strip()), None)
     if token is None:
@@ -146,7 +137,7 @@ def _management_token(args: argparse.Namespace) -> str:
 
 
 def _base_url(args: argparse.Namespace) -> str:
-    url = (args.url or _client_config("LLM_PROXY_URL") or DEFAULT_URL).rstrip("/")
+    url = (args.url or read_client_variable("LLM_PROXY_URL") or DEFAULT_URL).rstrip("/")
     if not re.fullmatch(r"https?://[^/\s?#@]+(/[^\s?#]*)?", url):
         raise UsageError("--url must be an http:// or https:// URL such as http://127.0.0.1:8080")
     return url

@@ -313,7 +313,15 @@ def load_settings(environ: Mapping[str, str] | None = None, env_file: str | Path
     return settings
 
 
-# Every environment variable this module reads; the README's configuration table must match it.
+def read_client_variable(name: str, env_file: str | Path = ".env") -> str | None:
+    """Read a CLI-side variable (LLM_PROXY_URL, MANAGEMENT_TOKEN) from the environment, then `.env`."""
+    value = os.environ.get(name)
+    if value is None and Path(env_file).is_file():
+        value = dotenv_values(env_file).get(name)
+    return value.strip() if value and value.strip() else None
+
+
+# Every gateway environment variable this module reads; the README's configuration table must match it.
 VARIABLES = (
     "MANAGEMENT_TOKEN", "MANAGEMENT_ALLOWED_IPS", "ENCRYPTION_KEY", "ENCRYPTION_KEY_PREVIOUS",
     "OPENAI_API_URL", "LISTEN_ADDR", "DATABASE_PATH", "LOG_LEVEL", "LOG_FORMAT", "LOG_FILE",
