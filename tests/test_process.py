@@ -1,0 +1,149 @@
+"""The gateway as operators run it: `llm-proxy serve` in its own process, stopped by SIGTERM or killed."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import socket
+import sqlite3
+import sys
+import time
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import orjson
+import pytest
+from aiohttp.test_utils import TestServer
+
+from llm_proxy.auditchain import verify_files
+from tests.fakes import ENCRYPTION_KEY, MANAGEMENT_TOKEN, UPSTREAM_KEY, UpstreamState
+
+CHAT = {"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "hi"}]}
+
+
+def _free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return int(probe.getsockname()[1])
+
+
+class Served:
+    def __init__(self, process: asyncio.subprocess.Process, url: str, data: Path) -> None:
+        self.process = process
+        self.url = url
+        self.data = data
+        self.auth = {"Authorization": f"Bearer {MANAGEMENT_TOKEN}"}
+
+    async def token(self, session: aiohttp.ClientSession, **fields: Any) -> dict[str, Any]:
+        async with session.post(f"{self.url}/manage/projects", headers=self.auth,
+                                json={"name": "p", "api_key": UPSTREAM_KEY}) as response:
+            project = await response.json()
+        async with session.post(f"{self.url}/manage/tokens", headers=self.auth,
+                                json={"project_id": project["id"], **fields}) as response:
+            assert response.status == 201
+            return dict(await response.json())
+
+
+@pytest.fixture
+async def served(tmp_path: Path, upstream: tuple[UpstreamState, TestServer]) -> AsyncIterator[Served]:
+    _, server = upstream
+    port = _free_port()
+    env = {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "MANAGEMENT_TOKEN": MANAGEMENT_TOKEN,
+           "ENCRYPTION_KEY": ENCRYPTION_KEY, "OPENAI_API_URL": str(server.make_url("")).rstrip("/"),
+           "LISTEN_ADDR": f"127.0.0.1:{port}", "DATABASE_PATH": str(tmp_path / "data" / "gateway.db"),
+           "AUDIT_LOG_FILE": str(tmp_path / "data" / "audit.log"), "LOG_FILE": str(tmp_path / "gateway.log"),
+           "RATE_LIMIT_PER_MINUTE": "0", "SHUTDOWN_GRACE": "10s"}
+    process = await asyncio.create_subprocess_exec(sys.executable, "-m", "llm_proxy", "serve", cwd=tmp_path, env=env,
+                                                   stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
+    url = f"http://127.0.0.1:{port}"
+    async with aiohttp.ClientSession() as session:
+        for _ in range(200):
+            try:
+                async with session.get(f"{url}/health") as response:
+                    if response.status == 200:
+                        break
+            except aiohttp.ClientConnectionError:
+                await asyncio.sleep(0.05)
+        else:
+            process.kill()
+            pytest.fail(f"gateway did not start: {(await process.communicate())[1].decode()}")
+    yield Served(process, url, tmp_path / "data")
+    if process.returncode is None:
+        process.kill()
+        await process.wait()
+
+
+async def test_sigterm_lets_a_stream_finish_then_flushes_and_exits_0(served: Served,
+                                                                     upstream: tuple[UpstreamState, Any]) -> None:
+    state, _ = upstream
+    state.chunk_delay, state.chunks = 0.15, 10
+    async with aiohttp.ClientSession() as session:
+        token = await served.token(session)
+        response = await session.post(f"{served.url}/v1/chat/completions", json={**CHAT, "stream": True},
+                                      headers={"Authorization": f"Bearer {token['token']}"})
+        first = await response.content.readline()
+
+        served.process.send_signal(signal.SIGTERM)
+        rest = await asyncio.wait_for(response.read(), timeout=10)
+        stopped_accepting = False
+        for _ in range(100):  # new connections are refused once the listener is closed
+            try:
+                async with session.get(f"{served.url}/health") as probe:
+                    await probe.read()
+            except aiohttp.ClientConnectionError:
+                stopped_accepting = True
+                break
+            await asyncio.sleep(0.02)
+
+    assert await asyncio.wait_for(served.process.wait(), timeout=15) == 0
+    assert first.startswith(b"data: ") and rest.rstrip().endswith(b"data: [DONE]")
+    assert rest.count(b"part") == 9  # every chunk after the signal arrived
+    assert stopped_accepting
+    with sqlite3.connect(served.data / "gateway.db") as db:
+        assert db.execute("SELECT request_count FROM tokens WHERE id = ?", (token["id"],)).fetchone() == (1,)
+    events = [orjson.loads(line) for line in (served.data / "audit.log").read_bytes().splitlines()]
+    access = [e for e in events if e["action"] == "token.access"]
+    assert len(access) == 1 and access[0]["details"]["status"] == 200
+
+
+async def test_kill_9_under_load_leaves_whole_audit_lines_and_a_sound_database(served: Served) -> None:
+    async with aiohttp.ClientSession() as session:
+        token = await served.token(session)
+        headers = {"Authorization": f"Bearer {token['token']}"}
+        completed: list[float] = []
+
+        async def hammer() -> None:
+            while True:
+                try:
+                    async with session.post(f"{served.url}/v1/chat/completions", json=CHAT,
+                                            headers=headers) as response:
+                        await response.read()
+                        if response.status == 200:
+                            completed.append(time.monotonic())
+                except aiohttp.ClientError:
+                    return
+
+        workers = [asyncio.create_task(hammer()) for _ in range(16)]
+        started = time.monotonic()
+        while time.monotonic() - started < 2.5 or len(completed) < 300:
+            assert time.monotonic() - started < 20, "the gateway is too slow to load"
+            await asyncio.sleep(0.05)
+        served.process.kill()  # SIGKILL: no cleanup runs
+        killed = time.monotonic()
+        await served.process.wait()
+        await asyncio.gather(*workers)
+    done = len(completed)
+    settled = sum(1 for at in completed if at <= killed - 1.5)
+    lines = (served.data / "audit.log").read_bytes().splitlines()
+    assert len(lines) > 100
+    for line in lines:
+        orjson.loads(line)  # every line whole: a torn line would not parse
+    assert verify_files([served.data / "audit.log"]).ok
+    with sqlite3.connect(served.data / "gateway.db") as db:
+        assert db.execute("PRAGMA integrity_check").fetchone() == ("ok",)
+        (count,) = db.execute("SELECT request_count FROM tokens WHERE id = ?", (token["id"],)).fetchone()
+    # Counters are written every second: only the last second's requests can be missing.
+    assert settled <= count <= done
