@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import os
 import sqlite3
 from collections.abc import Awaitable, Callable, Iterable
 from datetime import UTC, datetime
@@ -49,6 +50,10 @@ class Database:
     async def connect(self) -> None:
         """Create the file and its directory if needed, switch to WAL and apply the schema."""
         self.path.parent.mkdir(parents=True, exist_ok=True)
+        if not self.path.exists():
+            # Encrypted keys and token digests are nobody else's business: owner-only from the start
+            # (SQLite gives its -wal and -shm files the same mode).
+            os.close(os.open(self.path, os.O_CREAT | os.O_WRONLY, 0o600))
         writer = await _connect(self.path)
         try:
             await writer.execute("PRAGMA journal_mode = WAL")

@@ -196,3 +196,10 @@ async def test_management_responses_never_include_secrets(gateway: Gateway) -> N
               await gateway.manage("GET", f"/projects/{token['project_id']}")]
     text = repr(bodies)
     assert token["token"] not in text and UPSTREAM_KEY not in text and MANAGEMENT_TOKEN not in text
+
+
+async def test_database_files_are_owner_only(gateway: Gateway) -> None:
+    await gateway.project()
+    for suffix in ("", "-wal"):
+        path = gateway.settings.database_path.with_name(gateway.settings.database_path.name + suffix)
+        assert path.stat().st_mode & 0o077 == 0, path
