@@ -9,7 +9,7 @@ from aiohttp import web
 
 from .anomaly import AnomalyDetector
 from .audit import AuditWriter
-from .auth import bearer, management_auth_middleware, token_auth_middleware
+from .auth import ManagementTokens, management_auth_middleware, token_auth_middleware
 from .cors import cors_headers_hook, cors_middleware
 from .crypto import KeyRing
 from .database import Database
@@ -73,15 +73,15 @@ def create_app(settings: Settings, *, clock: Callable[[], float] = time.time,
         cors_headers_hook(settings.cors_allowed_origins),  # always: it also strips upstream Access-Control-*
         security_headers_hook(hsts_max_age=settings.hsts_max_age if settings.tls_cert_file else None),
     ])
-    app.add_routes([*health_routes(db), metrics_route(metrics, settings.management_tokens,
-                                                      settings.management_allowed_ips, bearer)])
+    management_tokens = ManagementTokens(settings.management_tokens)
+    app.add_routes([*health_routes(db), metrics_route(metrics, management_tokens, settings.management_allowed_ips)])
 
     # Inside each sub-application: an IP that failed authentication too often is refused before
     # its credential is even looked at; then the credential; then (for /v1) rate, quota and capacity.
     failures = FailureCounter(settings.ip_rate_limit, clock=monotonic)
     manage = web.Application(middlewares=[
         ip_block_middleware(failures, audit, metrics, "management"),
-        management_auth_middleware(settings.management_tokens, settings.management_allowed_ips, audit, failures)])
+        management_auth_middleware(management_tokens, settings.management_allowed_ips, audit, failures)])
     manage.add_routes(management.routes())
     app.add_subapp("/manage", manage)
 

@@ -26,6 +26,23 @@ def bearer(request: web.Request) -> str | None:
     return header[7:].strip() or None
 
 
+class ManagementTokens:
+    """The accepted management tokens, compared in constant time against every one (no early exit)."""
+
+    def __init__(self, tokens: tuple[str, ...]) -> None:
+        self._expected = tuple(token.encode() for token in tokens)
+
+    def accepts(self, presented: str | None) -> bool:
+        """Tell whether a presented bearer value is one of the management tokens."""
+        if presented is None:
+            return False
+        candidate = presented.encode("utf-8", "surrogateescape")
+        valid = False
+        for token in self._expected:
+            valid |= hmac.compare_digest(candidate, token)
+        return valid
+
+
 def _rejection_details(request: web.Request, reason: str, presented: str | None) -> dict[str, object]:
     return {"http_method": request.method, "endpoint": request.path, "reason": reason,
             # Only ever the obfuscated form of what was presented.
@@ -33,11 +50,9 @@ def _rejection_details(request: web.Request, reason: str, presented: str | None)
             "user_agent": request.headers.get("User-Agent")}
 
 
-def management_auth_middleware(tokens: tuple[str, ...], allowed_ips: tuple[IPNetwork, ...],
+def management_auth_middleware(tokens: ManagementTokens, allowed_ips: tuple[IPNetwork, ...],
                                audit: AuditWriter, failures: FailureCounter) -> Middleware:
     """Build the middleware guarding the management API: IP allow-list first, then the bearer token."""
-    expected = tuple(token.encode() for token in tokens)
-
     @web.middleware
     async def management_auth(request: web.Request, handler: Handler) -> web.StreamResponse:
         client_ip = request[CLIENT_IP]
@@ -46,13 +61,7 @@ def management_auth_middleware(tokens: tuple[str, ...], allowed_ips: tuple[IPNet
                        client_ip=client_ip, details=_rejection_details(request, "ip_not_allowed", None))
             raise IPNotAllowed()
         presented = bearer(request)
-        valid = False
-        if presented is not None:
-            candidate = presented.encode("utf-8", "surrogateescape")
-            # Compare against every accepted token in constant time; no early exit.
-            for token in expected:
-                valid |= hmac.compare_digest(candidate, token)
-        if not valid:
+        if not tokens.accepts(presented):
             reason = "missing_credential" if presented is None else "invalid_management_token"
             failures.record_failure(client_ip)
             audit.emit("auth.failure", actor="management", result="failure", request_id=request[REQUEST_ID],

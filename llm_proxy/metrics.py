@@ -2,8 +2,7 @@
 
 from __future__ import annotations
 
-import hmac
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 
 from aiohttp import web
 from aiohttp.typedefs import Handler, Middleware
@@ -12,6 +11,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
 from .audit import AuditWriter
+from .auth import ManagementTokens, bearer
 from .errors import InvalidManagementToken
 from .keys import CLIENT_IP
 from .ratelimit import ConcurrencyLimiter
@@ -90,19 +90,11 @@ def metrics_middleware(metrics: Metrics) -> Middleware:
     return count
 
 
-def metrics_route(metrics: Metrics, tokens: tuple[str, ...], allowed_ips: tuple[IPNetwork, ...],
-                  bearer: Callable[[web.Request], str | None]) -> web.RouteDef:
+def metrics_route(metrics: Metrics, tokens: ManagementTokens, allowed_ips: tuple[IPNetwork, ...]) -> web.RouteDef:
     """Return GET /metrics: open to a management token, or to MANAGEMENT_ALLOWED_IPS when that is set."""
-    expected = tuple(token.encode() for token in tokens)
 
     async def handler(request: web.Request) -> web.Response:
-        presented = bearer(request)
-        valid = False
-        if presented is not None:
-            candidate = presented.encode("utf-8", "surrogateescape")
-            for token in expected:
-                valid |= hmac.compare_digest(candidate, token)
-        if not valid and not (allowed_ips and ip_in(request[CLIENT_IP], allowed_ips)):
+        if not tokens.accepts(bearer(request)) and not (allowed_ips and ip_in(request[CLIENT_IP], allowed_ips)):
             raise InvalidManagementToken(headers={"WWW-Authenticate": "Bearer"})
         return web.Response(body=metrics.render(), headers={"Content-Type": CONTENT_TYPE_LATEST})
 

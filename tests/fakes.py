@@ -20,6 +20,19 @@ UPSTREAM_KEY = "sk-upstream-REAL-secret-key-0123456789abcdef"
 ENCRYPTION_KEY = base64.b64encode(bytes(range(32))).decode()
 
 
+class FakeClock:
+    """A settable clock (wall or monotonic), so no test ever sleeps to let time pass."""
+
+    def __init__(self, now: float = 1_800_000_000.0) -> None:
+        self.now = now
+
+    def __call__(self) -> float:
+        return self.now
+
+    def advance(self, seconds: float) -> None:
+        self.now += seconds
+
+
 @dataclass
 class Recorded:
     method: str

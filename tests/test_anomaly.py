@@ -7,15 +7,7 @@ from typing import Any
 import orjson
 
 from llm_proxy.keys import ANOMALIES, AUDIT, EXPIRY_JOB
-from tests.fakes import Gateway
-
-
-class Clock:
-    def __init__(self, now: float = 1_800_000_000.0) -> None:
-        self.now = now
-
-    def __call__(self) -> float:
-        return self.now
+from tests.fakes import FakeClock, Gateway
 
 
 async def _events(gateway: Gateway, action: str) -> list[dict[str, Any]]:
@@ -65,7 +57,7 @@ async def test_auto_suspend_deactivates_a_flagged_token_at_once(make_gateway: An
 
 
 async def test_rate_spike_over_the_trailing_hour_average(make_gateway: Any) -> None:
-    clock = Clock()
+    clock = FakeClock()
     gateway = await make_gateway(clock=clock, ANOMALY_RATE_FACTOR="5", RATE_LIMIT_PER_MINUTE="0")
     token = await gateway.token(duration_minutes=600)
 
@@ -85,7 +77,7 @@ async def test_rate_spike_over_the_trailing_hour_average(make_gateway: Any) -> N
 
 
 async def test_a_new_token_needs_an_hour_of_history_before_spikes_count(make_gateway: Any) -> None:
-    gateway = await make_gateway(clock=Clock(), ANOMALY_RATE_FACTOR="2", RATE_LIMIT_PER_MINUTE="0")
+    gateway = await make_gateway(clock=FakeClock(), ANOMALY_RATE_FACTOR="2", RATE_LIMIT_PER_MINUTE="0")
     token = await gateway.token()
     for _ in range(20):
         assert await _call(gateway, token["token"]) == 200
@@ -105,7 +97,7 @@ async def test_replaying_a_revoked_token_is_flagged(gateway: Gateway) -> None:
 
 
 async def test_expiry_job_deactivates_expired_tokens_and_audits_them(make_gateway: Any) -> None:
-    clock = Clock()
+    clock = FakeClock()
     gateway = await make_gateway(clock=clock)
     short, long = await gateway.token(duration_minutes=1), await gateway.token(duration_minutes=60)
     job = gateway.app[EXPIRY_JOB]

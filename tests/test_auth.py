@@ -9,15 +9,7 @@ import pytest
 
 from llm_proxy.database import Database
 from llm_proxy.keys import DATABASE
-from tests.fakes import MANAGEMENT_TOKEN, Gateway
-
-
-class Clock:
-    def __init__(self, now: float) -> None:
-        self.now = now
-
-    def __call__(self) -> float:
-        return self.now
+from tests.fakes import MANAGEMENT_TOKEN, FakeClock, Gateway
 
 
 async def _status_and_code(gateway: Gateway, token: str) -> tuple[int, str | None]:
@@ -86,7 +78,7 @@ async def test_bulk_revoke_bites_immediately(gateway: Gateway) -> None:
 
 
 async def test_expiry_bites_at_the_expiry_instant(make_gateway: Any) -> None:
-    clock = Clock(1_800_000_000.0)
+    clock = FakeClock(1_800_000_000.0)
     gateway = await make_gateway(clock=clock)
     token = await gateway.token(duration_minutes=1)
     assert (await _status_and_code(gateway, token["token"]))[0] == 200

@@ -10,28 +10,16 @@ import aiohttp
 import openai
 import pytest
 
-from tests.fakes import MANAGEMENT_TOKEN, Gateway
+from tests.fakes import MANAGEMENT_TOKEN, FakeClock, Gateway
 
 CHAT = {"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "hi"}]}
 BOGUS = "tok-" + "Z" * 43
 
 
-class FakeMonotonic:
-    """A monotonic clock that moves only when told to."""
-
-    def __init__(self, now: float = 1_000.0) -> None:
-        self.now = now
-
-    def __call__(self) -> float:
-        return self.now
-
-    def advance(self, seconds: float) -> None:
-        self.now += seconds
-
 
 @pytest.fixture
-async def gateway_with_clock(make_gateway: Any) -> tuple[Gateway, FakeMonotonic]:
-    monotonic = FakeMonotonic()
+async def gateway_with_clock(make_gateway: Any) -> tuple[Gateway, FakeClock]:
+    monotonic = FakeClock(1000.0)
     return await make_gateway(monotonic=monotonic), monotonic
 
 
@@ -59,7 +47,7 @@ async def manage_status(gateway: Gateway, secret: str, headers: dict[str, str] |
 # ---- per-token rate limit ----
 
 async def test_token_rate_limit_bursts_then_refills_continuously(make_gateway: Any) -> None:
-    monotonic = FakeMonotonic()
+    monotonic = FakeClock(1000.0)
     gateway = await make_gateway(monotonic=monotonic)
     token = await gateway.token(rate_limit_per_minute=3)
 
@@ -97,7 +85,7 @@ async def test_streamed_response_carries_rate_limit_headers(gateway_with_clock: 
 
 
 async def test_rate_limit_zero_means_unlimited_and_sends_no_rate_headers(make_gateway: Any) -> None:
-    gateway = await make_gateway(monotonic=FakeMonotonic(), RATE_LIMIT_PER_MINUTE="2")
+    gateway = await make_gateway(monotonic=FakeClock(1000.0), RATE_LIMIT_PER_MINUTE="2")
     token = await gateway.token(rate_limit_per_minute=0)
 
     for _ in range(25):
@@ -107,7 +95,7 @@ async def test_rate_limit_zero_means_unlimited_and_sends_no_rate_headers(make_ga
 
 
 async def test_null_rate_limit_means_the_server_default(make_gateway: Any) -> None:
-    gateway = await make_gateway(monotonic=FakeMonotonic(), RATE_LIMIT_PER_MINUTE="2")
+    gateway = await make_gateway(monotonic=FakeClock(1000.0), RATE_LIMIT_PER_MINUTE="2")
     token = await gateway.token()
     assert token["rate_limit_per_minute"] is None
 
@@ -166,7 +154,7 @@ async def test_sdk_sees_quota_exceeded_as_rate_limit_error(gateway_with_clock: A
 # ---- global rate limit ----
 
 async def test_global_rate_limit_spans_tokens(make_gateway: Any) -> None:
-    monotonic = FakeMonotonic()
+    monotonic = FakeClock(1000.0)
     gateway = await make_gateway(monotonic=monotonic, GLOBAL_RATE_LIMIT="4")
     project = await gateway.project()
     first, second = await gateway.token(project["id"]), await gateway.token(project["id"])
@@ -184,7 +172,7 @@ async def test_global_rate_limit_spans_tokens(make_gateway: Any) -> None:
 
 
 async def test_a_token_denied_by_its_own_rate_spends_nothing_of_the_global_allowance(make_gateway: Any) -> None:
-    gateway = await make_gateway(monotonic=FakeMonotonic(), GLOBAL_RATE_LIMIT="3")
+    gateway = await make_gateway(monotonic=FakeClock(1000.0), GLOBAL_RATE_LIMIT="3")
     project = await gateway.project()
     greedy = await gateway.token(project["id"], rate_limit_per_minute=1)
     other = await gateway.token(project["id"])
@@ -200,7 +188,7 @@ async def test_a_token_denied_by_its_own_rate_spends_nothing_of_the_global_allow
 
 
 async def test_a_global_denial_spends_nothing_of_the_token_rate(make_gateway: Any) -> None:
-    monotonic = FakeMonotonic()
+    monotonic = FakeClock(1000.0)
     gateway = await make_gateway(monotonic=monotonic, GLOBAL_RATE_LIMIT="1")
     project = await gateway.project()
     hog, token = await gateway.token(project["id"]), await gateway.token(project["id"], rate_limit_per_minute=1)
@@ -215,7 +203,7 @@ async def test_a_global_denial_spends_nothing_of_the_token_rate(make_gateway: An
 
 
 async def test_a_token_out_of_quota_spends_nothing_of_the_global_allowance(make_gateway: Any) -> None:
-    gateway = await make_gateway(monotonic=FakeMonotonic(), GLOBAL_RATE_LIMIT="3")
+    gateway = await make_gateway(monotonic=FakeClock(1000.0), GLOBAL_RATE_LIMIT="3")
     project = await gateway.project()
     exhausted = await gateway.token(project["id"], max_requests=1)
     other = await gateway.token(project["id"])
@@ -229,7 +217,7 @@ async def test_a_token_out_of_quota_spends_nothing_of_the_global_allowance(make_
 
 
 async def test_global_rate_limited_response_carries_rate_limit_headers(make_gateway: Any) -> None:
-    gateway = await make_gateway(monotonic=FakeMonotonic(), GLOBAL_RATE_LIMIT="1")
+    gateway = await make_gateway(monotonic=FakeClock(1000.0), GLOBAL_RATE_LIMIT="1")
     token = await gateway.token()
     assert (await call(gateway, token))[0] == 200
 
@@ -270,7 +258,7 @@ async def test_requests_past_the_concurrency_cap_get_503_and_are_not_forwarded(m
 # ---- brute-force blocking per client IP ----
 
 async def test_an_ip_that_failed_too_often_is_blocked_even_with_a_valid_token(make_gateway: Any) -> None:
-    monotonic = FakeMonotonic()
+    monotonic = FakeClock(1000.0)
     gateway = await make_gateway(monotonic=monotonic, IP_RATE_LIMIT="3")
     token = await gateway.token()
 
@@ -292,7 +280,7 @@ async def test_an_ip_that_failed_too_often_is_blocked_even_with_a_valid_token(ma
 
 
 async def test_failed_management_token_attempts_count_too(make_gateway: Any) -> None:
-    gateway = await make_gateway(monotonic=FakeMonotonic(), IP_RATE_LIMIT="3")
+    gateway = await make_gateway(monotonic=FakeClock(1000.0), IP_RATE_LIMIT="3")
     token = await gateway.token()
 
     assert await manage_status(gateway, "wrong-" + "w" * 40) == (401, "invalid_management_token")
@@ -305,7 +293,7 @@ async def test_failed_management_token_attempts_count_too(make_gateway: Any) -> 
 
 
 async def test_blocking_one_client_ip_leaves_others_alone_behind_a_trusted_proxy(make_gateway: Any) -> None:
-    gateway = await make_gateway(monotonic=FakeMonotonic(), IP_RATE_LIMIT="3", TRUSTED_PROXIES="127.0.0.1/32")
+    gateway = await make_gateway(monotonic=FakeClock(1000.0), IP_RATE_LIMIT="3", TRUSTED_PROXIES="127.0.0.1/32")
     token = await gateway.token()
     attacker, bystander = {"X-Forwarded-For": "203.0.113.7"}, {"X-Forwarded-For": "203.0.113.8"}
 
@@ -320,7 +308,7 @@ async def test_blocking_one_client_ip_leaves_others_alone_behind_a_trusted_proxy
 
 
 async def test_a_spoofed_forwarded_for_from_an_untrusted_peer_changes_nothing(make_gateway: Any) -> None:
-    gateway = await make_gateway(monotonic=FakeMonotonic(), IP_RATE_LIMIT="3")
+    gateway = await make_gateway(monotonic=FakeClock(1000.0), IP_RATE_LIMIT="3")
     token = await gateway.token()
 
     for n in range(3):

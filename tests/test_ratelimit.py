@@ -17,24 +17,12 @@ from llm_proxy.ratelimit import (
     FailureCounter,
     RateLimiter,
 )
-
-
-class FakeClock:
-    """A settable monotonic clock, so no test ever sleeps."""
-
-    def __init__(self, now: float = 1000.0) -> None:
-        self.now = now
-
-    def __call__(self) -> float:
-        return self.now
-
-    def advance(self, seconds: float) -> None:
-        self.now += seconds
+from tests.fakes import FakeClock
 
 
 @pytest.fixture
 def clock() -> FakeClock:
-    return FakeClock()
+    return FakeClock(1000.0)
 
 
 @pytest.fixture
@@ -272,7 +260,7 @@ def run_against_reference(
 @settings(max_examples=300, deadline=None)
 @given(key_limits=limits, ops=operations)
 def test_gcra_agrees_with_an_exact_token_bucket(key_limits: list[int], ops: list[tuple[int, int, str]]) -> None:
-    clock = FakeClock()
+    clock = FakeClock(1000.0)
     limiter = RateLimiter(clock=clock)
     for got, (allowed, remaining, retry_after) in run_against_reference(limiter, clock, key_limits, ops):
         assert got.allowed == allowed
@@ -285,7 +273,7 @@ def test_gcra_agrees_with_an_exact_token_bucket(key_limits: list[int], ops: list
 def test_evicting_at_the_cap_only_ever_forgives(
     key_limits: list[int], ops: list[tuple[int, int, str]], max_keys: int
 ) -> None:
-    clock = FakeClock()
+    clock = FakeClock(1000.0)
     limiter = RateLimiter(max_keys=max_keys, clock=clock)
     for got, (allowed, _, _) in run_against_reference(limiter, clock, key_limits, ops):
         assert got.allowed or not allowed
