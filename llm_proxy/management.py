@@ -17,6 +17,7 @@ from .database import Database
 from .errors import ApiError, BadRequest, Conflict, MethodNotAllowed, ProjectInactive
 from .keys import CLIENT_IP, REQUEST_ID
 from .obfuscation import obfuscate
+from .openapi import openapi_handler
 from .settings import Settings
 from .tokenstore import TokenStore
 from .validation import Field, parse_json_object, query_bool, query_int, query_timestamp, read_body, validate
@@ -93,6 +94,7 @@ class Management:
             web.delete("/tokens/{id}", self.revoke_token),
             web.post("/tokens/{id}/refresh", self.refresh_token),
             web.get("/audit", self.list_audit, allow_head=False),
+            web.get("/openapi.json", openapi_handler(self.settings), allow_head=False),
         ]
 
     def token_public(self, token: repo.TokenRecord) -> dict[str, Any]:

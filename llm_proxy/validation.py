@@ -62,6 +62,9 @@ def _check(name: str, value: Any, spec: Field) -> Any:
         if spec.nullable:
             return None
         raise BadRequest(f"`{name}` must not be null", param=name)
+    # JSON has one number type: 60.0 is the integer 60 (as JSON Schema and the OpenAPI document say).
+    if spec.kind is int and type(value) is float and value.is_integer():
+        value = int(value)
     # bool is a subclass of int: an int field must not accept true/false, nor a bool field 0/1.
     if type(value) is not spec.kind:
         raise BadRequest(f"`{name}` must be {_KIND_NAMES[spec.kind]}", param=name)
@@ -93,8 +96,10 @@ def query_bool(query: Mapping[str, str], name: str) -> bool | None:
     raise BadRequest(f"query parameter `{name}` must be true or false", param=name)
 
 
-_DAY = re.compile(r"\d{4}-\d{2}-\d{2}")
-_INSTANT = re.compile(r"\d{4}-\d{2}-\d{2}T\d{2}:\d{2}:\d{2}Z")
+# [0-9], not \d: \d matches any Unicode digit, which strptime and int() would then accept.
+_DAY = re.compile(r"[0-9]{4}-[0-9]{2}-[0-9]{2}")
+_INSTANT = re.compile(r"[0-9]{4}-[0-9]{2}-[0-9]{2}T[0-9]{2}:[0-9]{2}:[0-9]{2}Z")
+_WHOLE_NUMBER = re.compile(r"[0-9]{1,19}")
 
 
 def query_timestamp(query: Mapping[str, str], name: str) -> str | None:
@@ -118,7 +123,7 @@ def query_int(query: Mapping[str, str], name: str, *, default: int | None, minim
     raw = query.get(name)
     if not raw:
         return default
-    if not raw.isdigit() or not minimum <= int(raw) <= maximum:
+    if not _WHOLE_NUMBER.fullmatch(raw) or not minimum <= int(raw) <= maximum:
         raise BadRequest(f"query parameter `{name}` must be an integer from {minimum} to {maximum}", param=name)
     return int(raw)
 

@@ -148,7 +148,7 @@ BAD_BODIES: list[tuple[str, str, Any, str | None]] = [
     ("PATCH", "/projects/{pid}", {"is_active": 0}, "is_active"),
     ("PATCH", "/projects/{pid}", {"id": "other"}, "id"),
     ("PATCH", "/tokens/{tid}", {"project_id": "other"}, "project_id"),
-    ("PATCH", "/tokens/{tid}", {"max_requests": 1e3}, "max_requests"),
+    ("PATCH", "/tokens/{tid}", {"max_requests": 1000.5}, "max_requests"),
     ("POST", "/tokens/{tid}/refresh", {"grace_seconds": -1}, "grace_seconds"),
     ("POST", "/tokens/{tid}/refresh", {"grace_seconds": 10**9}, "grace_seconds"),
     ("GET", "/projects?active=maybe", None, "active"),
