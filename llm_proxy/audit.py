@@ -25,6 +25,7 @@ from .database import Database
 log = logging.getLogger(__name__)
 
 BATCH_SIZE = 500
+UNSAVED_RETRY_INTERVAL = 1.0
 FILE_MODE = 0o640
 _TEXT_KEYS = ("timestamp", "action", "actor", "project_id", "request_id", "client_ip", "result")
 _INSERT = ("INSERT INTO audit_events (seq, timestamp, action, actor, project_id, request_id, client_ip,"
@@ -321,7 +322,15 @@ class AuditWriter:
     async def _run(self) -> None:
         queue = self._queue
         while True:
-            item = await queue.get()
+            if self._unsaved:
+                # Rows the database refused are retried even while no new event arrives.
+                try:
+                    item = await asyncio.wait_for(queue.get(), timeout=UNSAVED_RETRY_INTERVAL)
+                except TimeoutError:
+                    await self._retry_unsaved()
+                    continue
+            else:
+                item = await queue.get()
             taken, batch, stop = 1, [], item is None
             if item is not None:
                 batch.append(item)
@@ -344,7 +353,15 @@ class AuditWriter:
                 for _ in range(taken):
                     queue.task_done()
             if stop:
+                if self._unsaved:
+                    await self._retry_unsaved()
                 return
+
+    async def _retry_unsaved(self) -> None:
+        try:
+            await self._store([])
+        except Exception:
+            log.exception("audit writer could not retry %d unsaved rows", len(self._unsaved))
 
     async def _write_batch(self, batch: list[dict[str, Any]]) -> None:
         for event in batch:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import sqlite3
 from collections.abc import Awaitable, Callable, Iterable
@@ -39,6 +40,7 @@ class Database:
         self._writer: aiosqlite.Connection | None = None
         self._reader: aiosqlite.Connection | None = None
         self._lock = asyncio.Lock()
+        self._background: set[asyncio.Future[None]] = set()
 
     @classmethod
     async def open(cls, path: Path) -> Database:
@@ -102,16 +104,33 @@ class Database:
 
     async def write(self, work: Callable[[aiosqlite.Connection], Awaitable[T]]) -> T:
         """Run `work` in one BEGIN IMMEDIATE transaction; nothing else writes meanwhile."""
-        async with self._lock:
-            writer = self.writer
+        await self._lock.acquire()
+        writer = self.writer
+        try:
             await writer.execute("BEGIN IMMEDIATE")
-            try:
-                result = await work(writer)
-            except BaseException:
-                await writer.execute("ROLLBACK")
-                raise
+            result = await work(writer)
             await writer.execute("COMMIT")
-            return result
+        except BaseException as exc:
+            # Cancelling an await does not stop a statement already queued on aiosqlite's thread (a
+            # BEGIN waiting for another process's lock runs once the lock is free), so a ROLLBACK
+            # must follow it, and no other write may start before. A cancelled caller does not
+            # wait for that: the rollback finishes in the background and then frees the writer.
+            rollback = asyncio.ensure_future(self._rollback_and_release(writer))
+            if isinstance(exc, asyncio.CancelledError):
+                self._background.add(rollback)
+                rollback.add_done_callback(self._background.discard)
+            else:
+                await asyncio.shield(rollback)
+            raise
+        self._lock.release()
+        return result
+
+    async def _rollback_and_release(self, writer: aiosqlite.Connection) -> None:
+        try:
+            with contextlib.suppress(sqlite3.Error, ValueError):  # no transaction open, or closed
+                await writer.execute("ROLLBACK")
+        finally:
+            self._lock.release()
 
     async def execute(self, sql: str, params: Iterable[Any] = ()) -> int:
         """Run one write statement in its own transaction and return the rows it changed."""

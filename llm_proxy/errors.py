@@ -29,6 +29,7 @@
 from __future__ import annotations
 
 import logging
+import sqlite3
 from collections.abc import Mapping
 
 import orjson
@@ -178,6 +179,13 @@ async def error_middleware(request: web.Request, handler: Handler) -> web.Stream
         code = _HTTP_CODES.get(exc.status, f"http_{exc.status}")
         return web.Response(status=exc.status, headers=headers, content_type="application/json",
                             body=error_body(exc.reason.lower(), type_, code))
+    except sqlite3.OperationalError as exc:
+        if "locked" not in str(exc) and "busy" not in str(exc):
+            log.exception("unhandled database error (request_id=%s)", request.get(REQUEST_ID))
+            return error_response(ApiError())
+        # Another process held the database past the busy timeout: a retryable condition.
+        log.warning("database busy past its timeout (request_id=%s)", request.get(REQUEST_ID))
+        return error_response(Overloaded("the database is busy; retry shortly", headers={"Retry-After": "5"}))
     except Exception:
         log.exception("unhandled error (request_id=%s)", request.get(REQUEST_ID))
         return error_response(ApiError())

@@ -69,6 +69,7 @@ class Forwarder:
         self._allowed_models = settings.allowed_models
         self._max_body = settings.max_request_size
         self._request_timeout = settings.request_timeout
+        self._idle = settings.stream_idle_timeout
         self._timeout = aiohttp.ClientTimeout(total=None, sock_connect=settings.request_timeout,
                                               sock_read=settings.stream_idle_timeout)
 
@@ -204,22 +205,34 @@ class Forwarder:
         overhead = time.perf_counter() - request[REQUEST_STARTED] - (answered - sent)
         response.headers["X-LLM-Proxy-Overhead-Ms"] = f"{overhead * 1000:.3f}"
         await response.prepare(request)
-        first = True
+        first, relayed = True, 0
+        loop = asyncio.get_running_loop()
+        # Armed only while writing to the client: one that stops reading for longer than
+        # STREAM_IDLE_TIMEOUT would otherwise hold a concurrency slot and an upstream connection.
+        client_deadline = asyncio.timeout(None)
         try:
-            async for chunk in upstream.content.iter_any():
-                if first:
-                    self._metrics.upstream_ttfb.observe(time.perf_counter() - sent)
-                    first = False
-                if tap is not None:
-                    chunk = tap.feed(chunk)
-                    if not chunk:
-                        continue
-                await response.write(chunk)
-            if tap is not None and (rest := tap.finish()):
-                await response.write(rest)
+            async with client_deadline:
+                async for chunk in upstream.content.iter_any():
+                    if first:
+                        self._metrics.upstream_ttfb.observe(time.perf_counter() - sent)
+                        first = False
+                    if tap is not None:
+                        chunk = tap.feed(chunk)
+                        if not chunk:
+                            continue
+                    client_deadline.reschedule(loop.time() + self._idle)
+                    await response.write(chunk)
+                    client_deadline.reschedule(None)
+                    relayed += len(chunk)
+                if tap is not None and (rest := tap.finish()):
+                    client_deadline.reschedule(loop.time() + self._idle)
+                    await response.write(rest)
         except (aiohttp.ClientError, TimeoutError) as exc:
             # Headers are gone already: the only honest signal left is to cut the connection.
-            log.warning("upstream stream broke after %d bytes: %s", response.body_length, type(exc).__name__)
+            if client_deadline.expired():
+                log.warning("client stopped reading for %ss after %d bytes; connection closed", self._idle, relayed)
+            else:
+                log.warning("upstream stream broke after %d bytes: %s", relayed, type(exc).__name__)
             request[UPSTREAM_BROKEN] = True
             if request.transport is not None:
                 request.transport.close()

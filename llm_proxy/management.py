@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import time
 from collections.abc import Awaitable, Callable
 from typing import Any
@@ -50,6 +51,9 @@ def audited(action: str) -> Callable[[ActionHandler], Route]:
             except ApiError as exc:
                 result = "error" if exc.status >= 500 else "denied" if exc.status in (403, 405) else "failure"
                 details["status"], details["error_code"] = exc.status, exc.code
+                raise
+            except asyncio.CancelledError:
+                result, details["status"] = "error", 499  # the client left; the change may not have happened
                 raise
             except Exception:
                 result = "error"

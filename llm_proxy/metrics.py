@@ -37,7 +37,7 @@ class _LiveCollector(Collector):
                                 value=self._audit.queue_depth)
         yield CounterMetricFamily("llm_proxy_audit_dropped", "Audit events dropped because the queue was full",
                                   value=self._audit.dropped)
-        yield CounterMetricFamily("llm_proxy_audit_file_errors", "Audit batches that could not be written to the file",
+        yield CounterMetricFamily("llm_proxy_audit_file_errors", "Audit events that could not be written to the file",
                                   value=self._audit.file_errors)
         yield CounterMetricFamily("llm_proxy_audit_written", "Audit events written", value=self._audit.written)
 

@@ -13,7 +13,8 @@ USAGE_ENDPOINTS = ("/v1/chat/completions", "/v1/completions", "/v1/embeddings", 
 # Streams that only report usage when asked with stream_options.include_usage.
 _ASK_FOR_USAGE = ("/v1/chat/completions", "/v1/completions")
 _MAX_JSON_BODY = 16 * 1024 * 1024  # answers larger than this are relayed but not parsed for usage
-_EVENT_END = (b"\n\n", b"\r\n\r\n")
+_EVENT_END = (b"\n\n", b"\r\n\r\n", b"\r\r")
+_MAX_PENDING = 64 * 1024  # an unterminated event held back past this is relayed (or, read-along, dropped)
 _NOT_PROMPT_TEXT = frozenset({"role", "type", "name", "tool_call_id", "id"})
 
 
@@ -78,13 +79,21 @@ class UsageTap:
             if self._json_size <= _MAX_JSON_BODY:
                 self._json.append(chunk)
             return chunk
-        if not self._hide:
-            # Nothing to rewrite: pass the chunk on untouched and only read along.
-            self._scan(chunk)
-            return chunk
         data = self._pending + chunk
         cut = _complete_end(data)
-        complete, self._pending = data[:cut], data[cut:]
+        complete, pending = data[:cut], data[cut:]
+        if len(pending) > _MAX_PENDING:
+            # No usage event is this large: stop holding it (memory stays bounded, bytes keep flowing).
+            if self._hide:
+                complete, pending = data, b""
+            else:
+                pending = b""
+        self._pending = pending
+        if not self._hide:
+            # Nothing to rewrite: the chunk goes on untouched; only read along.
+            for event in _events(complete):
+                self._inspect(event)
+            return chunk
         return self._filter(complete)
 
     def finish(self) -> bytes:
@@ -98,14 +107,12 @@ class UsageTap:
             self._json = []
             return b""
         pending, self._pending = self._pending, b""
-        return self._filter(pending) if pending else b""
-
-    def _scan(self, chunk: bytes) -> None:
-        data = self._pending + chunk
-        cut = _complete_end(data)
-        self._pending = data[cut:]
-        for event in _events(data[:cut]):
-            self._inspect(event)
+        if not pending:
+            return b""
+        if self._hide:
+            return self._filter(pending)
+        self._inspect(pending)  # already relayed by feed()
+        return b""
 
     def _filter(self, complete: bytes) -> bytes:
         kept = [event for event in _events(complete) if not self._inspect(event)]

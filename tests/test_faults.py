@@ -1,0 +1,820 @@
+"""The fault matrix through real HTTP: each way the upstream, client, disk or database fails, and what is seen.
+
+Faults already covered elsewhere are not repeated here: refused connection (test_forwarder), an
+aiohttp upstream that hangs (test_forwarder), a stream silent past STREAM_IDLE_TIMEOUT
+(test_limits), 429 headers and 503 through the SDK (test_forwarder), client disconnect
+(test_forwarder, test_usage), SIGTERM and kill -9 (test_process), the audit writer on its own
+(test_audit).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import socket
+import sqlite3
+import struct
+import sys
+import time
+import tracemalloc
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager, closing
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import orjson
+import pytest
+from aiohttp import web
+from aiohttp.test_utils import TestClient, TestServer
+
+from llm_proxy import database
+from llm_proxy.app import create_app
+from llm_proxy.audit import AuditWriter
+from llm_proxy.keys import AUDIT
+from tests.fakes import MANAGEMENT_TOKEN, Gateway, make_settings
+
+CHAT = {"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "hi"}]}
+MODELS = b'{"object":"list","data":[]}'
+MB = 1024 * 1024
+
+
+# ---- helpers ----
+
+def bearer(token: dict[str, Any]) -> dict[str, str]:
+    return {"Authorization": f"Bearer {token['token']}"}
+
+
+async def access_events(gateway: Gateway) -> list[dict[str, Any]]:
+    """Return the token.access events of the audit file, once everything emitted so far is written."""
+    await gateway.app[AUDIT].flush()
+    path = gateway.settings.audit_log_file
+    assert path is not None
+    events = (orjson.loads(line) for line in path.read_bytes().splitlines())
+    return [event for event in events if event["action"] == "token.access"]
+
+
+async def assert_healthy(gateway: Gateway, token: dict[str, Any]) -> None:
+    """The gateway answers its health check and still proxies an ordinary request."""
+    async with gateway.client.get("/health") as health:
+        assert health.status == 200
+    async with gateway.client.get("/v1/models", headers=bearer(token)) as models:
+        assert models.status == 200, await models.text()
+        await models.read()
+
+
+async def eventually(check: Callable[[], bool], what: str, timeout: float = 5.0) -> None:
+    """Poll `check` until it holds, failing after `timeout` seconds."""
+    deadline = time.monotonic() + timeout
+    while not check():
+        if time.monotonic() > deadline:
+            pytest.fail(f"timed out after {timeout:.0f} s waiting for {what}")
+        await asyncio.sleep(0.02)
+
+
+def scalar(path: Path, sql: str, params: tuple[Any, ...] = ()) -> Any:
+    """Read one value with a connection of our own, as an operator's sqlite3 shell would."""
+    with closing(sqlite3.connect(path)) as conn:
+        return conn.execute(sql, params).fetchone()[0]
+
+
+@asynccontextmanager
+async def serving(app: web.Application) -> AsyncIterator[str]:
+    """Run an aiohttp app as the upstream on 127.0.0.1; yield its base URL."""
+    server = TestServer(app, host="127.0.0.1")
+    await server.start_server()
+    try:
+        yield str(server.make_url("")).rstrip("/")
+    finally:
+        await server.close()
+
+
+def chat_upstream(chat: Callable[[web.Request], Awaitable[web.StreamResponse]]) -> web.Application:
+    """Build an upstream whose chat completions misbehave and whose GET /v1/models is ordinary."""
+    async def models(request: web.Request) -> web.Response:
+        return web.Response(body=MODELS, content_type="application/json")
+
+    app = web.Application()
+    app.router.add_get("/v1/models", models)
+    app.router.add_post("/v1/chat/completions", chat)
+    return app
+
+
+Misbehaviour = Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]]
+
+
+async def until_eof(reader: asyncio.StreamReader) -> None:
+    """Read and discard until the peer hangs up; never write."""
+    while await reader.read(65536):
+        pass
+
+
+class RawUpstream:
+    """A TCP server speaking just enough HTTP/1.1 to misbehave on purpose (GET /v1/models is answered)."""
+
+    def __init__(self, misbehave: Misbehaviour) -> None:
+        self._misbehave = misbehave
+        self._server: asyncio.Server | None = None
+        self._handlers: set[asyncio.Task[Any]] = set()
+        self._writers: set[asyncio.StreamWriter] = set()
+        self.accepted = asyncio.Event()  # a request reached the misbehaviour
+        self.hung_up = asyncio.Event()   # the gateway closed the connection we misbehaved on
+        self.url = ""
+
+    async def __aenter__(self) -> RawUpstream:
+        self._server = await asyncio.start_server(self._handle, "127.0.0.1", 0)
+        self.url = f"http://127.0.0.1:{self._server.sockets[0].getsockname()[1]}"
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        assert self._server is not None
+        self._server.close()
+        for writer in self._writers:
+            writer.close()
+        await asyncio.gather(*self._handlers, return_exceptions=True)
+        await self._server.wait_closed()
+
+    async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        task = asyncio.current_task()
+        assert task is not None
+        self._handlers.add(task)
+        self._writers.add(writer)
+        try:
+            while True:
+                try:
+                    head = await reader.readuntil(b"\r\n\r\n")
+                except asyncio.IncompleteReadError:
+                    return
+                await reader.readexactly(_content_length(head))
+                if head.startswith(b"GET /v1/models "):
+                    writer.write(b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\n"
+                                 b"Content-Length: %d\r\n\r\n%s" % (len(MODELS), MODELS))
+                    await writer.drain()
+                    continue
+                self.accepted.set()
+                await self._misbehave(reader, writer)
+                if reader.at_eof():
+                    self.hung_up.set()
+                return
+        except ConnectionError:
+            pass
+        finally:
+            writer.close()
+
+
+def _content_length(head: bytes) -> int:
+    for line in head.split(b"\r\n"):
+        name, _, value = line.partition(b":")
+        if name.strip().lower() == b"content-length":
+            return int(value)
+    return 0
+
+
+def reset(writer: asyncio.StreamWriter) -> None:
+    """Abort the connection with a TCP RST rather than an orderly FIN."""
+    sock = writer.get_extra_info("socket")
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    writer.transport.abort()
+
+
+SSE_HEAD = (b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\nTransfer-Encoding: chunked\r\n\r\n")
+
+
+def http_chunk(data: bytes) -> bytes:
+    return b"%x\r\n%s\r\n" % (len(data), data)
+
+
+def sse_event(index: int) -> bytes:
+    return b"data: " + orjson.dumps({"id": "c", "object": "chat.completion.chunk", "choices": [
+        {"index": 0, "delta": {"content": f"part{index} "}, "finish_reason": None}]}) + b"\n\n"
+
+
+# ---- malformed answers are relayed untouched ----
+
+MALFORMED_SSE = [
+    b": a comment, then a line with no field name\ngarbage garbage\n\n",
+    b'data: {"id": "x", "choices": [{"delta": {"content": "cut',   # invalid JSON, and cut across writes
+    b' here"\n\n',
+    b'data: {"id":"y","choices":[{"index":0,"delta":{"content":"no blank line after me"}}]}\n',
+    b"event: weird\r\ndata: \xff\xfe not UTF-8\r\n\r\n",
+    b'data: {"usage": "not an object", "choices": []}\n\n',
+    b"data: [DONE]\n\n",
+]
+
+
+@pytest.mark.parametrize("include_usage", [True, False], ids=["client-asked-usage", "gateway-asks-usage"])
+async def test_malformed_sse_reaches_the_client_byte_for_byte(make_gateway: Any, include_usage: bool) -> None:
+    """Malformed SSE (garbage lines, missing blank lines, invalid JSON, bad UTF-8) passes through untouched."""
+    async def chat(request: web.Request) -> web.StreamResponse:
+        await request.read()
+        response = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+        await response.prepare(request)
+        for piece in MALFORMED_SSE:
+            await response.write(piece)
+        await response.write_eof()
+        return response
+
+    async with serving(chat_upstream(chat)) as url:
+        gateway = await make_gateway(upstream_url=url)
+        token = await gateway.token()
+        body: dict[str, Any] = {**CHAT, "stream": True}
+        if include_usage:
+            body["stream_options"] = {"include_usage": True}
+
+        async with gateway.client.post("/v1/chat/completions", json=body, headers=bearer(token)) as response:
+            received = await response.read()
+
+        assert response.status == 200
+        assert received == b"".join(MALFORMED_SSE)
+        (event,) = await access_events(gateway)
+        assert (event["result"], event["details"]["status"]) == ("success", 200)
+        await assert_healthy(gateway, token)
+
+
+async def test_invalid_json_answer_reaches_the_client_byte_for_byte(make_gateway: Any) -> None:
+    """A non-streamed answer that claims JSON but is not is relayed untouched, with its length."""
+    broken = b'{"id": "chatcmpl-1", "choices": [{"message": {"content": "trunc'
+
+    async def chat(request: web.Request) -> web.Response:
+        await request.read()
+        return web.Response(body=broken, content_type="application/json")
+
+    async with serving(chat_upstream(chat)) as url:
+        gateway = await make_gateway(upstream_url=url)
+        token = await gateway.token()
+
+        async with gateway.client.post("/v1/chat/completions", json=CHAT, headers=bearer(token)) as response:
+            received = await response.read()
+
+        assert (response.status, received, response.content_length) == (200, broken, len(broken))
+        (event,) = await access_events(gateway)
+        assert event["result"] == "success" and "prompt_tokens" not in event["details"]
+        await assert_healthy(gateway, token)
+
+
+@pytest.mark.parametrize(("status", "content_type", "body", "headers", "result"), [
+    (500, "application/json", b'{"error":{"message":"boom","type":"server_error"}}', {}, "error"),
+    (502, "text/html", b"<html><body>502 Bad Gateway</body></html>", {"Retry-After": "3"}, "error"),
+    (503, "text/plain", b"overloaded", {"Retry-After": "9", "x-ratelimit-reset-requests": "1s"}, "error"),
+    (429, "application/json", b'{"error":{"code":"rate_limit_exceeded"}}',
+     {"Retry-After": "20", "x-ratelimit-remaining-tokens": "0"}, "failure"),
+])
+async def test_upstream_error_answers_pass_through_with_headers_and_are_audited(
+        make_gateway: Any, status: int, content_type: str, body: bytes, headers: dict[str, str],
+        result: str) -> None:
+    """Upstream 5xx/429, JSON or not, reach the client unchanged (status, body, headers); audit says who failed."""
+    async def chat(request: web.Request) -> web.Response:
+        await request.read()
+        return web.Response(status=status, body=body, content_type=content_type, headers=headers)
+
+    async with serving(chat_upstream(chat)) as url:
+        gateway = await make_gateway(upstream_url=url)
+        token = await gateway.token()
+
+        async with gateway.client.post("/v1/chat/completions", json={**CHAT, "stream": True},
+                                       headers=bearer(token)) as response:
+            received = await response.read()
+
+        assert (response.status, received, response.content_type) == (status, body, content_type)
+        for name, value in headers.items():
+            assert response.headers[name] == value
+        (event,) = await access_events(gateway)
+        assert (event["result"], event["details"]["status"]) == (result, status)
+        await assert_healthy(gateway, token)
+
+
+# ---- the upstream falls silent ----
+
+async def test_upstream_that_accepts_and_never_answers_is_504_after_request_timeout(make_gateway: Any) -> None:
+    """A TCP peer that reads the request and never writes: 504 at REQUEST_TIMEOUT, the gateway hangs up."""
+    async with RawUpstream(lambda reader, writer: until_eof(reader)) as upstream:
+        gateway = await make_gateway(upstream_url=upstream.url, REQUEST_TIMEOUT="300ms")
+        token = await gateway.token()
+
+        started = time.monotonic()
+        pending = asyncio.ensure_future(gateway.client.post("/v1/chat/completions", json=CHAT,
+                                                            headers=bearer(token)))
+        await asyncio.wait_for(upstream.accepted.wait(), 2)
+        async with gateway.client.get("/health") as health:  # the event loop is not stuck meanwhile
+            assert health.status == 200
+        async with await pending as response:
+            error = await response.json()
+        elapsed = time.monotonic() - started
+
+        assert (response.status, error["error"]["code"]) == (504, "upstream_timeout")
+        assert 0.3 <= elapsed < 1.5, elapsed
+        await asyncio.wait_for(upstream.hung_up.wait(), 1)  # no half-open upstream connection left behind
+        (event,) = await access_events(gateway)
+        assert (event["result"], event["details"]["status"]) == ("error", 504)
+        await assert_healthy(gateway, token)
+
+
+@pytest.mark.parametrize(("head", "first", "body"), [
+    (SSE_HEAD, http_chunk(sse_event(0)), {**CHAT, "stream": True}),
+    (b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: 1000\r\n\r\n",
+     b'{"id": "chatcmpl-1", "choices": [', CHAT),
+], ids=["sse", "content-length"])
+async def test_upstream_stalling_mid_body_is_cut_after_stream_idle_timeout_and_audited_error(
+        make_gateway: Any, head: bytes, first: bytes, body: dict[str, Any]) -> None:
+    """Headers and a first piece, then silence past STREAM_IDLE_TIMEOUT: the client's body is cut, audit `error`."""
+    async def stall(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        writer.write(head + first)
+        await writer.drain()
+        await until_eof(reader)
+
+    async with RawUpstream(stall) as upstream:
+        gateway = await make_gateway(upstream_url=upstream.url, STREAM_IDLE_TIMEOUT="300ms")
+        token = await gateway.token()
+
+        started = time.monotonic()
+        async with gateway.client.post("/v1/chat/completions", json=body, headers=bearer(token)) as response:
+            assert response.status == 200
+            assert await response.content.readany()
+            with pytest.raises(aiohttp.ClientPayloadError):
+                await response.read()
+        elapsed = time.monotonic() - started
+
+        assert 0.3 <= elapsed < 1.5, elapsed
+        await asyncio.wait_for(upstream.hung_up.wait(), 1)
+        (event,) = await access_events(gateway)
+        assert (event["result"], event["details"]["status"]) == ("error", 200)
+        await assert_healthy(gateway, token)
+
+
+# ---- the upstream breaks ----
+
+async def test_upstream_closing_mid_stream_is_audited_error_and_the_next_request_is_served(gateway: Gateway) -> None:
+    """The upstream closes mid-stream: the client's stream ends short, audit `error`, the next stream is whole."""
+    gateway.upstream.chunks, gateway.upstream.break_after_chunks = 5, 2
+    token = await gateway.token()
+
+    async with gateway.client.post("/v1/chat/completions", json={**CHAT, "stream": True},
+                                   headers=bearer(token)) as response:
+        assert response.status == 200
+        with pytest.raises(aiohttp.ClientPayloadError):
+            await response.read()
+    gateway.upstream.break_after_chunks = None
+    async with gateway.client.post("/v1/chat/completions", json={**CHAT, "stream": True},
+                                   headers=bearer(token)) as response:
+        whole = await response.read()
+
+    assert response.status == 200 and whole.endswith(b"data: [DONE]\n\n") and whole.count(b"part") == 5
+    broken, served = await access_events(gateway)
+    assert (broken["result"], broken["details"]["status"]) == ("error", 200)
+    assert (served["result"], served["details"]["status"]) == ("success", 200)
+
+
+async def test_upstream_tcp_reset_mid_stream_is_audited_error(make_gateway: Any) -> None:
+    """A TCP RST (not an orderly close) after two events: the client's stream is cut, audit `error`, all else fine."""
+    async def cut(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        writer.write(SSE_HEAD + http_chunk(sse_event(0)) + http_chunk(sse_event(1)))
+        await writer.drain()
+        reset(writer)
+
+    async with RawUpstream(cut) as upstream:
+        gateway = await make_gateway(upstream_url=upstream.url)
+        token = await gateway.token()
+
+        async with gateway.client.post("/v1/chat/completions", json={**CHAT, "stream": True},
+                                       headers=bearer(token)) as response:
+            assert response.status == 200
+            with pytest.raises(aiohttp.ClientPayloadError):
+                await response.read()
+
+        (event,) = await access_events(gateway)
+        assert (event["result"], event["details"]["status"]) == ("error", 200)
+        await assert_healthy(gateway, token)
+
+
+async def test_a_broken_stream_is_logged_with_how_far_it_got(make_gateway: Any,
+                                                             caplog: pytest.LogCaptureFixture) -> None:
+    """The operator's warning about a stream cut by the upstream says how many bytes the client got."""
+    async def cut(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        writer.write(SSE_HEAD + http_chunk(sse_event(0)) + http_chunk(sse_event(1)))
+        await writer.drain()
+
+    async with RawUpstream(cut) as upstream:
+        gateway = await make_gateway(upstream_url=upstream.url)
+        token = await gateway.token()
+        received = b""
+        async with gateway.client.post("/v1/chat/completions", json={**CHAT, "stream": True},
+                                       headers=bearer(token)) as response:
+            with pytest.raises(aiohttp.ClientPayloadError):
+                while data := await response.content.readany():
+                    received += data
+
+    assert received == sse_event(0) + sse_event(1)
+    (warning,) = [r.getMessage() for r in caplog.records if "stream broke" in r.getMessage()]
+    relayed = int(warning.split(" after ")[1].split()[0])
+    assert relayed >= len(received), warning
+
+
+async def _close_at_once(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    pass  # RawUpstream closes the connection
+
+
+async def _reset_at_once(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    reset(writer)
+
+
+async def _answer_garbage(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    writer.write(b"SSH-2.0-OpenSSH_9.6\r\nthis is not HTTP\r\n\r\n")
+    await writer.drain()
+
+
+@pytest.mark.parametrize("misbehave", [_close_at_once, _reset_at_once, _answer_garbage],
+                         ids=["closes", "resets", "not-http"])
+async def test_upstream_broken_before_its_headers_is_502(make_gateway: Any, misbehave: Misbehaviour) -> None:
+    """Accepted, then closed, reset or answered with something that is not HTTP: 502 upstream_unavailable."""
+    async with RawUpstream(misbehave) as upstream:
+        gateway = await make_gateway(upstream_url=upstream.url)
+        token = await gateway.token()
+
+        async with gateway.client.post("/v1/chat/completions", json=CHAT, headers=bearer(token)) as response:
+            error = await response.json()
+
+        assert (response.status, error["error"]["code"]) == (502, "upstream_unavailable")
+        (event,) = await access_events(gateway)
+        assert (event["result"], event["details"]["status"]) == ("error", 502)
+        await assert_healthy(gateway, token)
+
+
+# ---- SSE events that never end ----
+
+@pytest.mark.parametrize("include_usage", [
+    pytest.param(True, id="client-asked-usage"),
+    pytest.param(False, id="gateway-asks-usage"),
+])
+async def test_an_unterminated_last_event_is_relayed_exactly_once(make_gateway: Any, include_usage: bool) -> None:
+    """An upstream that ends without the final blank line: the client gets exactly the bytes sent, once."""
+    sent = sse_event(0) + b"data: [DONE]"
+
+    async def chat(request: web.Request) -> web.StreamResponse:
+        await request.read()
+        response = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+        await response.prepare(request)
+        await response.write(sent)
+        await response.write_eof()
+        return response
+
+    async with serving(chat_upstream(chat)) as url:
+        gateway = await make_gateway(upstream_url=url)
+        token = await gateway.token()
+        body: dict[str, Any] = {**CHAT, "stream": True}
+        if include_usage:
+            body["stream_options"] = {"include_usage": True}
+
+        async with gateway.client.post("/v1/chat/completions", json=body, headers=bearer(token)) as response:
+            received = await response.read()
+
+        assert received == sent
+
+
+async def test_an_unterminated_event_is_relayed_as_it_arrives(make_gateway: Any) -> None:
+    """A 1 MB event with no blank line yet: the client starts getting it before the upstream finishes it."""
+    delivered = asyncio.Event()
+    piece = b"data: " + b"x" * MB
+
+    async def chat(request: web.Request) -> web.StreamResponse:
+        await request.read()
+        response = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+        await response.prepare(request)
+        await response.write(piece)
+        try:
+            await asyncio.wait_for(delivered.wait(), 1.0)
+        except TimeoutError:
+            pass
+        await response.write(b"\n\n")
+        await response.write_eof()
+        return response
+
+    async with serving(chat_upstream(chat)) as url:
+        gateway = await make_gateway(upstream_url=url)
+        token = await gateway.token()
+        async with gateway.client.post("/v1/chat/completions", json={**CHAT, "stream": True},
+                                       headers=bearer(token)) as response:
+            try:
+                first = await asyncio.wait_for(response.content.readany(), 0.5)
+            except TimeoutError:
+                first = b""
+            delivered.set()
+            rest = await response.read()
+
+        assert first, "nothing of the event reached the client while the upstream was still sending it"
+        assert first + rest == piece + b"\n\n"
+
+
+@pytest.mark.parametrize("terminated, include_usage", [
+    pytest.param(True, False, id="terminated-events"),
+    pytest.param(False, True, id="unterminated-client-asked-usage"),
+    pytest.param(False, False, id="unterminated-gateway-asks-usage"),
+])
+async def test_a_stream_is_relayed_in_bounded_memory(make_gateway: Any, terminated: bool, include_usage: bool) -> None:
+    """8 MB of SSE read promptly by the client: the gateway's Python heap never holds more than a few MB of it."""
+    size, chunk = 8 * MB, b"y" * (64 * 1024)
+    last = b"\n\n" if terminated else b""
+    event = b"data: " + chunk[: len(chunk) - 8] + b"\n\n" if terminated else chunk
+
+    async def chat(request: web.Request) -> web.StreamResponse:
+        await request.read()
+        response = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+        await response.prepare(request)
+        for _ in range(size // len(event)):
+            await response.write(event)
+        await response.write(last)
+        await response.write_eof()
+        return response
+
+    async with serving(chat_upstream(chat)) as url:
+        gateway = await make_gateway(upstream_url=url)
+        token = await gateway.token()
+        body: dict[str, Any] = {**CHAT, "stream": True}
+        if include_usage:
+            body["stream_options"] = {"include_usage": True}
+        received = 0
+        tracemalloc.start()
+        try:
+            async with gateway.client.post("/v1/chat/completions", json=body, headers=bearer(token)) as response:
+                async for data in response.content.iter_any():
+                    received += len(data)
+            peak = tracemalloc.get_traced_memory()[1]
+        finally:
+            tracemalloc.stop()
+
+        assert received >= size
+        assert peak < 4 * MB, f"peak Python heap {peak / MB:.1f} MB while relaying {size // MB} MB"
+
+
+# ---- a slow client ----
+
+async def test_slow_client_back_pressures_the_upstream_instead_of_buffering(make_gateway: Any) -> None:
+    """A client that stops reading a fast 32 MB stream: the upstream is held back, not buffered in the gateway."""
+    event = b"data: " + b"z" * (64 * 1024 - 8) + b"\n\n"
+    count = 32 * MB // len(event)
+    written = 0
+
+    async def chat(request: web.Request) -> web.StreamResponse:
+        nonlocal written
+        await request.read()
+        assert request.transport is not None
+        # Small kernel buffers on both ends we own, so what is measured is the gateway's own buffering.
+        request.transport.get_extra_info("socket").setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 64 * 1024)
+        response = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+        await response.prepare(request)
+        for _ in range(count):
+            await response.write(event)  # awaits while the gateway does not take more
+            written += len(event)
+        await response.write_eof()
+        return response
+
+    def small_receive_buffer(addr_info: Any) -> socket.socket:
+        family, type_, proto, _, _ = addr_info
+        sock = socket.socket(family, type_, proto)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 64 * 1024)
+        return sock
+
+    async with serving(chat_upstream(chat)) as url:
+        gateway = await make_gateway(upstream_url=url)
+        token = await gateway.token()
+        connector = aiohttp.TCPConnector(socket_factory=small_receive_buffer)
+        async with aiohttp.ClientSession(connector=connector) as session:
+            async with session.post(gateway.client.make_url("/v1/chat/completions"), json={**CHAT, "stream": True},
+                                    headers=bearer(token)) as response:
+                assert response.status == 200
+                tracemalloc.start()
+                try:
+                    # Read nothing; poll until the upstream's progress stops (it must, long before 32 MB).
+                    deadline, seen = time.monotonic() + 5, -1
+                    while written != seen:
+                        assert time.monotonic() < deadline, f"upstream never stalled ({written / MB:.1f} MB sent)"
+                        seen = written
+                        await asyncio.sleep(0.3)
+                    heap = tracemalloc.get_traced_memory()[1]
+                finally:
+                    tracemalloc.stop()
+                stalled_at = written
+                received = 0
+                async for data in response.content.iter_any():
+                    received += len(data)
+
+        # What left the upstream sits almost all in kernel socket buffers (the gateway's two sockets are
+        # autotuned: 6-10 MB together on a stock Linux); the Python heap of gateway, upstream and client
+        # together grows by under 2 MB.
+        assert stalled_at < 16 * MB, f"{stalled_at / MB:.1f} MB left the upstream while the client read nothing"
+        assert heap < 4 * MB, f"the Python heap grew by {heap / MB:.1f} MB while the client read nothing"
+        assert received == written == count * len(event)
+        (access,) = await access_events(gateway)
+        assert access["result"] == "success"
+
+
+# ---- the database is locked by another process ----
+
+LOCKER = """
+import sqlite3, sys
+conn = sqlite3.connect(sys.argv[1], timeout=5, isolation_level=None)
+conn.execute("BEGIN EXCLUSIVE")
+print("locked", flush=True)
+sys.stdin.read()  # hold the lock until the test closes our stdin
+conn.execute("ROLLBACK")
+conn.close()
+"""
+
+
+@asynccontextmanager
+async def locked(path: Path) -> AsyncIterator[None]:
+    """Hold BEGIN EXCLUSIVE on the database from another process for the duration of the block."""
+    process = await asyncio.create_subprocess_exec(sys.executable, "-c", LOCKER, str(path),
+                                                   stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE)
+    assert process.stdout is not None
+    try:
+        assert await asyncio.wait_for(process.stdout.readline(), 10) == b"locked\n"
+        yield
+    finally:
+        await process.communicate(b"")  # closing stdin releases the lock
+    assert process.returncode == 0
+
+
+async def test_a_client_that_stops_reading_is_cut_after_stream_idle_timeout(
+        make_gateway: Any, caplog: pytest.LogCaptureFixture) -> None:
+    """A reader that stalls longer than STREAM_IDLE_TIMEOUT loses its connection; the upstream is released."""
+    event = b"data: " + b"z" * (64 * 1024 - 8) + b"\n\n"
+    upstream_done = asyncio.Event()
+
+    async def chat(request: web.Request) -> web.StreamResponse:
+        await request.read()
+        response = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+        await response.prepare(request)
+        try:
+            for _ in range(32 * MB // len(event)):
+                await response.write(event)
+            await response.write_eof()
+        finally:
+            upstream_done.set()
+        return response
+
+    async with serving(chat_upstream(chat)) as url:
+        gateway = await make_gateway(upstream_url=url, STREAM_IDLE_TIMEOUT="500ms")
+        token = await gateway.token()
+        async with aiohttp.ClientSession() as session:
+            async with session.post(gateway.client.make_url("/v1/chat/completions"), json={**CHAT, "stream": True},
+                                    headers=bearer(token)) as response:
+                assert response.status == 200
+                # Read nothing: the gateway's writes back up, then time out, and it hangs up.
+                await asyncio.wait_for(upstream_done.wait(), timeout=10)
+                with pytest.raises(aiohttp.ClientPayloadError):
+                    async for _ in response.content.iter_any():
+                        pass
+
+    assert any("client stopped reading" in record.getMessage() for record in caplog.records)
+    (access,) = await access_events(gateway)
+    assert access["result"] == "error"
+
+
+async def test_database_locked_by_another_process_serves_from_memory_and_loses_nothing(make_gateway: Any) -> None:
+    """A 2 s exclusive lock: proxying goes on from memory, management writes wait for it, no event or count is lost."""
+    gateway = await make_gateway(RATE_LIMIT_PER_MINUTE="0")
+    token = await gateway.token()
+    path = gateway.settings.database_path
+    chat = {"json": CHAT, "headers": bearer(token)}
+    async with gateway.client.post("/v1/chat/completions", **chat) as warm:
+        assert warm.status == 200
+    served, latencies = 1, []
+
+    async with locked(path):
+        write = asyncio.ensure_future(gateway.client.post("/manage/projects", json={"name": "during-lock",
+                                                                                   "api_key": "sk-x" * 8},
+                                                          headers=gateway.auth))
+        until = time.monotonic() + 2.0
+        while time.monotonic() < until:  # traffic for as long as the lock is held
+            started = time.monotonic()
+            async with gateway.client.post("/v1/chat/completions", **chat) as response:
+                assert response.status == 200
+                await response.read()
+            latencies.append(time.monotonic() - started)
+            served += 1
+        async with gateway.client.get("/ready") as ready, gateway.client.get("/manage/tokens",
+                                                                             headers=gateway.auth) as listed:
+            assert (ready.status, listed.status) == (200, 200)  # readers are not blocked (WAL)
+        assert not write.done(), "a management write went through while another process held the lock"
+    released = time.monotonic()
+
+    async with await write as created:
+        assert created.status == 201, await created.text()
+    assert time.monotonic() >= released
+    assert served > 10 and max(latencies) < 0.5, (served, max(latencies))
+    access = "SELECT count(*) FROM audit_events WHERE action = 'token.access'"
+    await eventually(lambda: scalar(path, access) == served, f"{served} token.access rows")
+    await eventually(lambda: scalar(path, "SELECT request_count FROM tokens WHERE id = ?", (token["id"],)) == served,
+                     f"request_count {served} persisted")
+    assert scalar(path, "SELECT count(*) FROM projects WHERE name = 'during-lock'") == 1
+
+
+async def test_events_refused_by_a_locked_database_are_stored_by_shutdown(make_gateway: Any,
+                                                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    """A lock outlasting busy_timeout and every retry, then released: a clean shutdown still stores every event."""
+    monkeypatch.setattr(database, "BUSY_TIMEOUT_MS", 50)
+    monkeypatch.setattr(AuditWriter, "DB_RETRY_DELAYS", (0.01, 0.01, 0.01))
+    gateway = await make_gateway()
+    token = await gateway.token()
+    audit = gateway.app[AUDIT]
+    path = gateway.settings.database_path
+
+    async with locked(path):
+        for _ in range(3):
+            async with gateway.client.post("/v1/chat/completions", json=CHAT, headers=bearer(token)) as response:
+                assert response.status == 200
+        await eventually(lambda: audit.db_errors >= 1, "the audit writer to give up on the locked database")
+        await audit.flush()
+    await gateway.close()  # what SIGTERM does, after the lock is gone
+
+    assert scalar(path, "SELECT count(*) FROM audit_events WHERE action = 'token.access'") == 3
+
+
+@asynccontextmanager
+async def serving_like_serve(tmp_path: Path, upstream_url: str) -> AsyncIterator[Gateway]:
+    """A gateway whose handlers are cancelled when their client leaves, as `llm-proxy serve` runs it."""
+    settings = make_settings(tmp_path, upstream_url)
+    server = TestServer(create_app(settings), host="127.0.0.1", handler_cancellation=True)
+    gateway = Gateway(TestClient(server), settings, None)
+    await gateway.client.start_server()
+    try:
+        yield gateway
+    finally:
+        await gateway.close()
+
+
+async def abandon_a_write_during_a_lock(gateway: Gateway) -> None:
+    """POST /manage/projects while another process holds the lock; give up after 0.3 s, as a client would."""
+    await gateway.app[AUDIT].flush()  # the audit writer is idle: the handler's write is the one waiting
+    async with locked(gateway.settings.database_path):
+        with pytest.raises(TimeoutError):
+            async with asyncio.timeout(0.3):
+                await gateway.client.post("/manage/projects", json={"name": "abandoned", "api_key": "sk-x" * 8},
+                                          headers=gateway.auth)
+        server = gateway.client.server.runner.server  # type: ignore[union-attr]
+        # The server cancels the handler in the same callback that forgets the connection.
+        await eventually(lambda: not server.connections, "the server to drop the abandoned connection")
+
+
+async def test_a_management_client_leaving_during_a_lock_does_not_wedge_the_database(
+        tmp_path: Path, upstream: tuple[Any, TestServer]) -> None:
+    """A write cancelled while it waits for the lock leaves no transaction open: later writes, ours or not, work."""
+    async with serving_like_serve(tmp_path, str(upstream[1].make_url("")).rstrip("/")) as gateway:
+        await gateway.project("before")
+        await abandon_a_write_during_a_lock(gateway)
+
+        after = await gateway.client.post("/manage/projects", json={"name": "after", "api_key": "sk-x" * 8},
+                                          headers=gateway.auth)
+        assert after.status == 201, await after.text()
+        def write_from_elsewhere() -> None:
+            with closing(sqlite3.connect(gateway.settings.database_path, timeout=5, isolation_level=None)) as other:
+                other.execute("BEGIN IMMEDIATE")  # another process (the CLI) can write again
+                other.execute("ROLLBACK")
+
+        # In a thread: blocking the event loop would stall the gateway's own short transactions.
+        await asyncio.to_thread(write_from_elsewhere)
+
+
+async def test_a_management_write_abandoned_by_its_client_is_not_audited_as_success(
+        tmp_path: Path, upstream: tuple[Any, TestServer]) -> None:
+    """The project.create event of a request cancelled before its write says `error`, and no project exists."""
+    async with serving_like_serve(tmp_path, str(upstream[1].make_url("")).rstrip("/")) as gateway:
+        await gateway.project("before")
+        await abandon_a_write_during_a_lock(gateway)
+        path = gateway.settings.audit_log_file
+        assert path is not None
+
+        def creations() -> list[dict[str, Any]]:
+            events = (orjson.loads(line) for line in path.read_bytes().splitlines())
+            return [event for event in events if event["action"] == "project.create"]
+
+        await eventually(lambda: len(creations()) == 2, "the abandoned request's project.create event", timeout=10)
+        listed = await gateway.manage("GET", "/projects", expect=200)
+
+    assert [project["name"] for project in listed["data"]] == ["before"]
+    assert creations()[-1]["result"] == "error"
+
+
+# ---- the audit file cannot be written ----
+
+async def test_audit_file_on_a_full_disk_keeps_requests_and_events_in_the_database(
+        make_gateway: Any, caplog: pytest.LogCaptureFixture) -> None:
+    """AUDIT_LOG_FILE=/dev/full (ENOSPC): requests 200, one loud error, the file-errors metric, events in the table."""
+    if not Path("/dev/full").exists():
+        pytest.skip("no /dev/full")
+    gateway = await make_gateway(AUDIT_LOG_FILE="/dev/full")
+    token = await gateway.token()
+
+    for _ in range(3):
+        async with gateway.client.post("/v1/chat/completions", json=CHAT, headers=bearer(token)) as response:
+            assert response.status == 200
+    await gateway.app[AUDIT].flush()
+
+    errors = [r for r in caplog.records if r.name == "llm_proxy.audit" and r.levelno >= logging.ERROR]
+    assert errors and "No space left on device" in errors[0].getMessage()
+    async with gateway.client.get("/metrics", headers={"Authorization": f"Bearer {MANAGEMENT_TOKEN}"}) as metrics:
+        text = await metrics.text()
+    samples = dict(line.rsplit(" ", 1) for line in text.splitlines() if line and not line.startswith("#"))
+    assert float(samples["llm_proxy_audit_file_errors_total"]) >= 5  # project, token, three requests
+    listed = await gateway.manage("GET", "/audit?action=token.access", expect=200)
+    assert [event["result"] for event in listed["data"]] == ["success"] * 3
