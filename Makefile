@@ -39,3 +39,28 @@ lint: $(STAMP)
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache build *.egg-info
+
+# The benchmark drives nginx (the upstream that is never the bottleneck) and wrk (the load), both
+# from Debian, and py-spy (into .venv) for its profile. `make bench BENCH_ARGS=--smoke` is the quick check.
+BENCH_ARGS ?= --profile
+
+bench: $(STAMP)
+	@missing=""; command -v nginx >/dev/null 2>&1 || test -x /usr/sbin/nginx || missing="$$missing nginx"; \
+	command -v wrk >/dev/null 2>&1 || missing="$$missing wrk"; \
+	if [ -n "$$missing" ]; then \
+		SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
+		$$SUDO apt-get update -qq; \
+		if apt-cache policy nginx-light | grep -q 'Candidate: [0-9]'; then nginx=nginx-light; else nginx=nginx; fi; \
+		packages=$$(echo "$$missing" | sed "s/ nginx\b/ $$nginx/"); \
+		echo "installing Debian packages:$$packages"; \
+		DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq $$packages >/dev/null; \
+	fi
+	@test -x $(BIN)/py-spy || $(BIN)/python -m pip install --quiet --disable-pip-version-check py-spy \
+		|| echo "py-spy could not be installed: the profile will be missing"
+	$(BIN)/python bench/run.py $(BENCH_ARGS)
+
+# A bounded soak (not in CI): mixed traffic against a real `llm-proxy serve`, RSS and descriptors sampled.
+SOAK_MINUTES ?= 2
+
+soak: $(STAMP)
+	$(BIN)/python bench/soak.py --minutes $(SOAK_MINUTES)
