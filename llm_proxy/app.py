@@ -61,16 +61,18 @@ def create_app(settings: Settings, *, clock: Callable[[], float] = time.time,
     # 4. errors: whatever is raised below (auth, limits, forwarder) becomes an OpenAI error body.
     # The sub-applications add their own credential check inside these: the management token
     # for /manage, client tokens for /v1 (so neither can be used on the other's routes).
+    cors = bool(settings.cors_allowed_origins)  # without CORS, neither layer runs at all
     app = web.Application(middlewares=[request_context_middleware(settings.trusted_proxies),
                                        metrics_middleware(metrics),
-                                       cors_middleware(settings.cors_allowed_origins), error_middleware],
+                                       *([cors_middleware(settings.cors_allowed_origins)] if cors else []),
+                                       error_middleware],
                           client_max_size=settings.max_request_size)
     app[SETTINGS], app[KEYRING], app[DATABASE], app[TOKEN_STORE], app[AUDIT] = settings, keyring, db, store, audit
     app[ANOMALIES], app[EXPIRY_JOB] = anomalies, expiry
     # Response hooks run for every response, streamed and error ones included.
     app.on_response_prepare.extend([
         add_request_id_header,
-        cors_headers_hook(settings.cors_allowed_origins),  # always: it also strips upstream Access-Control-*
+        *([cors_headers_hook(settings.cors_allowed_origins)] if cors else []),
         security_headers_hook(hsts_max_age=settings.hsts_max_age if settings.tls_cert_file else None),
     ])
     management_tokens = ManagementTokens(settings.management_tokens)

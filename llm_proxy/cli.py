@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import gc
 import getpass
 import logging
 import os
@@ -454,6 +455,15 @@ def build_ssl_context(settings: Settings) -> ssl.SSLContext | None:
     return context
 
 
+def _with_frozen_gc(app: web.Application) -> web.Application:
+    """Move what startup allocated out of the collector's sight: fewer and shorter GC passes per request."""
+    async def freeze(app: web.Application) -> None:
+        gc.collect()
+        gc.freeze()
+    app.on_startup.append(freeze)
+    return app
+
+
 def cmd_serve(args: argparse.Namespace) -> int:
     """Run the gateway until SIGINT/SIGTERM."""
     settings = _settings()
@@ -473,7 +483,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
         log.info("llm-proxy %s listening on %s://%s:%d", __version__, scheme, settings.listen_host or "*",
                  settings.listen_port, extra={"event_loop": "uvloop" if loop is not None else "asyncio"})
         try:
-            web.run_app(create_app(settings), host=settings.listen_host or None, port=settings.listen_port,
+            web.run_app(_with_frozen_gc(create_app(settings)), host=settings.listen_host or None,
+                        port=settings.listen_port,
                         ssl_context=context, shutdown_timeout=settings.shutdown_grace, handler_cancellation=True,
                         access_log_class=AccessLogger, access_log=logging.getLogger(ACCESS_LOGGER), print=None,
                         loop=loop, keepalive_timeout=CONNECTION_IDLE_TIMEOUT)

@@ -48,6 +48,7 @@ REQUEST_DENY = HOP_BY_HOP | {"host", "authorization", "cookie", "content-length"
 RESPONSE_DENY = HOP_BY_HOP | {"set-cookie", "server", "date", "x-request-id", "openai-organization",
                               "openai-project", "content-length"}
 # Anything that could walk the upstream path out of /v1 once decoded or normalised.
+_URL_CACHE_SIZE = 4096
 _UNSAFE_PATH = re.compile(r"%2e|%2f|%5c|\\|//|/\.\.?(/|$)", re.IGNORECASE)
 
 
@@ -70,6 +71,7 @@ class Forwarder:
         self._max_body = settings.max_request_size
         self._request_timeout = settings.request_timeout
         self._idle = settings.stream_idle_timeout
+        self._urls: dict[str, URL] = {}
         self._timeout = aiohttp.ClientTimeout(total=None, sock_connect=settings.request_timeout,
                                               sock_read=settings.stream_idle_timeout)
 
@@ -81,6 +83,16 @@ class Forwarder:
 
     def upstream_url(self, raw_path: str) -> URL:
         """Map a client request-target to the upstream URL, refusing paths outside the allowed /v1 prefixes."""
+        url = self._urls.get(raw_path)
+        if url is not None:
+            return url
+        url = self._map(raw_path)
+        if len(self._urls) >= _URL_CACHE_SIZE:
+            self._urls.clear()  # the mapping is pure: forgetting costs only a recomputation
+        self._urls[raw_path] = url
+        return url
+
+    def _map(self, raw_path: str) -> URL:
         path, _, _query = raw_path.partition("?")
         if not path.startswith("/v1/") or _UNSAFE_PATH.search(path):
             raise EndpointNotAllowed()
@@ -192,7 +204,9 @@ class Forwarder:
                      answered: float, tap: usage.UsageTap | None) -> web.StreamResponse:
         response = web.StreamResponse(status=upstream.status, reason=upstream.reason)
         for name, value in upstream.headers.items():
-            if name.lower() not in RESPONSE_DENY:
+            lowered = name.lower()
+            # The gateway alone decides CORS: the upstream's own Access-Control-* never pass.
+            if lowered not in RESPONSE_DENY and not lowered.startswith("access-control-"):
                 response.headers.add(name, value)
         if "X-Request-ID" in upstream.headers:
             response.headers["X-Upstream-Request-ID"] = upstream.headers["X-Request-ID"]
@@ -206,42 +220,76 @@ class Forwarder:
         response.headers["X-LLM-Proxy-Overhead-Ms"] = f"{overhead * 1000:.3f}"
         await response.prepare(request)
         first, relayed = True, 0
-        loop = asyncio.get_running_loop()
-        # Armed only while writing to the client: one that stops reading for longer than
-        # STREAM_IDLE_TIMEOUT would otherwise hold a concurrency slot and an upstream connection.
-        client_deadline = asyncio.timeout(None)
+        watch = _StallWatch(self._idle, request.transport)
         try:
-            async with client_deadline:
-                async for chunk in upstream.content.iter_any():
-                    if first:
-                        self._metrics.upstream_ttfb.observe(time.perf_counter() - sent)
-                        first = False
-                    if tap is not None:
-                        chunk = tap.feed(chunk)
-                        if not chunk:
-                            continue
-                    client_deadline.reschedule(loop.time() + self._idle)
-                    await response.write(chunk)
-                    client_deadline.reschedule(None)
-                    relayed += len(chunk)
-                if tap is not None and (rest := tap.finish()):
-                    client_deadline.reschedule(loop.time() + self._idle)
-                    await response.write(rest)
-        except (aiohttp.ClientError, TimeoutError) as exc:
-            # Headers are gone already: the only honest signal left is to cut the connection.
-            if client_deadline.expired():
-                log.warning("client stopped reading for %ss after %d bytes; connection closed", self._idle, relayed)
+            async for chunk in upstream.content.iter_any():
+                if first:
+                    self._metrics.upstream_ttfb.observe(time.perf_counter() - sent)
+                    first = False
+                if tap is not None:
+                    chunk = tap.feed(chunk)
+                    if not chunk:
+                        continue
+                watch.since = watch.now()
+                await response.write(chunk)
+                watch.since = None
+                relayed += len(chunk)
+            if tap is not None and (rest := tap.finish()):
+                watch.since = watch.now()
+                await response.write(rest)
+        except (aiohttp.ClientError, TimeoutError, ConnectionResetError) as exc:
+            if watch.stalled:
+                pass  # logged by the watch when it cut the connection
+            elif isinstance(exc, ConnectionResetError):
+                return response  # the client left; closing the upstream happens in the caller
             else:
                 log.warning("upstream stream broke after %d bytes: %s", relayed, type(exc).__name__)
+            # Headers are gone already: the only honest signal left is to cut the connection.
             request[UPSTREAM_BROKEN] = True
             if request.transport is not None:
                 request.transport.close()
             return response
-        except ConnectionResetError:
-            return response  # the client left; closing the upstream happens in the caller
+        finally:
+            watch.cancel()
         await response.write_eof()
         return response
 
+
+
+class _StallWatch:
+    """Cut a client that stops reading: one timer per response, not one per chunk.
+
+    The relay marks when a write starts (`since`) and clears it when the write returns; the timer
+    fires every `limit` seconds and aborts the connection if a write has been pending that long.
+    A stalled client would otherwise hold a concurrency slot and an upstream connection forever
+    (aiohttp stops the upstream read timer while the relay is blocked writing).
+    """
+
+    __slots__ = ("_handle", "_limit", "_loop", "_transport", "since", "stalled")
+
+    def __init__(self, limit: float, transport: asyncio.Transport | None) -> None:
+        self._loop = asyncio.get_running_loop()
+        self._limit = limit
+        self._transport = transport
+        self.since: float | None = None
+        self.stalled = False
+        self._handle = self._loop.call_later(limit, self._check)
+
+    def now(self) -> float:
+        return self._loop.time()
+
+    def _check(self) -> None:
+        since, now = self.since, self._loop.time()
+        if since is not None and now - since >= self._limit:
+            self.stalled = True
+            log.warning("client stopped reading for %ss; connection closed", self._limit)
+            if self._transport is not None:
+                self._transport.abort()  # close() would wait for the unread buffer to drain
+            return
+        self._handle = self._loop.call_later(self._limit - (now - since if since is not None else 0), self._check)
+
+    def cancel(self) -> None:
+        self._handle.cancel()
 
 
 class _BodyTooLarge(Exception):

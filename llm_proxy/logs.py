@@ -9,18 +9,22 @@ import queue
 import re
 import sys
 import threading
+from collections import deque
 from datetime import UTC, datetime
+from time import perf_counter
+from time import time as time_now
 from typing import Any, TextIO
 
 import orjson
 from aiohttp.abc import AbstractAccessLogger
 from aiohttp.web import BaseRequest, StreamResponse
 
-from .keys import CLIENT_IP, CREDENTIAL, REQUEST_ID
+from .keys import CLIENT_IP, CREDENTIAL, REQUEST_ID, REQUEST_STARTED
 from .obfuscation import obfuscate
 from .settings import ConfigError, Settings
 
 ACCESS_LOGGER = "llm_proxy.access"
+ACCESS_FLUSH_INTERVAL = 0.05
 # Attributes every LogRecord has; anything else on a record came in through `extra=`.
 _STANDARD = frozenset(vars(logging.LogRecord("", 0, "", 0, "", None, None))) | {"message", "asctime", "taskName"}
 # Extras that are identifiers by construction: scrubbed for prefixed secrets only, so a
@@ -179,6 +183,63 @@ class _QueueHandler(logging.handlers.QueueHandler):
         return record
 
 
+class AccessSink:
+    """Access lines, already rendered, collected without waking any thread and written in batches.
+
+    A request costs one deque append; a thread wakes every ACCESS_FLUSH_INTERVAL seconds and writes
+    what has gathered in one call (through the destination handler, so LOG_FILE still follows
+    logrotate). Handing every line to the logging queue instead woke the writer thread once per
+    request, and that thread's fight for the GIL cost more than the line itself.
+    """
+
+    def __init__(self, destination: logging.Handler) -> None:
+        self._destination = destination
+        self._lines: deque[str] = deque()
+        self._stopping = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="llm-proxy-access-log", daemon=True)
+
+    def append(self, line: str) -> None:
+        """Queue one rendered line (from the event loop; never blocks)."""
+        self._lines.append(line)
+
+    def start(self) -> None:
+        """Start the writer thread."""
+        self._thread.start()
+
+    def flush(self) -> None:
+        """Write everything gathered so far."""
+        lines = []
+        while self._lines:
+            lines.append(self._lines.popleft())
+        if not lines:
+            return
+        handler = self._destination
+        handler.acquire()
+        try:
+            if isinstance(handler, logging.handlers.WatchedFileHandler):
+                handler.reopenIfNeeded()
+            stream = getattr(handler, "stream", None)
+            if stream is not None:
+                stream.write("\n".join(lines) + "\n")
+                stream.flush()
+        except (OSError, ValueError):
+            pass  # as logging does: a log that cannot be written must not stop the gateway
+        finally:
+            handler.release()
+
+    def _run(self) -> None:
+        while not self._stopping.wait(ACCESS_FLUSH_INTERVAL):
+            self.flush()
+        self.flush()
+
+    def stop(self) -> None:
+        """Write what is left and stop the thread; safe to call twice."""
+        self._stopping.set()
+        if self._thread.is_alive():
+            self._thread.join()
+        self.flush()
+
+
 class LogListener(logging.handlers.QueueListener):
     """The thread that writes log records; stop() drains it, closes the destination and detaches from root."""
 
@@ -186,6 +247,12 @@ class LogListener(logging.handlers.QueueListener):
                  *handlers: logging.Handler) -> None:
         super().__init__(log_queue, *handlers, respect_handler_level=True)
         self.queue_handler = queue_handler
+        self.access = AccessSink(handlers[0])
+
+    def start(self) -> None:
+        """Start the record writer and the access-line writer."""
+        super().start()
+        self.access.start()
 
     def handle(self, record: logging.LogRecord) -> None:
         marker = getattr(record, "_flushed", None)
@@ -196,6 +263,7 @@ class LogListener(logging.handlers.QueueListener):
 
     def flush(self, timeout: float = 5.0) -> bool:
         """Block until every record queued so far is written (for tests and orderly shutdown)."""
+        self.access.flush()
         marker = threading.Event()
         record = logging.makeLogRecord({"_flushed": marker})
         self.queue.put_nowait(record)
@@ -203,7 +271,11 @@ class LogListener(logging.handlers.QueueListener):
 
     def stop(self) -> None:
         """Write what is queued, stop the thread, close the destination; safe to call twice."""
+        global _access_sink
         logging.getLogger().removeHandler(self.queue_handler)
+        if _access_sink is self.access:
+            _access_sink = None
+        self.access.stop()
         if self._thread is not None:
             super().stop()
         for handler in self.handlers:
@@ -228,22 +300,45 @@ def configure_logging(settings: Settings, *, stream: TextIO | None = None) -> Lo
     root.setLevel(settings.log_level.upper())
     listener = LogListener(log_queue, queue_handler, destination)
     listener.start()
+    global _access_sink, _access_json
+    _access_sink, _access_json = listener.access, settings.log_format == "json"
     return listener
+
+
+# Where AccessLogger puts its lines once configure_logging() ran (aiohttp builds the logger itself).
+_access_sink: AccessSink | None = None
+_access_json = True
 
 
 class AccessLogger(AbstractAccessLogger):
     """One line per request: request id, method, path (never the query string), status, duration, client, token."""
 
     def log(self, request: BaseRequest, response: StreamResponse, time: float) -> None:
+        started = request.get(REQUEST_STARTED)
         credential = request.get(CREDENTIAL)
-        extra = {
-            "request_id": request.get(REQUEST_ID), "method": request.method,
-            # The query string can carry secrets (?api_key=…); the path alone identifies the route.
-            "path": request.path, "status": response.status, "duration_ms": round(time * 1000, 1),
+        # The query string can carry secrets (?api_key=…); the path alone identifies the route,
+        # and is still masked in case a secret was put in the path itself.
+        path = mask_secrets(request.path)
+        fields = {
+            "request_id": request.get(REQUEST_ID), "method": request.method, "path": path,
+            "status": response.status,
+            "duration_ms": round(((perf_counter() - started) if started is not None else time) * 1000, 3),
             "client_ip": request.get(CLIENT_IP) or request.remote,
-            "token_id": getattr(credential, "hint", None),
+            "token_id": getattr(credential, "hint", None),  # obfuscated already
         }
-        self.logger.info("%s %s %s", request.method, request.path, response.status, extra=extra)
+        message = f"{request.method} {path} {response.status}"
+        sink = _access_sink
+        if sink is None:  # logging not configured by configure_logging(): use the logger as is
+            self.logger.info("%s", message, extra=fields)
+            return
+        now = _utc(time_now())
+        if _access_json:
+            sink.append(orjson.dumps({"time": now, "level": "info", "logger": self.logger.name, "message": message,
+                                      **fields}).decode())
+        else:
+            extras = " ".join(f"{key}={value}" for key, value in fields.items()
+                              if key not in ("method", "path", "status") and value is not None)
+            sink.append(f"{now} INFO {self.logger.name}: {message} {extras}")
 
     @property
     def enabled(self) -> bool:

@@ -130,6 +130,8 @@ def query_int(query: Mapping[str, str], name: str, *, default: int | None, minim
 
 async def read_body(request: web.Request, limit_seconds: float) -> bytes:
     """Read a whole (size-capped) request body, refusing a client that sends it too slowly."""
+    if request.content.is_eof():
+        return await request.read()  # it all came with the headers: no timer needed
     try:
         async with asyncio.timeout(limit_seconds):
             return await request.read()
