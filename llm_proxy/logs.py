@@ -109,8 +109,16 @@ def _mask_value(value: Any, *, long_runs: bool = True) -> Any:
     return mask_secrets(str(value))  # anything else is logged as its str() anyway
 
 
+_second_cache: tuple[int, str] = (-1, "")
+
+
 def _utc(created: float) -> str:
-    return datetime.fromtimestamp(created, UTC).strftime("%Y-%m-%dT%H:%M:%S.%f")[:-3] + "Z"
+    """Format a Unix time as UTC ISO-8601 to the millisecond; the date-time part is cached per second."""
+    global _second_cache
+    second = int(created)
+    if second != _second_cache[0]:
+        _second_cache = (second, datetime.fromtimestamp(second, UTC).strftime("%Y-%m-%dT%H:%M:%S"))
+    return f"{_second_cache[1]}.{int((created - second) * 1000):03d}Z"
 
 
 def _extras(record: logging.LogRecord) -> dict[str, Any]:
