@@ -203,6 +203,7 @@ class AccessSink:
     def __init__(self, destination: logging.Handler) -> None:
         self._destination = destination
         self._lines: deque[str] = deque()
+        self._flushing = threading.Lock()  # two flushers must not reorder lines between them
         self._stopping = threading.Event()
         self._thread = threading.Thread(target=self._run, name="llm-proxy-access-log", daemon=True)
 
@@ -216,6 +217,12 @@ class AccessSink:
 
     def flush(self) -> None:
         """Write everything gathered so far."""
+        if not self._lines:
+            return
+        with self._flushing:
+            self._write_gathered()
+
+    def _write_gathered(self) -> None:
         lines = []
         while self._lines:
             lines.append(self._lines.popleft())
@@ -263,6 +270,8 @@ class LogListener(logging.handlers.QueueListener):
         self.access.start()
 
     def handle(self, record: logging.LogRecord) -> None:
+        # Access lines gathered before this record are written before it: one order in the file.
+        self.access.flush()
         marker = getattr(record, "_flushed", None)
         if isinstance(marker, threading.Event):
             marker.set()
