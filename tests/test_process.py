@@ -145,5 +145,6 @@ async def test_kill_9_under_load_leaves_whole_audit_lines_and_a_sound_database(s
     with sqlite3.connect(served.data / "gateway.db") as db:
         assert db.execute("PRAGMA integrity_check").fetchone() == ("ok",)
         (count,) = db.execute("SELECT request_count FROM tokens WHERE id = ?", (token["id"],)).fetchone()
-    # Counters are written every second: only the last second's requests can be missing.
-    assert settled <= count <= done
+    # Counters are written every second: only the last second's requests can be missing. A request
+    # is counted when admitted, so the (at most 16) in flight at the kill may be counted unanswered.
+    assert settled <= count <= done + len(workers)
