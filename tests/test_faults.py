@@ -202,29 +202,37 @@ MALFORMED_SSE = [
 ]
 
 
-@pytest.mark.parametrize("include_usage", [True, False], ids=["client-asked-usage", "gateway-asks-usage"])
-async def test_malformed_sse_reaches_the_client_byte_for_byte(make_gateway: Any, include_usage: bool) -> None:
-    """Malformed SSE (garbage lines, missing blank lines, invalid JSON, bad UTF-8) passes through untouched."""
+def sse_writer(pieces: list[bytes]) -> Callable[[web.Request], Awaitable[web.StreamResponse]]:
+    """An upstream chat handler that writes `pieces` as an event stream, as they are."""
     async def chat(request: web.Request) -> web.StreamResponse:
         await request.read()
         response = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
         await response.prepare(request)
-        for piece in MALFORMED_SSE:
+        for piece in pieces:
             await response.write(piece)
         await response.write_eof()
         return response
+    return chat
 
-    async with serving(chat_upstream(chat)) as url:
+
+async def stream_chat(gateway: Gateway, token: dict[str, Any], include_usage: bool) -> tuple[int, bytes]:
+    """POST a streamed chat through the gateway; return the status and every byte received."""
+    body: dict[str, Any] = {**CHAT, "stream": True}
+    if include_usage:
+        body["stream_options"] = {"include_usage": True}
+    async with gateway.client.post("/v1/chat/completions", json=body, headers=bearer(token)) as response:
+        return response.status, await response.read()
+
+
+@pytest.mark.parametrize("include_usage", [True, False], ids=["client-asked-usage", "gateway-asks-usage"])
+async def test_malformed_sse_reaches_the_client_byte_for_byte(make_gateway: Any, include_usage: bool) -> None:
+    """Malformed SSE (garbage lines, missing blank lines, invalid JSON, bad UTF-8) passes through untouched."""
+    async with serving(chat_upstream(sse_writer(MALFORMED_SSE))) as url:
         gateway = await make_gateway(upstream_url=url)
         token = await gateway.token()
-        body: dict[str, Any] = {**CHAT, "stream": True}
-        if include_usage:
-            body["stream_options"] = {"include_usage": True}
+        status, received = await stream_chat(gateway, token, include_usage)
 
-        async with gateway.client.post("/v1/chat/completions", json=body, headers=bearer(token)) as response:
-            received = await response.read()
-
-        assert response.status == 200
+        assert status == 200
         assert received == b"".join(MALFORMED_SSE)
         (event,) = await access_events(gateway)
         assert (event["result"], event["details"]["status"]) == ("success", 200)
@@ -449,23 +457,10 @@ async def test_an_unterminated_last_event_is_relayed_exactly_once(make_gateway: 
     """An upstream that ends without the final blank line: the client gets exactly the bytes sent, once."""
     sent = sse_event(0) + b"data: [DONE]"
 
-    async def chat(request: web.Request) -> web.StreamResponse:
-        await request.read()
-        response = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
-        await response.prepare(request)
-        await response.write(sent)
-        await response.write_eof()
-        return response
-
-    async with serving(chat_upstream(chat)) as url:
+    async with serving(chat_upstream(sse_writer([sent]))) as url:
         gateway = await make_gateway(upstream_url=url)
         token = await gateway.token()
-        body: dict[str, Any] = {**CHAT, "stream": True}
-        if include_usage:
-            body["stream_options"] = {"include_usage": True}
-
-        async with gateway.client.post("/v1/chat/completions", json=body, headers=bearer(token)) as response:
-            received = await response.read()
+        _, received = await stream_chat(gateway, token, include_usage)
 
         assert received == sent
 
