@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import Awaitable, Callable
+from dataclasses import replace
 from typing import Any
 
 import orjson
@@ -24,9 +25,13 @@ from .tokenstore import TokenStore
 from .validation import Field, parse_json_object, query_bool, query_int, query_timestamp, read_body, validate
 
 MAX_GRACE_SECONDS = 86_400
-_NAME = Field(str, max_length=200)
-_API_KEY = Field(str, max_length=4096)
-_LIMIT = Field(int, nullable=True, minimum=0, maximum=2**53)
+# Bounds of the request bodies; the OpenAPI document (openapi.py) states the same ones from here.
+NAME_MAX_LENGTH = 200
+API_KEY_MAX_LENGTH = 4096
+LIMIT_MAX = 2**53
+_NAME = Field(str, max_length=NAME_MAX_LENGTH)
+_API_KEY = Field(str, max_length=API_KEY_MAX_LENGTH)
+_LIMIT = Field(int, nullable=True, minimum=0, maximum=LIMIT_MAX)
 
 Details = dict[str, Any]
 ActionHandler = Callable[["Management", web.Request, Details], Awaitable[web.StreamResponse]]
@@ -120,8 +125,7 @@ class Management:
     @audited("project.create")
     async def create_project(self, request: web.Request, details: Details) -> web.StreamResponse:
         body = validate(parse_json_object(await read_body(request, self.settings.request_timeout)),
-                        {"name": Field(str, required=True, max_length=200), "api_key": Field(str, required=True,
-                                                                                               max_length=4096)})
+                        {"name": replace(_NAME, required=True), "api_key": replace(_API_KEY, required=True)})
         project = await repo.create_project(self.db, self.keyring, body["name"], body["api_key"], self.clock())
         details.update(project_id=project.id, name=project.name)
         return json_response(project.public(), status=201)

@@ -34,7 +34,6 @@ _STAMP: Schema = {"type": "string", "pattern": rf"^{_DAY}{_TIME}$", "description
 _COUNT: Schema = {"type": "integer", "minimum": 0}
 _FLAG: Schema = {"type": "string", "pattern": "^(?:[Tt][Rr][Uu][Ee]|[Ff][Aa][Ll][Ss][Ee]|[01])?$",
           "description": "true or false (any case), 1 or 0; empty means not given."}
-_LIMIT_MAX = 2**53
 
 # Status → (response component, error codes the gateway answers with under it).
 _ERRORS: dict[int, tuple[str, tuple[str, ...], str]] = {
@@ -58,18 +57,19 @@ _BODY_ERRORS = (400, 408, 413)
 def build_document(settings: Settings | None = None) -> dict[str, Any]:
     """Return the OpenAPI document, reflecting the token lifetime limits of `settings` (defaults when None)."""
     # Imported here: management serves this document, so it imports this module first.
-    from .management import MAX_GRACE_SECONDS
+    from .management import API_KEY_MAX_LENGTH, LIMIT_MAX, MAX_GRACE_SECONDS, NAME_MAX_LENGTH
 
     if settings is None:
         settings = Settings(management_tokens=(), encryption_key=b"")
     duration: Schema = {"type": "integer", "minimum": 1, "maximum": settings.max_token_duration_minutes,
                 "description": f"Token lifetime; default {settings.default_token_duration_minutes}."}
-    limit: Schema = {"type": ["integer", "null"], "minimum": 0, "maximum": _LIMIT_MAX}
+    limit: Schema = {"type": ["integer", "null"], "minimum": 0, "maximum": LIMIT_MAX}
     paths: dict[str, Any] = {
         "/manage/projects": {
             "post": _operation(
                 "create_project", "projects", "Create a project holding an upstream API key.",
-                body=_body({"name": _text(200), "api_key": _text(4096, "The upstream key; stored encrypted.")},
+                body=_body({"name": _text(NAME_MAX_LENGTH), "api_key": _text(API_KEY_MAX_LENGTH,
+                                                                   "The upstream key; stored encrypted.")},
                            required=("name", "api_key")),
                 ok={201: _json("The project.", "Project")}, errors=(*_BODY_ERRORS, 409),
                 error_codes={409: ("conflict",)}),
@@ -84,7 +84,8 @@ def build_document(settings: Settings | None = None) -> dict[str, Any]:
                               ok={200: _json("The project.", "Project")}, errors=(404,)),
             "patch": _operation(
                 "update_project", "projects", "Rename a project, replace its key, or (de)activate it.",
-                body=_body({"name": _text(200), "api_key": _text(4096), "is_active": {"type": "boolean"}},
+                body=_body({"name": _text(NAME_MAX_LENGTH), "api_key": _text(API_KEY_MAX_LENGTH),
+                            "is_active": {"type": "boolean"}},
                            min_properties=1),
                 ok={200: _json("The changed project.", "Project")}, errors=(*_BODY_ERRORS, 404, 409),
                 error_codes={409: ("conflict",)}),
