@@ -10,7 +10,7 @@ from aiohttp import web
 from .anomaly import AnomalyDetector
 from .audit import AuditWriter
 from .auth import ManagementTokens, management_auth_middleware, token_auth_middleware
-from .cors import cors_headers_hook, cors_middleware
+from .cors import cors_headers, cors_middleware
 from .crypto import KeyRing
 from .database import Database
 from .errors import error_middleware
@@ -23,7 +23,7 @@ from .management import Management
 from .metrics import Metrics, metrics_middleware, metrics_route
 from .ratelimit import ConcurrencyLimiter, FailureCounter, RateLimiter
 from .request_context import add_request_id_header, request_context_middleware
-from .security_headers import security_headers_hook
+from .security_headers import response_hook, security_headers
 from .settings import Settings
 from .tokenstore import TokenStore
 
@@ -69,12 +69,13 @@ def create_app(settings: Settings, *, clock: Callable[[], float] = time.time,
                           client_max_size=settings.max_request_size)
     app[SETTINGS], app[KEYRING], app[DATABASE], app[TOKEN_STORE], app[AUDIT] = settings, keyring, db, store, audit
     app[ANOMALIES], app[EXPIRY_JOB] = anomalies, expiry
-    # Response hooks run for every response, streamed and error ones included.
-    app.on_response_prepare.extend([
+    # One response hook, run for every response (streamed and error ones included), in these
+    # steps; X-RateLimit-* only appear where admission recorded a decision (/v1).
+    app.on_response_prepare.append(response_hook(
         add_request_id_header,
-        *([cors_headers_hook(settings.cors_allowed_origins)] if cors else []),
-        security_headers_hook(hsts_max_age=settings.hsts_max_age if settings.tls_cert_file else None),
-    ])
+        *([cors_headers(settings.cors_allowed_origins)] if cors else []),
+        security_headers(hsts_max_age=settings.hsts_max_age if settings.tls_cert_file else None),
+        add_rate_limit_headers))
     management_tokens = ManagementTokens(settings.management_tokens)
     app.add_routes([*health_routes(db), metrics_route(metrics, management_tokens, settings.management_allowed_ips)])
 
@@ -93,7 +94,6 @@ def create_app(settings: Settings, *, clock: Callable[[], float] = time.time,
         admission_middleware(store, audit, metrics, anomalies, default_rate=settings.rate_limit_per_minute,
                              global_rate=settings.global_rate_limit, concurrency=concurrency,
                              limiter=RateLimiter(clock=monotonic))])
-    proxy.on_response_prepare.append(add_rate_limit_headers)
     proxy.router.add_route("*", "/{tail:.*}", forwarder.handle)
     app.add_subapp("/v1", proxy)
 

@@ -96,9 +96,19 @@ def cors_middleware(allowed_origins: tuple[str, ...]) -> Middleware:
 
 def cors_headers_hook(allowed_origins: tuple[str, ...]) -> ResponseHook:
     """Build the on_response_prepare hook labelling every response, streamed and error ones included."""
+    label = cors_headers(allowed_origins)
+
+    async def hook(request: web.Request, response: web.StreamResponse) -> None:
+        label(request, response)
+
+    return hook
+
+
+def cors_headers(allowed_origins: tuple[str, ...]) -> Callable[[web.Request, web.StreamResponse], None]:
+    """Build the step labelling a response for the request's Origin (run just before it is sent)."""
     policy = CorsPolicy(allowed_origins)
 
-    async def add_cors_headers(request: web.Request, response: web.StreamResponse) -> None:
+    def add_cors_headers(request: web.Request, response: web.StreamResponse) -> None:
         if isinstance(response, _PreflightResponse):
             return
         headers = response.headers

@@ -95,8 +95,8 @@ def admission_middleware(store: TokenStore, audit: AuditWriter, metrics: Metrics
     return admission
 
 
-async def add_rate_limit_headers(request: web.Request, response: web.StreamResponse) -> None:
-    """Put X-RateLimit-* on every admitted proxied response, streamed ones included."""
+def add_rate_limit_headers(request: web.Request, response: web.StreamResponse) -> None:
+    """Put X-RateLimit-* on every admitted proxied response, streamed ones included (a response hook step)."""
     decision = request.get(RATE_DECISION)
     if decision is not None:
         response.headers.update(_rate_headers(decision))

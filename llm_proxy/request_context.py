@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import ipaddress
+import os
 import re
 import time
-import uuid
 
 from aiohttp import web
 from aiohttp.typedefs import Handler, Middleware
@@ -14,6 +14,29 @@ from .keys import CLIENT_IP, REQUEST_ID, REQUEST_STARTED
 from .settings import IPNetwork
 
 _SANE_ID = re.compile(r"[A-Za-z0-9._-]{1,128}")
+_ID_BATCH = 256  # ids drawn from the OS's random source per read
+
+
+class RequestIds:
+    """Random 128-bit request ids (32 hex digits) from os.urandom, read 4 KiB at a time.
+
+    One getrandom(2) per 256 requests instead of one per request (as uuid4 did): on this kind of
+    VM the system call costs more than the rest of the id.
+    """
+
+    __slots__ = ("_hex", "_next")
+
+    def __init__(self) -> None:
+        self._hex = ""
+        self._next = 0
+
+    def new(self) -> str:
+        """Return a fresh id."""
+        start = self._next
+        if start >= len(self._hex):
+            self._hex, start = os.urandom(16 * _ID_BATCH).hex(), 0
+        self._next = start + 32
+        return self._hex[start:start + 32]
 
 
 def resolve_client_ip(peer: str, forwarded_for: str | None, trusted: tuple[IPNetwork, ...]) -> str:
@@ -43,12 +66,13 @@ def ip_in(peer: str, networks: tuple[IPNetwork, ...]) -> bool:
 
 def request_context_middleware(trusted_proxies: tuple[IPNetwork, ...]) -> Middleware:
     """Build the middleware that sets REQUEST_ID and CLIENT_IP before anything else runs."""
+    new_id = RequestIds().new
 
     @web.middleware
     async def request_context(request: web.Request, handler: Handler) -> web.StreamResponse:
         request[REQUEST_STARTED] = time.perf_counter()
         presented = request.headers.get("X-Request-ID")
-        request[REQUEST_ID] = presented if presented and _SANE_ID.fullmatch(presented) else uuid.uuid4().hex
+        request[REQUEST_ID] = presented if presented and _SANE_ID.fullmatch(presented) else new_id()
         peer = request.remote or ""
         request[CLIENT_IP] = (resolve_client_ip(peer, request.headers.get("X-Forwarded-For"), trusted_proxies)
                               if trusted_proxies else peer)
@@ -57,8 +81,8 @@ def request_context_middleware(trusted_proxies: tuple[IPNetwork, ...]) -> Middle
     return request_context
 
 
-async def add_request_id_header(request: web.Request, response: web.StreamResponse) -> None:
-    """Echo the request id on every response, streamed ones included (on_response_prepare)."""
+def add_request_id_header(request: web.Request, response: web.StreamResponse) -> None:
+    """Echo the request id on every response, streamed ones included (a step of the response hook)."""
     request_id = request.get(REQUEST_ID)
     if request_id is not None:
         response.headers["X-Request-ID"] = request_id

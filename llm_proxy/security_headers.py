@@ -7,6 +7,7 @@ from collections.abc import Awaitable, Callable
 from aiohttp import hdrs, web
 
 ResponseHook = Callable[[web.Request, web.StreamResponse], Awaitable[None]]
+HeaderStep = Callable[[web.Request, web.StreamResponse], None]
 
 # Management answers hold tokens, keys and audit data: never stored, framed or leaked via Referer.
 _MANAGEMENT_HEADERS = {
@@ -23,12 +24,25 @@ def is_management_path(path: str) -> bool:
 
 def security_headers_hook(*, hsts_max_age: int | None) -> ResponseHook:
     """Build the on_response_prepare hook; pass hsts_max_age=None (or 0) when not serving TLS."""
+    return response_hook(security_headers(hsts_max_age=hsts_max_age))
+
+
+def response_hook(*steps: HeaderStep) -> ResponseHook:
+    """Run several header steps as one on_response_prepare hook (one coroutine per response, not one per step)."""
+    async def hook(request: web.Request, response: web.StreamResponse) -> None:
+        for step in steps:
+            step(request, response)
+    return hook
+
+
+def security_headers(*, hsts_max_age: int | None) -> HeaderStep:
+    """Build the step setting the security headers; pass hsts_max_age=None (or 0) when not serving TLS."""
     if hsts_max_age is not None and (isinstance(hsts_max_age, bool) or hsts_max_age < 0):
         raise ValueError(f"hsts_max_age must be a non-negative int or None, not {hsts_max_age!r}")
     # No includeSubDomains: the gateway cannot know that every sibling host of its name speaks HTTPS.
     hsts = f"max-age={hsts_max_age}" if hsts_max_age else None
 
-    async def add_security_headers(request: web.Request, response: web.StreamResponse) -> None:
+    def add_security_headers(request: web.Request, response: web.StreamResponse) -> None:
         headers = response.headers
         # aiohttp adds `Server: Python/3.x aiohttp/3.x` in _prepare_headers, which runs just
         # before on_response_prepare, so removing it here keeps versions off the wire.

@@ -1,14 +1,15 @@
-"""Client IP resolution behind trusted proxies (X-Forwarded-For), as unit tests and a property."""
+"""Request ids, and client IP resolution behind trusted proxies (X-Forwarded-For), as unit tests and a property."""
 
 from __future__ import annotations
 
 import ipaddress
+import re
 
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from llm_proxy.request_context import ip_in, resolve_client_ip
+from llm_proxy.request_context import RequestIds, ip_in, resolve_client_ip
 from llm_proxy.settings import IPNetwork
 
 
@@ -108,3 +109,11 @@ def _is_ip(text: str) -> bool:
     except ValueError:
         return False
     return True
+
+
+def test_request_ids_are_32_hex_digits_and_unique_across_refills() -> None:
+    ids = RequestIds()
+    drawn = [ids.new() for _ in range(1000)]  # four refills of the 256-id batch
+    assert all(re.fullmatch(r"[0-9a-f]{32}", value) for value in drawn)
+    assert len(set(drawn)) == len(drawn)
+    assert len(set(RequestIds().new() for _ in range(50))) == 50  # each instance draws its own
