@@ -49,6 +49,10 @@ RESPONSE_DENY = HOP_BY_HOP | {"set-cookie", "server", "date", "x-request-id", "o
                               "openai-project", "content-length"}
 # Anything that could walk the upstream path out of /v1 once decoded or normalised.
 _URL_CACHE_SIZE = 4096
+# A non-streamed answer up to this size (by its Content-Length) is read whole and sent in one
+# write: cheaper than relaying it piecewise, and a body that breaks off can still be answered
+# with a clean 502/504. A client cannot use half a JSON document, so nothing useful is held back.
+WHOLE_BODY_LIMIT = 256 * 1024
 _UNSAFE_PATH = re.compile(r"%2e|%2f|%5c|\\|//|/\.\.?(/|$)", re.IGNORECASE)
 
 
@@ -202,22 +206,28 @@ class Forwarder:
 
     async def _relay(self, request: web.Request, upstream: aiohttp.ClientResponse, sent: float,
                      answered: float, tap: usage.UsageTap | None) -> web.StreamResponse:
-        response = web.StreamResponse(status=upstream.status, reason=upstream.reason)
+        headers: CIMultiDict[str] = CIMultiDict()
         for name, value in upstream.headers.items():
             lowered = name.lower()
             # The gateway alone decides CORS: the upstream's own Access-Control-* never pass.
             if lowered not in RESPONSE_DENY and not lowered.startswith("access-control-"):
-                response.headers.add(name, value)
+                headers.add(name, value)
         if "X-Request-ID" in upstream.headers:
-            response.headers["X-Upstream-Request-ID"] = upstream.headers["X-Request-ID"]
-        if upstream.content_type == "text/event-stream":
-            response.headers["X-Accel-Buffering"] = "no"
-            response.headers["Cache-Control"] = "no-cache"
-        elif upstream.content_length is not None and (tap is None or not tap.streamed):
-            response.content_length = upstream.content_length
+            headers["X-Upstream-Request-ID"] = upstream.headers["X-Request-ID"]
+        streamed = upstream.content_type == "text/event-stream"
+        if streamed:
+            headers["X-Accel-Buffering"] = "no"
+            headers["Cache-Control"] = "no-cache"
         # What the gateway itself cost so far: everything but the wait for the upstream's headers.
         overhead = time.perf_counter() - request[REQUEST_STARTED] - (answered - sent)
-        response.headers["X-LLM-Proxy-Overhead-Ms"] = f"{overhead * 1000:.3f}"
+        headers["X-LLM-Proxy-Overhead-Ms"] = f"{overhead * 1000:.3f}"
+        length = upstream.content_length
+        if (not streamed and length is not None and length <= WHOLE_BODY_LIMIT and request.method != "HEAD"
+                and upstream.status not in (204, 304)):
+            return await self._relay_whole(upstream, headers, sent, tap)
+        response = web.StreamResponse(status=upstream.status, reason=upstream.reason, headers=headers)
+        if not streamed and length is not None and (tap is None or not tap.streamed):
+            response.content_length = length
         await response.prepare(request)
         first, relayed = True, 0
         watch = _StallWatch(self._idle, request.transport)
@@ -254,6 +264,22 @@ class Forwarder:
         await response.write_eof()
         return response
 
+
+
+    async def _relay_whole(self, upstream: aiohttp.ClientResponse, headers: CIMultiDict[str], sent: float,
+                           tap: usage.UsageTap | None) -> web.Response:
+        try:
+            body = await upstream.read()  # bounded: STREAM_IDLE_TIMEOUT of silence ends it
+        except TimeoutError:
+            log.warning("upstream body stalled for %ss; answered 504", self._idle)
+            raise UpstreamTimeout() from None
+        except (aiohttp.ClientError, ConnectionResetError) as exc:
+            log.warning("upstream body broke before its end: %s; answered 502", type(exc).__name__)
+            raise UpstreamUnavailable() from None
+        self._metrics.upstream_ttfb.observe(time.perf_counter() - sent)
+        if tap is not None:
+            body = tap.feed(body) + tap.finish()
+        return web.Response(status=upstream.status, reason=upstream.reason, body=body, headers=headers)
 
 
 class _StallWatch:

@@ -31,6 +31,7 @@ from aiohttp.test_utils import TestClient, TestServer
 from llm_proxy import database
 from llm_proxy.app import create_app
 from llm_proxy.audit import AuditWriter
+from llm_proxy.forwarder import WHOLE_BODY_LIMIT
 from llm_proxy.keys import AUDIT
 from tests.fakes import MANAGEMENT_TOKEN, Gateway, make_settings
 
@@ -319,9 +320,10 @@ async def test_upstream_that_accepts_and_never_answers_is_504_after_request_time
 
 @pytest.mark.parametrize(("head", "first", "body"), [
     (SSE_HEAD, http_chunk(sse_event(0)), {**CHAT, "stream": True}),
-    (b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: 1000\r\n\r\n",
+    # Beyond WHOLE_BODY_LIMIT a JSON answer is relayed as it arrives, like a stream.
+    (b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: %d\r\n\r\n" % (WHOLE_BODY_LIMIT + 1),
      b'{"id": "chatcmpl-1", "choices": [', CHAT),
-], ids=["sse", "content-length"])
+], ids=["sse", "large-content-length"])
 async def test_upstream_stalling_mid_body_is_cut_after_stream_idle_timeout_and_audited_error(
         make_gateway: Any, head: bytes, first: bytes, body: dict[str, Any]) -> None:
     """Headers and a first piece, then silence past STREAM_IDLE_TIMEOUT: the client's body is cut, audit `error`."""
@@ -346,6 +348,44 @@ async def test_upstream_stalling_mid_body_is_cut_after_stream_idle_timeout_and_a
         await asyncio.wait_for(upstream.hung_up.wait(), 1)
         (event,) = await access_events(gateway)
         assert (event["result"], event["details"]["status"]) == ("error", 200)
+        await assert_healthy(gateway, token)
+
+
+@pytest.mark.parametrize(("ending", "status", "code"), [
+    ("stall", 504, "upstream_timeout"),
+    ("close", 502, "upstream_unavailable"),
+    ("reset", 502, "upstream_unavailable"),
+])
+async def test_a_small_answer_broken_off_mid_body_is_a_clean_502_or_504(
+        make_gateway: Any, ending: str, status: int, code: str) -> None:
+    """A JSON answer within WHOLE_BODY_LIMIT is read whole before anything is sent: if it breaks off, the client
+    gets an OpenAI error it can retry on instead of half a document, and the audit says `error` with that status."""
+    async def misbehave(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        writer.write(b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: 1000\r\n\r\n"
+                     b'{"id": "chatcmpl-1", "choices": [')
+        await writer.drain()
+        if ending == "close":
+            writer.close()
+        elif ending == "reset":
+            reset(writer)
+        else:
+            await until_eof(reader)
+
+    async with RawUpstream(misbehave) as upstream:
+        gateway = await make_gateway(upstream_url=upstream.url, STREAM_IDLE_TIMEOUT="300ms")
+        token = await gateway.token()
+
+        started = time.monotonic()
+        async with gateway.client.post("/v1/chat/completions", json=CHAT, headers=bearer(token)) as response:
+            error = await response.json()
+        elapsed = time.monotonic() - started
+
+        assert (response.status, error["error"]["code"]) == (status, code)
+        if ending == "stall":
+            assert 0.3 <= elapsed < 1.5, elapsed
+            await asyncio.wait_for(upstream.hung_up.wait(), 1)  # the gateway let go of the silent upstream
+        (event,) = await access_events(gateway)
+        assert (event["result"], event["details"]["status"]) == ("error", status)
         await assert_healthy(gateway, token)
 
 
