@@ -56,11 +56,6 @@ WHOLE_BODY_LIMIT = 256 * 1024
 _UNSAFE_PATH = re.compile(r"%2e|%2f|%5c|\\|//|/\.\.?(/|$)", re.IGNORECASE)
 
 
-def _forwardable(name: str) -> bool:
-    lowered = name.lower()
-    return lowered not in REQUEST_DENY and not lowered.startswith("x-forwarded-")
-
-
 class Forwarder:
     """The /v1 handler: validates the path and body, then streams request and response through."""
 
@@ -174,26 +169,32 @@ class Forwarder:
     async def _forward(self, request: web.Request, url: URL, body: bytes | _CappedBody | None,
                        tap: usage.UsageTap | None) -> web.StreamResponse:
         assert self.session is not None
-        headers = CIMultiDict((k, v) for k, v in request.headers.items() if _forwardable(k))
-        for name in request.headers.get("Connection", "").split(","):
-            headers.popall(name.strip(), None)
-        headers["Authorization"] = request[CREDENTIAL].project.authorization
-        headers["Accept-Encoding"] = "identity"
+        connection = request.headers.get("Connection")
+        # Headers the client named in Connection are hop-by-hop too.
+        deny = REQUEST_DENY | {name.strip().lower() for name in connection.split(",")} if connection else REQUEST_DENY
+        headers = [(name, value) for name, value in request.headers.items()
+                   if (lowered := name.lower()) not in deny and not lowered.startswith("x-forwarded-")]
+        headers += (("Authorization", request[CREDENTIAL].project.authorization), ("Accept-Encoding", "identity"))
         sent = time.perf_counter()
+        deadline = _Deadline(self._request_timeout)
         try:
-            async with asyncio.timeout(self._request_timeout):
-                upstream = await self.session.request(request.method, url, headers=headers, data=body,
-                                                      allow_redirects=False)
-        except TimeoutError:
-            if isinstance(body, _CappedBody) and not body.finished:
-                raise RequestTimeout() from None  # the client, not the upstream, was too slow
-            raise UpstreamTimeout() from None
+            upstream = await self.session.request(request.method, url, headers=headers, data=body,
+                                                  allow_redirects=False)
+        except asyncio.CancelledError:
+            if not deadline.settle():
+                raise  # the client went away (or the server is stopping), not our deadline
+            raise self._timed_out(body) from None
+        except TimeoutError:  # aiohttp's own connect/read timeouts
+            deadline.settle()
+            raise self._timed_out(body) from None
         except aiohttp.ClientError as exc:
+            deadline.settle()
             # aiohttp wraps what the body generator raised; a cut-off upload is the client's fault.
             if isinstance(exc.__cause__, _BodyTooLarge) or isinstance(exc, _BodyTooLarge):
                 raise PayloadTooLarge(f"request body exceeds {self._max_body} bytes") from None
             log.warning("upstream request failed: %s", type(exc).__name__)
             raise UpstreamUnavailable() from None
+        deadline.settle()
         answered = time.perf_counter()
         self._metrics.upstream_latency.observe(answered - sent)
         try:
@@ -203,6 +204,12 @@ class Forwarder:
             return await self._relay(request, upstream, sent, answered, tap)
         finally:
             upstream.close()
+
+    @staticmethod
+    def _timed_out(body: bytes | _CappedBody | None) -> ApiError:
+        if isinstance(body, _CappedBody) and not body.finished:
+            return RequestTimeout()  # the client, not the upstream, was too slow
+        return UpstreamTimeout()
 
     async def _relay(self, request: web.Request, upstream: aiohttp.ClientResponse, sent: float,
                      answered: float, tap: usage.UsageTap | None) -> web.StreamResponse:
@@ -280,6 +287,34 @@ class Forwarder:
         if tap is not None:
             body = tap.feed(body) + tap.finish()
         return web.Response(status=upstream.status, reason=upstream.reason, body=body, headers=headers)
+
+
+class _Deadline:
+    """Cancel the running task `delay` seconds from now, unless settled first.
+
+    asyncio.timeout() does this job for the one await per request that needs it (connect, upload
+    and the upstream's headers) at several times the cost: a profile under load put it at ~15 µs
+    of the event loop's time per request.
+    """
+
+    __slots__ = ("_cancelling", "_expired", "_handle", "_task")
+
+    def __init__(self, delay: float) -> None:
+        task = asyncio.current_task()
+        assert task is not None
+        self._task = task
+        self._cancelling = task.cancelling()
+        self._expired = False
+        self._handle = task.get_loop().call_later(delay, self._expire)
+
+    def _expire(self) -> None:
+        self._expired = True
+        self._task.cancel()
+
+    def settle(self) -> bool:
+        """Stop the timer; True when it fired and its cancellation was the only one (it is then withdrawn)."""
+        self._handle.cancel()
+        return self._expired and self._task.uncancel() <= self._cancelling
 
 
 class _StallWatch:

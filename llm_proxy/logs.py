@@ -74,6 +74,24 @@ def mask_secrets(text: str, *, long_runs: bool = True) -> str:
     return _LONG_RUN.sub(_mask_run, text) if long_runs else text
 
 
+# Paths that mask_secrets() left unchanged (no secret in them), so the next request on the same
+# route skips the four regular expressions. Only clean paths are kept: a path that held a secret
+# is never remembered. Bounded by clearing, as the set is only a shortcut.
+_CLEAN_PATHS: set[str] = set()
+_CLEAN_PATHS_MAX = 4096
+
+
+def _masked_path(path: str) -> str:
+    if path in _CLEAN_PATHS:
+        return path
+    masked = mask_secrets(path)
+    if masked == path:
+        if len(_CLEAN_PATHS) >= _CLEAN_PATHS_MAX:
+            _CLEAN_PATHS.clear()
+        _CLEAN_PATHS.add(path)
+    return masked
+
+
 class SecretMaskingFilter(logging.Filter):
     """Scrub the final message, traceback and string extras of every record that reaches a handler."""
 
@@ -335,7 +353,7 @@ class AccessLogger(AbstractAccessLogger):
         credential = request.get(CREDENTIAL)
         # The query string can carry secrets (?api_key=…); the path alone identifies the route,
         # and is still masked in case a secret was put in the path itself.
-        path = mask_secrets(request.path)
+        path = _masked_path(request.path)
         fields = {
             "request_id": request.get(REQUEST_ID), "method": request.method, "path": path,
             "status": response.status,

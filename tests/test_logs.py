@@ -155,6 +155,9 @@ def test_log_file_survives_rotation(configure: Configure) -> None:
     assert "after rotation" in path.read_text() and "before rotation" not in path.read_text()
 
 
+PATH_SECRET = "sk-proj-" + "Zq9" * 14
+
+
 async def test_access_line_per_request(configure: Configure, tmp_path: Path,
                                        upstream: tuple[UpstreamState, TestServer]) -> None:
     listener, path = configure(LOG_FORMAT="json")
@@ -170,18 +173,22 @@ async def test_access_line_per_request(configure: Configure, tmp_path: Path,
         response = await client.get("/v1/models", params={"api_key": "query-secret-value"},
                                     headers={"Authorization": f"Bearer {token['token']}", "X-Request-ID": "req-abc"})
         assert response.status == 200
+        for _ in range(2):  # the second time too: paths are only ever remembered when they hold no secret
+            await client.get(f"/v1/models/{PATH_SECRET}", headers={"Authorization": f"Bearer {token['token']}"})
     listener.stop()
 
     lines = [line for line in json_lines(path) if line["logger"] == ACCESS_LOGGER]
-    assert [line["path"] for line in lines] == ["/manage/projects", "/manage/tokens", "/v1/models"]
-    proxied = lines[-1]
+    assert [line["path"] for line in lines[:3]] == ["/manage/projects", "/manage/tokens", "/v1/models"]
+    assert len(lines) == 5 and lines[3]["path"] == lines[4]["path"] != f"/v1/models/{PATH_SECRET}"
+    assert lines[3]["path"].startswith("/v1/models/sk-proj")
+    proxied = lines[2]
     assert proxied["request_id"] == "req-abc" and proxied["method"] == "GET" and proxied["status"] == 200
     assert proxied["client_ip"] == "127.0.0.1" and isinstance(proxied["duration_ms"], float)
     assert proxied["token_id"] == token["token_hint"] and proxied["message"] == "GET /v1/models 200"
     assert lines[0]["token_id"] is None and lines[0]["status"] == 201
     assert len(lines[0]["request_id"]) == 32  # generated ids are not mistaken for secrets
     output = path.read_text()
-    assert "query-secret-value" not in output and token["token"] not in output
+    assert "query-secret-value" not in output and token["token"] not in output and PATH_SECRET not in output
 
 
 def test_access_logger_is_off_below_info() -> None:

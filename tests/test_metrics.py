@@ -5,7 +5,16 @@ from __future__ import annotations
 import re
 from typing import Any
 
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from prometheus_client import CollectorRegistry
+from prometheus_client import Histogram as PrometheusHistogram
+
+from llm_proxy.metrics import Histogram
 from tests.fakes import MANAGEMENT_TOKEN, Gateway
+
+BOUNDS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0)
 
 
 def _value(text: str, name: str, labels: str = "") -> float:
@@ -61,3 +70,23 @@ async def test_overhead_header_reports_gateway_time(gateway: Gateway) -> None:
     response = await gateway.client.get("/v1/models", headers={"Authorization": f"Bearer {token['token']}"})
     overhead = float(response.headers["X-LLM-Proxy-Overhead-Ms"])
     assert 0 <= overhead < 1000
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.lists(st.floats(min_value=0, max_value=200, allow_nan=False) | st.sampled_from(BOUNDS), max_size=30))
+def test_histogram_renders_exactly_as_prometheus_clients_own(values: list[float]) -> None:
+    """Our lock-free histogram and prometheus_client's Histogram give the same exposition for the same values
+    (bounds themselves included: a value equal to a bound counts in that bucket)."""
+    ours = Histogram("latency_seconds", "doc", BOUNDS)
+    registry = CollectorRegistry()
+    theirs = PrometheusHistogram("latency_seconds", "doc", buckets=BOUNDS, registry=registry)
+    for value in values:
+        ours.observe(value)
+        theirs.observe(value)
+
+    def samples(family: Any) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+        return {(sample.name, tuple(sorted(sample.labels.items()))): sample.value for sample in family.samples
+                if not sample.name.endswith("_created")}
+
+    (expected,) = registry.collect()
+    assert samples(ours.family()) == pytest.approx(samples(expected))
