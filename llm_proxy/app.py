@@ -9,20 +9,21 @@ from aiohttp import web
 
 from .anomaly import AnomalyDetector
 from .audit import AuditWriter
-from .auth import ManagementTokens, management_auth_middleware, token_auth_middleware
-from .cors import cors_headers, cors_middleware
+from .auth import ClientAuth, ManagementTokens, management_auth_middleware
+from .cors import cors_headers
 from .crypto import KeyRing
 from .database import Database
-from .errors import error_middleware
+from .edge import edge_middleware
 from .forwarder import Forwarder
 from .health import health_routes
 from .housekeeping import ExpiryJob
 from .keys import ANOMALIES, AUDIT, DATABASE, EXPIRY_JOB, KEYRING, SETTINGS, TOKEN_STORE
-from .limits import add_rate_limit_headers, admission_middleware, ip_block_middleware
+from .limits import Admission, IpBlock, add_rate_limit_headers, ip_block_middleware
 from .management import Management
-from .metrics import Metrics, metrics_middleware, metrics_route
+from .metrics import Metrics, metrics_route
+from .proxy import ProxyRoute
 from .ratelimit import ConcurrencyLimiter, FailureCounter, RateLimiter
-from .request_context import add_request_id_header, request_context_middleware
+from .request_context import add_request_id_header
 from .security_headers import response_hook, security_headers
 from .settings import Settings
 from .tokenstore import TokenStore
@@ -51,51 +52,39 @@ def create_app(settings: Settings, *, clock: Callable[[], float] = time.time,
                                 db=db, store=store, audit=audit, clock=clock)
     expiry = ExpiryJob(db, store, audit, clock)
 
-    # The one place the middleware order is decided. Outermost first:
-    # 1. request context: every later layer, and every error body and audit event, needs the
-    #    request id and the resolved client IP;
-    # 2. metrics: outside the error middleware, so it counts the status the client really gets;
-    # 3. CORS preflight: answered before any sub-application's credential check (a browser
-    #    preflight never carries Authorization); CORS headers on real responses come from a
-    #    response hook, because only a hook reaches streamed responses;
-    # 4. errors: whatever is raised below (auth, limits, forwarder) becomes an OpenAI error body.
-    # The sub-applications add their own credential check inside these: the management token
-    # for /manage, client tokens for /v1 (so neither can be used on the other's routes).
-    cors = bool(settings.cors_allowed_origins)  # without CORS, neither layer runs at all
-    app = web.Application(middlewares=[request_context_middleware(settings.trusted_proxies),
-                                       metrics_middleware(metrics),
-                                       *([cors_middleware(settings.cors_allowed_origins)] if cors else []),
-                                       error_middleware],
+    # Every request passes one middleware (request context, CORS preflight, error bodies, the
+    # count; see edge.py for the order) and one response hook (request id, CORS, security and
+    # rate-limit headers, on every response, streamed and error ones included).
+    cors = settings.cors_allowed_origins
+    app = web.Application(middlewares=[edge_middleware(trusted_proxies=settings.trusted_proxies,
+                                                       cors_allowed_origins=cors, metrics=metrics)],
                           client_max_size=settings.max_request_size)
     app[SETTINGS], app[KEYRING], app[DATABASE], app[TOKEN_STORE], app[AUDIT] = settings, keyring, db, store, audit
     app[ANOMALIES], app[EXPIRY_JOB] = anomalies, expiry
-    # One response hook, run for every response (streamed and error ones included), in these
-    # steps; X-RateLimit-* only appear where admission recorded a decision (/v1).
     app.on_response_prepare.append(response_hook(
         add_request_id_header,
-        *([cors_headers(settings.cors_allowed_origins)] if cors else []),
+        *([cors_headers(cors)] if cors else []),
         security_headers(hsts_max_age=settings.hsts_max_age if settings.tls_cert_file else None),
-        add_rate_limit_headers))
+        add_rate_limit_headers))  # only where admission recorded a decision (/v1)
     management_tokens = ManagementTokens(settings.management_tokens)
     app.add_routes([*health_routes(db), metrics_route(metrics, management_tokens, settings.management_allowed_ips)])
 
-    # Inside each sub-application: an IP that failed authentication too often is refused before
-    # its credential is even looked at; then the credential; then (for /v1) rate, quota and capacity.
+    # Each credential check has its own place, so neither kind of token works on the other's
+    # routes: client tokens in the /v1 handler, the management token in the /manage sub-application.
+    # Both first refuse an IP that failed authentication too often.
     failures = FailureCounter(settings.ip_rate_limit, clock=monotonic)
+    ip_block = IpBlock(failures, audit, metrics)
+    proxy = ProxyRoute(
+        ip_block=ip_block, auth=ClientAuth(store, audit, failures, anomalies),
+        admission=Admission(store, audit, metrics, anomalies, default_rate=settings.rate_limit_per_minute,
+                            global_rate=settings.global_rate_limit, limiter=RateLimiter(clock=monotonic)),
+        concurrency=concurrency, forwarder=forwarder, metrics=metrics)
+    app.router.add_route("*", "/v1/{tail:.*}", proxy.handle)
     manage = web.Application(middlewares=[
-        ip_block_middleware(failures, audit, metrics, "management"),
+        ip_block_middleware(ip_block, "management"),
         management_auth_middleware(management_tokens, settings.management_allowed_ips, audit, failures)])
     manage.add_routes(management.routes())
     app.add_subapp("/manage", manage)
-
-    proxy = web.Application(middlewares=[
-        ip_block_middleware(failures, audit, metrics, "client"),
-        token_auth_middleware(store, audit, failures, anomalies),
-        admission_middleware(store, audit, metrics, anomalies, default_rate=settings.rate_limit_per_minute,
-                             global_rate=settings.global_rate_limit, concurrency=concurrency,
-                             limiter=RateLimiter(clock=monotonic))])
-    proxy.router.add_route("*", "/{tail:.*}", forwarder.handle)
-    app.add_subapp("/v1", proxy)
 
     # Started in this order, torn down in reverse: the upstream session closes first, then
     # counters are flushed and the audit queue drained, and the database closes last.

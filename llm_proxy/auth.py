@@ -10,12 +10,12 @@ from aiohttp.typedefs import Handler, Middleware
 from .anomaly import AnomalyDetector
 from .audit import AuditWriter
 from .errors import ApiError, InvalidManagementToken, InvalidToken, IPNotAllowed
-from .keys import CLIENT_IP, CREDENTIAL, REQUEST_ID
+from .keys import CLIENT_IP, REQUEST_ID
 from .obfuscation import obfuscate
 from .ratelimit import FailureCounter
 from .request_context import ip_in
 from .settings import IPNetwork
-from .tokenstore import TokenStore
+from .tokenstore import Credential, TokenStore
 
 
 def bearer(request: web.Request) -> str | None:
@@ -72,38 +72,41 @@ def management_auth_middleware(tokens: ManagementTokens, allowed_ips: tuple[IPNe
     return management_auth
 
 
-def token_auth_middleware(store: TokenStore, audit: AuditWriter, failures: FailureCounter,
-                          anomalies: AnomalyDetector) -> Middleware:
-    """Build the middleware admitting /v1 requests only with a live client token."""
+class ClientAuth:
+    """Admit /v1 requests only with a live client token; audit every rejection."""
 
-    @web.middleware
-    async def token_auth(request: web.Request, handler: Handler) -> web.StreamResponse:
+    def __init__(self, store: TokenStore, audit: AuditWriter, failures: FailureCounter,
+                 anomalies: AnomalyDetector) -> None:
+        self._store = store
+        self._audit = audit
+        self._failures = failures
+        self._anomalies = anomalies
+
+    async def authenticate(self, request: web.Request) -> Credential:
+        """Return the request's live credential, or raise the matching 401/403 (audited, counted as a failure)."""
         presented = bearer(request)
         try:
             if presented is None:
                 raise InvalidToken("missing bearer token")
-            credential = await store.lookup(presented)
+            credential = await self._store.lookup(presented)
         except InvalidToken as exc:
-            failures.record_failure(request[CLIENT_IP])
-            audit.emit("auth.failure", actor="client", result="failure", request_id=request[REQUEST_ID],
-                       client_ip=request[CLIENT_IP], details=_rejection_details(request, exc.code, presented))
+            self._failures.record_failure(request[CLIENT_IP])
+            self._audit.emit("auth.failure", actor="client", result="failure", request_id=request[REQUEST_ID],
+                             client_ip=request[CLIENT_IP], details=_rejection_details(request, exc.code, presented))
             exc.headers["x-should-retry"] = "false"
             raise
         try:
-            store.check(credential)
+            self._store.check(credential)
         except ApiError as exc:
             # A revoked or expired token being replayed is a failed authentication too, and
             # repeated, the sign of a leaked token.
-            failures.record_failure(request[CLIENT_IP])
+            self._failures.record_failure(request[CLIENT_IP])
             if exc.code in ("token_revoked", "token_expired"):
-                anomalies.observe_dead_token(credential, request[CLIENT_IP], exc.code)
-            audit.emit("token.validate", actor="client", result="denied", project_id=credential.project.id,
-                       request_id=request[REQUEST_ID], client_ip=request[CLIENT_IP],
-                       details={"http_method": request.method, "endpoint": request.path, "reason": exc.code,
-                                "token_id": credential.hint, "user_agent": request.headers.get("User-Agent")})
+                self._anomalies.observe_dead_token(credential, request[CLIENT_IP], exc.code)
+            self._audit.emit("token.validate", actor="client", result="denied", project_id=credential.project.id,
+                             request_id=request[REQUEST_ID], client_ip=request[CLIENT_IP],
+                             details={"http_method": request.method, "endpoint": request.path, "reason": exc.code,
+                                      "token_id": credential.hint, "user_agent": request.headers.get("User-Agent")})
             exc.headers["x-should-retry"] = "false"
             raise
-        request[CREDENTIAL] = credential
-        return await handler(request)
-
-    return token_auth
+        return credential

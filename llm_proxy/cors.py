@@ -66,14 +66,25 @@ class _PreflightResponse(web.Response):
 
 def cors_middleware(allowed_origins: tuple[str, ...]) -> Middleware:
     """Build the middleware that answers preflights (204 for allowed origins, 403 otherwise)."""
-    policy = CorsPolicy(allowed_origins)
+    preflight = cors_preflight(allowed_origins)
 
     @web.middleware
     async def cors(request: web.Request, handler: Handler) -> web.StreamResponse:
+        answer = preflight(request)
+        return answer if answer is not None else await handler(request)
+
+    return cors
+
+
+def cors_preflight(allowed_origins: tuple[str, ...]) -> Callable[[web.Request], web.Response | None]:
+    """Build the check answering a CORS preflight (204 for allowed origins, 403 otherwise); None for other requests."""
+    policy = CorsPolicy(allowed_origins)
+
+    def preflight(request: web.Request) -> web.Response | None:
         headers = request.headers
         if not (policy.enabled and request.method == hdrs.METH_OPTIONS and hdrs.ORIGIN in headers
                 and hdrs.ACCESS_CONTROL_REQUEST_METHOD in headers):
-            return await handler(request)
+            return None
         allow_origin = policy.allow_origin(headers[hdrs.ORIGIN])
         if allow_origin is None:
             return _PreflightResponse(
@@ -91,7 +102,7 @@ def cors_middleware(allowed_origins: tuple[str, ...]) -> Middleware:
             answer[hdrs.ACCESS_CONTROL_ALLOW_HEADERS] = allowed_headers
         return _PreflightResponse(status=204, headers=answer)
 
-    return cors
+    return preflight
 
 
 def cors_headers_hook(allowed_origins: tuple[str, ...]) -> ResponseHook:

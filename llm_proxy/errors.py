@@ -164,28 +164,37 @@ def error_response(exc: ApiError) -> web.Response:
                         content_type="application/json", headers=exc.headers)
 
 
-@web.middleware
-async def error_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
-    """Map every failure to the OpenAI error body; nothing internal reaches the client."""
-    try:
-        return await handler(request)
-    except ApiError as exc:
+def failure_response(request: web.Request, exc: Exception) -> web.Response:
+    """Map what a handler raised to the OpenAI error body; nothing internal reaches the client.
+
+    Call it from the `except` clause that caught `exc` (unexpected errors are logged with their
+    traceback); an HTTPException below 400 (a redirect) is the caller's to re-raise.
+    """
+    if isinstance(exc, ApiError):
         return error_response(exc)
-    except web.HTTPException as exc:
-        if exc.status < 400:
-            raise
+    if isinstance(exc, web.HTTPException):
         headers = {k: v for k, v in exc.headers.items() if k in ("Allow", "Retry-After")}
         type_ = "invalid_request_error" if exc.status < 500 else "server_error"
         code = _HTTP_CODES.get(exc.status, f"http_{exc.status}")
         return web.Response(status=exc.status, headers=headers, content_type="application/json",
                             body=error_body(exc.reason.lower(), type_, code))
-    except sqlite3.OperationalError as exc:
-        if "locked" not in str(exc) and "busy" not in str(exc):
-            log.exception("unhandled database error (request_id=%s)", request.get(REQUEST_ID))
-            return error_response(ApiError())
+    if isinstance(exc, sqlite3.OperationalError) and ("locked" in str(exc) or "busy" in str(exc)):
         # Another process held the database past the busy timeout: a retryable condition.
         log.warning("database busy past its timeout (request_id=%s)", request.get(REQUEST_ID))
         return error_response(Overloaded("the database is busy; retry shortly", headers={"Retry-After": "5"}))
-    except Exception:
-        log.exception("unhandled error (request_id=%s)", request.get(REQUEST_ID))
-        return error_response(ApiError())
+    log.exception("unhandled %s (request_id=%s)",
+                  "database error" if isinstance(exc, sqlite3.Error) else "error", request.get(REQUEST_ID))
+    return error_response(ApiError())
+
+
+@web.middleware
+async def error_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """Map every failure to the OpenAI error body (see failure_response)."""
+    try:
+        return await handler(request)
+    except web.HTTPException as exc:
+        if exc.status < 400:
+            raise
+        return failure_response(request, exc)
+    except Exception as exc:
+        return failure_response(request, exc)

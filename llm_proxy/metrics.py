@@ -7,7 +7,6 @@ from bisect import bisect_left
 from collections.abc import Iterator
 
 from aiohttp import web
-from aiohttp.typedefs import Handler, Middleware
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
 from prometheus_client.registry import Collector
@@ -116,18 +115,6 @@ class Metrics:
     def render(self) -> bytes:
         """Return the Prometheus text exposition."""
         return generate_latest(self.registry)
-
-
-def metrics_middleware(metrics: Metrics) -> Middleware:
-    """Build the middleware counting every answered request by status class."""
-
-    @web.middleware
-    async def count(request: web.Request, handler: Handler) -> web.StreamResponse:
-        response = await handler(request)
-        metrics.count_response(request.path, response.status)
-        return response
-
-    return count
 
 
 def metrics_route(metrics: Metrics, tokens: ManagementTokens, allowed_ips: tuple[IPNetwork, ...]) -> web.RouteDef:

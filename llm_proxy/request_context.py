@@ -6,9 +6,9 @@ import ipaddress
 import os
 import re
 import time
+from collections.abc import Callable
 
 from aiohttp import web
-from aiohttp.typedefs import Handler, Middleware
 
 from .keys import CLIENT_IP, REQUEST_ID, REQUEST_STARTED
 from .settings import IPNetwork
@@ -64,21 +64,19 @@ def ip_in(peer: str, networks: tuple[IPNetwork, ...]) -> bool:
     return any(address in network for network in networks)
 
 
-def request_context_middleware(trusted_proxies: tuple[IPNetwork, ...]) -> Middleware:
-    """Build the middleware that sets REQUEST_ID and CLIENT_IP before anything else runs."""
+def request_context(trusted_proxies: tuple[IPNetwork, ...]) -> Callable[[web.Request], None]:
+    """Build the step that sets REQUEST_STARTED, REQUEST_ID and CLIENT_IP before anything else runs."""
     new_id = RequestIds().new
 
-    @web.middleware
-    async def request_context(request: web.Request, handler: Handler) -> web.StreamResponse:
+    def set_context(request: web.Request) -> None:
         request[REQUEST_STARTED] = time.perf_counter()
         presented = request.headers.get("X-Request-ID")
         request[REQUEST_ID] = presented if presented and _SANE_ID.fullmatch(presented) else new_id()
         peer = request.remote or ""
         request[CLIENT_IP] = (resolve_client_ip(peer, request.headers.get("X-Forwarded-For"), trusted_proxies)
                               if trusted_proxies else peer)
-        return await handler(request)
 
-    return request_context
+    return set_context
 
 
 def add_request_id_header(request: web.Request, response: web.StreamResponse) -> None:
