@@ -8,7 +8,10 @@ Every variant runs at once in its own process (with the bench's every-feature-on
 own overrides, or importing llm_proxy from another directory); each round loads the floor and
 every variant once with wrk -c32, in a shuffled order, so drift on the machine spreads over all.
 CPU time per request is the figure to compare: it hardly moves when something else competes for
-the cores, where requests/s does. Needs nginx and wrk, like the full benchmark.
+the cores, where requests/s does. Two processes running the same code can differ by 10-20 %
+(memory layout, hash seeds): `--instances 2` or more starts each target that many times and
+pools their samples, so one lucky or unlucky process cannot decide a comparison. Needs nginx
+and wrk, like the full benchmark.
 """
 
 from __future__ import annotations
@@ -59,7 +62,7 @@ def parse_variant(text: str) -> Variant:
 def start_variant(workdir: Path, upstream: str, variant: Variant) -> Service:
     """Start one gateway variant in its own directory."""
     directory = workdir / variant.name
-    directory.mkdir()
+    directory.mkdir(parents=True)
     saved = os.environ.get("PYTHONPATH")
     if variant.pythonpath is not None:
         os.environ["PYTHONPATH"] = variant.pythonpath  # the child imports llm_proxy from there first
@@ -78,6 +81,8 @@ def main(argv: list[str] | None = None) -> int:
                         help="NAME[:VAR=VALUE,...] or NAME@DIRECTORY (repeatable); `all-on` is always measured")
     parser.add_argument("--rounds", type=int, default=5, help="rounds (default 5)")
     parser.add_argument("--duration", type=int, default=3, help="seconds per wrk run (default 3)")
+    parser.add_argument("--instances", type=int, default=1,
+                        help="processes started per target, their samples pooled (default 1)")
     args = parser.parse_args(argv)
     variants = [Variant("all-on"), *args.variant]
     if len({variant.name for variant in variants}) != len(variants):
@@ -93,11 +98,17 @@ def main(argv: list[str] | None = None) -> int:
 
             python_upstream = started(start_python_upstream(workdir))
             nginx = started(start_nginx(workdir, python_upstream.url))
-            floor = started(start_floor(workdir, nginx.url))
-            targets = [Target("floor", floor.url, None, floor.pid)]
-            for variant in variants:
-                gateway = started(start_variant(workdir, nginx.url, variant))
-                targets.append(Target(variant.name, gateway.url, gateway.extra["token"], gateway.pid))
+            targets, owner = [], {}
+            for instance in range(max(1, args.instances)):
+                (workdir / f"i{instance}").mkdir()
+                floor = started(start_floor(workdir / f"i{instance}", nginx.url))
+                targets.append(Target(f"floor#{instance}", floor.url, None, floor.pid))
+                owner[targets[-1].name] = "floor"
+                for variant in variants:
+                    gateway = started(start_variant(workdir / f"i{instance}", nginx.url, variant))
+                    targets.append(Target(f"{variant.name}#{instance}", gateway.url, gateway.extra["token"],
+                                          gateway.pid))
+                    owner[targets[-1].name] = variant.name
             for target in targets:
                 run_wrk(target, 32, 2, 2)  # warm-up: token cache, connection pools, allocator
             before, started_at = foreign_cpu(), time.monotonic()
@@ -108,7 +119,7 @@ def main(argv: list[str] | None = None) -> int:
                 order.shuffle(shuffled)
                 for target in shuffled:
                     figures = run_wrk(target, 32, 2, args.duration)
-                    rps, cpu = samples.setdefault(target.name, ([], []))
+                    rps, cpu = samples.setdefault(owner[target.name], ([], []))
                     rps.append(figures["rps"])
                     cpu.append(figures["cpu_us"])
             others = interference(before, foreign_cpu(), time.monotonic() - started_at)
@@ -117,7 +128,7 @@ def main(argv: list[str] | None = None) -> int:
 
     floor_cpu = statistics.median(samples["floor"][1])
     base_cpu = statistics.median(samples["all-on"][1])
-    print(f"medians of {args.rounds} rounds of wrk -t2 -c32 -d{args.duration}s; "
+    print(f"medians of {args.rounds} rounds × {max(1, args.instances)} processes of wrk -t2 -c32 -d{args.duration}s; "
           f"other processes used {others:.1%} of the machine")
     print("| target | req/s | CPU µs/request | vs floor | vs all-on | CPU spread |")
     print("|---|---|---|---|---|---|")

@@ -114,6 +114,24 @@ def emit_numbered(writer: AuditWriter, count: int, start: int = 0) -> None:
 
 # ---- event shape ----
 
+async def test_awkward_text_and_large_numbers_reach_the_table_exactly_as_the_file(
+        make_writer: WriterFactory, audit_path: Path, db: Database) -> None:
+    """Rows go into the table through one JSON document per batch: quotes, backslashes, control and
+    non-BMP characters, line separators and integers beyond 2**53 must come out unchanged."""
+    writer = make_writer()
+    await writer.start()
+    writer.emit("token.access", actor="client", result="success", project_id="p\u2028x", request_id="r'\"\\",
+                details={"user_agent": "naïve ☃ \u0001 \"q\" 𝄞", "big": 2**63 - 1, "ratio": 1.5, "nested": [None]})
+    writer.emit("token.access", actor="client", result="failure")
+    await writer.flush()
+
+    events = file_events(audit_path)
+    assert await table_events(db) == events
+    assert events[0]["details"]["big"] == 2**63 - 1 and events[0]["request_id"] == "r'\"\\"
+    typed = await db.fetchall("SELECT typeof(seq), typeof(client_ip), typeof(details) FROM audit_events ORDER BY seq")
+    assert [tuple(row) for row in typed] == [("integer", "null", "text"), ("integer", "null", "null")]
+
+
 async def test_event_has_spec_shape_and_key_order(make_writer: WriterFactory, audit_path: Path) -> None:
     writer = make_writer()
     await writer.start()
