@@ -38,6 +38,10 @@ class _Watch:
     minutes: dict[int, int] = field(default_factory=dict)   # minute number -> requests
     replays: list[float] = field(default_factory=list)
     flagged: dict[str, float] = field(default_factory=dict)  # rule -> when it last fired
+    # The hour before the current minute only changes when the minute does: its average is
+    # computed once a minute, not on every request of a busy token.
+    average_minute: int = -1
+    average: float = 0.0
 
 
 class AnomalyDetector:
@@ -81,9 +85,12 @@ class AnomalyDetector:
                            limit=self._max_ips)
         current = watch.minutes[minute]
         if current > self._factor and now - watch.first_seen >= HOUR:
-            for old in [m for m in watch.minutes if m < minute - 60]:
-                del watch.minutes[old]
-            previous = sum(count for m, count in watch.minutes.items() if m < minute) / 60
+            if watch.average_minute != minute:
+                for old in [m for m in watch.minutes if m < minute - 60]:
+                    del watch.minutes[old]
+                watch.average_minute = minute
+                watch.average = sum(count for m, count in watch.minutes.items() if m < minute) / 60
+            previous = watch.average
             if current > self._factor * max(previous, 1.0):
                 self._flag(credential, watch, "rate_spike", now, requests_last_minute=current,
                            average_per_minute=round(previous, 2))
