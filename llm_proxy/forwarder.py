@@ -61,6 +61,7 @@ class Forwarder:
 
     def __init__(self, settings: Settings, store: TokenStore, audit: AuditWriter, metrics: Metrics) -> None:
         self.session: aiohttp.ClientSession | None = None
+        self._loop: asyncio.AbstractEventLoop  # set with the session, in the running loop
         self._store = store
         self._audit = audit
         self._metrics = metrics
@@ -76,6 +77,8 @@ class Forwarder:
 
     def new_session(self, max_connections: int) -> aiohttp.ClientSession:
         """Create the one upstream session: no cookies kept, bytes passed through undecoded."""
+        # Kept for the per-request timers: asyncio.get_running_loop() costs a getpid(2) each time on 3.11.
+        self._loop = asyncio.get_running_loop()
         connector = aiohttp.TCPConnector(limit=max_connections, ttl_dns_cache=300)
         return aiohttp.ClientSession(connector=connector, cookie_jar=aiohttp.DummyCookieJar(),
                                      auto_decompress=False, trust_env=False, timeout=self._timeout)
@@ -176,7 +179,7 @@ class Forwarder:
                    if (lowered := name.lower()) not in deny and not lowered.startswith("x-forwarded-")]
         headers += (("Authorization", request[CREDENTIAL].project.authorization), ("Accept-Encoding", "identity"))
         sent = time.perf_counter()
-        deadline = _Deadline(self._request_timeout)
+        deadline = _Deadline(self._loop, self._request_timeout)
         try:
             upstream = await self.session.request(request.method, url, headers=headers, data=body,
                                                   allow_redirects=False)
@@ -237,7 +240,7 @@ class Forwarder:
             response.content_length = length
         await response.prepare(request)
         first, relayed = True, 0
-        watch = _StallWatch(self._idle, request.transport)
+        watch = _StallWatch(self._loop, self._idle, request.transport)
         try:
             async for chunk in upstream.content.iter_any():
                 if first:
@@ -299,13 +302,13 @@ class _Deadline:
 
     __slots__ = ("_cancelling", "_expired", "_handle", "_task")
 
-    def __init__(self, delay: float) -> None:
-        task = asyncio.current_task()
+    def __init__(self, loop: asyncio.AbstractEventLoop, delay: float) -> None:
+        task = asyncio.current_task(loop)
         assert task is not None
         self._task = task
         self._cancelling = task.cancelling()
         self._expired = False
-        self._handle = task.get_loop().call_later(delay, self._expire)
+        self._handle = loop.call_later(delay, self._expire)
 
     def _expire(self) -> None:
         self._expired = True
@@ -328,8 +331,8 @@ class _StallWatch:
 
     __slots__ = ("_handle", "_limit", "_loop", "_transport", "since", "stalled")
 
-    def __init__(self, limit: float, transport: asyncio.Transport | None) -> None:
-        self._loop = asyncio.get_running_loop()
+    def __init__(self, loop: asyncio.AbstractEventLoop, limit: float, transport: asyncio.Transport | None) -> None:
+        self._loop = loop
         self._limit = limit
         self._transport = transport
         self.since: float | None = None
