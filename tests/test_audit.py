@@ -18,7 +18,7 @@ import aiosqlite
 import orjson
 import pytest
 
-from llm_proxy.audit import AuditWriter, mask_ip
+from llm_proxy.audit import INSERT_ROWS, AuditWriter, mask_ip
 from llm_proxy.auditchain import (
     COLUMNS,
     ZERO_HASH,
@@ -374,6 +374,19 @@ async def test_logrotate_recipe_rename_and_create(make_writer: WriterFactory, au
 
 
 # ---- back-pressure and failures ----
+
+async def test_a_batch_larger_than_one_insert_statement_is_stored_whole_and_in_order(
+        make_writer: WriterFactory, audit_path: Path, db: Database) -> None:
+    writer = make_writer()
+    await writer.start()
+    count = INSERT_ROWS * 2 + 7  # three statements, the last one short
+    emit_numbered(writer, count)  # no await in between: one batch
+    await writer.flush()
+
+    events = await table_events(db)
+    assert [event["seq"] for event in events] == list(range(1, count + 1))
+    assert events == file_events(audit_path)
+
 
 async def test_full_queue_drops_and_counts_without_raising(make_writer: WriterFactory, db: Database,
                                                            caplog: pytest.LogCaptureFixture) -> None:
