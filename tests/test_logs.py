@@ -16,7 +16,7 @@ from aiohttp import web
 from aiohttp.test_utils import TestClient, TestServer
 
 from llm_proxy.app import create_app
-from llm_proxy.logs import ACCESS_LOGGER, AccessLogger, LogListener, configure_logging, mask_secrets
+from llm_proxy.logs import ACCESS_LOGGER, AccessLogger, AccessSink, LogListener, configure_logging, mask_secrets
 from llm_proxy.settings import ConfigError
 from tests.fakes import MANAGEMENT_TOKEN, UPSTREAM_KEY, UpstreamState, make_settings
 
@@ -221,3 +221,23 @@ def test_the_masking_filter_also_works_without_the_queue() -> None:
     line = orjson.loads(stream.getvalue())
     assert CLIENT_TOKEN not in stream.getvalue() and UPSTREAM_KEY not in stream.getvalue()
     assert "KeyError" in line["exception"] and line["message"].startswith("bad sk-upst")
+
+
+@pytest.mark.parametrize("log_format", ["json", "text"])
+def test_access_entries_render_masked_in_either_format(log_format: str) -> None:
+    """Entries are rendered in the sink's thread: the path is masked there, None fields are left out of text."""
+    sink = AccessSink(logging.StreamHandler(io.StringIO()), json=log_format == "json")
+    entry = (1_800_000_000.25, "req-1", "POST", f"/v1/files/{PATH_SECRET}", 404, 0.0123456, "203.0.113.9", None)
+
+    line = sink.render(entry)
+
+    assert PATH_SECRET not in line
+    if log_format == "json":
+        fields = orjson.loads(line)
+        assert fields["time"] == "2027-01-15T08:00:00.250Z" and fields["logger"] == ACCESS_LOGGER
+        assert (fields["method"], fields["status"], fields["duration_ms"]) == ("POST", 404, 12.346)
+        assert fields["token_id"] is None and fields["client_ip"] == "203.0.113.9"
+        assert fields["path"].startswith("/v1/files/sk-proj") and fields["message"] == f"POST {fields['path']} 404"
+    else:
+        assert line.startswith(f"2027-01-15T08:00:00.250Z INFO {ACCESS_LOGGER}: POST /v1/files/sk-proj")
+        assert line.endswith(" 404 request_id=req-1 duration_ms=12.346 client_ip=203.0.113.9")
