@@ -318,6 +318,23 @@ async def test_upstream_that_accepts_and_never_answers_is_504_after_request_time
         await assert_healthy(gateway, token)
 
 
+async def test_a_client_leaving_before_the_upstream_answers_is_audited_499_not_504(tmp_path: Path) -> None:
+    """Under `serve` a departed client's handler is cancelled: while the upstream is still thinking, that must
+    close the upstream connection at once and be audited error/499, not be mistaken for the REQUEST_TIMEOUT."""
+    async with RawUpstream(lambda reader, writer: until_eof(reader)) as upstream, \
+            serving_like_serve(tmp_path, upstream.url) as gateway:
+        token = await gateway.token()
+
+        with pytest.raises(TimeoutError):
+            async with asyncio.timeout(0.3):
+                await gateway.client.post("/v1/chat/completions", json=CHAT, headers=bearer(token))
+        await asyncio.wait_for(upstream.hung_up.wait(), 2)
+
+        (event,) = await access_events(gateway)
+        assert (event["result"], event["details"]["status"]) == ("error", 499)
+        await assert_healthy(gateway, token)
+
+
 @pytest.mark.parametrize(("head", "first", "body"), [
     (SSE_HEAD, http_chunk(sse_event(0)), {**CHAT, "stream": True}),
     # Beyond WHOLE_BODY_LIMIT a JSON answer is relayed as it arrives, like a stream.
