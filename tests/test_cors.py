@@ -62,7 +62,7 @@ async def _upstream_cors(request: web.Request) -> web.Response:
 
 
 def make_app(allowed_origins: tuple[str, ...]) -> web.Application:
-    """Root: CORS outside the error middleware (as in create_app); /v1 sub-app raising auth errors."""
+    """Root: CORS preflights, then error bodies (the order of edge.py's steps); a /v1 sub-app raising auth errors."""
     app = web.Application(middlewares=[cors_middleware(allowed_origins), error_middleware])
     app.on_response_prepare.append(cors_headers_hook(allowed_origins))
     app.router.add_get("/health", _models)

@@ -46,7 +46,7 @@ def _routes() -> list[web.RouteDef]:
 
 
 def make_app(*, hsts_max_age: int | None = None, with_hook: bool = True) -> web.Application:
-    """Mirror production: the hook on the root app, /manage as a sub-application with the same routes."""
+    """Mirror production: the hook on the root app (there, one step of create_app's one hook), /manage a sub-app."""
     app = web.Application(middlewares=[error_middleware])
     if with_hook:
         app.on_response_prepare.append(security_headers_hook(hsts_max_age=hsts_max_age))
