@@ -188,16 +188,15 @@ class Forwarder:
                 raise  # the client went away (or the server is stopping), not our deadline
             raise self._timed_out(body) from None
         except TimeoutError:  # aiohttp's own connect/read timeouts
-            deadline.settle()
             raise self._timed_out(body) from None
         except aiohttp.ClientError as exc:
-            deadline.settle()
             # aiohttp wraps what the body generator raised; a cut-off upload is the client's fault.
             if isinstance(exc.__cause__, _BodyTooLarge) or isinstance(exc, _BodyTooLarge):
                 raise PayloadTooLarge(f"request body exceeds {self._max_body} bytes") from None
             log.warning("upstream request failed: %s", type(exc).__name__)
             raise UpstreamUnavailable() from None
-        deadline.settle()
+        finally:
+            deadline.settle()  # whatever happened, the timer must not outlive the await it guards
         answered = time.perf_counter()
         self._metrics.upstream_latency.observe(answered - sent)
         try:
@@ -234,7 +233,7 @@ class Forwarder:
         length = upstream.content_length
         if (not streamed and length is not None and length <= WHOLE_BODY_LIMIT and request.method != "HEAD"
                 and upstream.status not in (204, 304)):
-            return await self._relay_whole(upstream, headers, sent, tap)
+            return await self._relay_whole(request, upstream, headers, sent, tap)
         response = web.StreamResponse(status=upstream.status, reason=upstream.reason, headers=headers)
         if not streamed and length is not None and (tap is None or not tap.streamed):
             response.content_length = length
@@ -276,8 +275,8 @@ class Forwarder:
 
 
 
-    async def _relay_whole(self, upstream: aiohttp.ClientResponse, headers: CIMultiDict[str], sent: float,
-                           tap: usage.UsageTap | None) -> web.Response:
+    async def _relay_whole(self, request: web.Request, upstream: aiohttp.ClientResponse, headers: CIMultiDict[str],
+                           sent: float, tap: usage.UsageTap | None) -> web.Response:
         try:
             body = await upstream.read()  # bounded: STREAM_IDLE_TIMEOUT of silence ends it
         except TimeoutError:
@@ -289,7 +288,21 @@ class Forwarder:
         self._metrics.upstream_ttfb.observe(time.perf_counter() - sent)
         if tap is not None:
             body = tap.feed(body) + tap.finish()
-        return web.Response(status=upstream.status, reason=upstream.reason, body=body, headers=headers)
+        response = web.Response(status=upstream.status, reason=upstream.reason, body=body, headers=headers)
+        # Sent here, not by aiohttp after the handler returns, so that the send is inside the
+        # handler: its concurrency slot is held, a client that stops reading is cut after
+        # STREAM_IDLE_TIMEOUT, and the audit event is written once the outcome is known.
+        watch = _StallWatch(self._loop, self._idle, request.transport)
+        watch.since = watch.now()
+        try:
+            await response.prepare(request)
+            await response.write_eof()
+        except ConnectionResetError:  # aiohttp's ClientConnectionResetError included
+            if watch.stalled:
+                request[UPSTREAM_BROKEN] = True  # cut by the watch, which logged it: audited `error`
+        finally:
+            watch.cancel()
+        return response
 
 
 class _Deadline:
@@ -300,7 +313,7 @@ class _Deadline:
     of the event loop's time per request.
     """
 
-    __slots__ = ("_cancelling", "_expired", "_handle", "_task")
+    __slots__ = ("_cancelling", "_expired", "_fired", "_handle", "_settled", "_task")
 
     def __init__(self, loop: asyncio.AbstractEventLoop, delay: float) -> None:
         task = asyncio.current_task(loop)
@@ -308,6 +321,8 @@ class _Deadline:
         self._task = task
         self._cancelling = task.cancelling()
         self._expired = False
+        self._settled = False
+        self._fired = False
         self._handle = loop.call_later(delay, self._expire)
 
     def _expire(self) -> None:
@@ -315,9 +330,15 @@ class _Deadline:
         self._task.cancel()
 
     def settle(self) -> bool:
-        """Stop the timer; True when it fired and its cancellation was the only one (it is then withdrawn)."""
-        self._handle.cancel()
-        return self._expired and self._task.uncancel() <= self._cancelling
+        """Stop the timer; True when it fired and its cancellation was the only one (it is then withdrawn).
+
+        Idempotent: later calls return the first call's answer and withdraw nothing more.
+        """
+        if not self._settled:
+            self._settled = True
+            self._handle.cancel()
+            self._fired = self._expired and self._task.uncancel() <= self._cancelling
+        return self._fired
 
 
 class _StallWatch:

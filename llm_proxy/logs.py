@@ -268,7 +268,12 @@ class AccessSink:
     def _write_gathered(self) -> None:
         lines = []
         while self._lines:
-            lines.append(self.render(self._lines.popleft()))
+            entry = self._lines.popleft()
+            try:
+                lines.append(self.render(entry))
+            except Exception:
+                # One bad entry must not stop the thread (and leave the deque to grow): say so instead.
+                logging.getLogger(__name__).exception("an access line could not be rendered; it is left out")
         if not lines:
             return
         handler = self._destination

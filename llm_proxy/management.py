@@ -278,6 +278,9 @@ class Management:
         filters = {name: query[name] for name in ("action", "project_id", "result") if query.get(name)}
         limit = query_int(query, "limit", default=100, minimum=1, maximum=1000)
         assert limit is not None
+        # The writer gathers events for up to 50 ms: write what is queued, so that an operator
+        # reads every event that happened before the query.
+        await self.audit.flush()
         events = await repo.list_audit_events(
             self.db, filters=filters, since=query_timestamp(query, "since"), until=query_timestamp(query, "until"),
             before=query_int(query, "before", default=None, minimum=1, maximum=2**62), limit=limit)

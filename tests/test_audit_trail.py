@@ -168,6 +168,16 @@ async def test_file_and_table_hold_the_same_events(gateway: Gateway) -> None:
     assert table_events[: len(file_events)] == file_events
 
 
+async def test_the_audit_query_sees_events_the_writer_has_not_written_yet(gateway: Gateway) -> None:
+    """GET /manage/audit writes what is queued first: an event from just before the query is in its answer."""
+    project = await gateway.project()
+    await gateway.manage("GET", f"/projects/{project['id']}", expect=200)  # audited as project.read, queued
+
+    listed = await gateway.manage("GET", "/audit?action=project.read", expect=200)
+
+    assert [event["project_id"] for event in listed["data"]] == [project["id"]]
+
+
 async def test_audit_query_filters_and_paginates(gateway: Gateway) -> None:
     project = await gateway.project()
     for _ in range(5):

@@ -722,6 +722,45 @@ async def test_a_client_that_stops_reading_is_cut_after_stream_idle_timeout(
     assert access["result"] == "error"
 
 
+async def test_a_client_that_stops_reading_a_whole_answer_is_cut_too(
+        make_gateway: Any, caplog: pytest.LogCaptureFixture) -> None:
+    """A non-streamed answer within WHOLE_BODY_LIMIT is sent inside the handler under the same stall watch: a client
+    that reads none of it loses its connection after STREAM_IDLE_TIMEOUT and the request is audited `error`."""
+    body = b'{"id": "chatcmpl-1", "pad": "' + b"z" * (WHOLE_BODY_LIMIT - 64) + b'"}'
+
+    async def chat(request: web.Request) -> web.Response:
+        await request.read()
+        return web.Response(body=body, content_type="application/json")
+
+    async with serving(chat_upstream(chat)) as url:
+        gateway = await make_gateway(upstream_url=url, STREAM_IDLE_TIMEOUT="500ms")
+        token = await gateway.token()
+        payload = orjson.dumps(CHAT)
+        loop = asyncio.get_running_loop()
+        with closing(socket.socket()) as client:
+            # A tiny receive window, and nothing read: the gateway's send backs up within a few KiB.
+            client.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+            client.setblocking(False)
+            server = gateway.client.server.runner.server  # type: ignore[union-attr]
+            earlier = set(server.connections)  # the test client's own keep-alive connection
+            await loop.sock_connect(client, (gateway.client.host, gateway.client.port))
+            # And a small send buffer on the gateway's side of this connection: loopback's
+            # autotuned buffers would otherwise swallow the whole 256 KiB.
+            await eventually(lambda: bool(set(server.connections) - earlier), "the gateway to accept the connection")
+            (handler,) = set(server.connections) - earlier
+            handler.transport.get_extra_info("socket").setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
+            await loop.sock_sendall(client, b"POST /v1/chat/completions HTTP/1.1\r\nHost: gateway\r\n"
+                                    b"Authorization: Bearer " + token["token"].encode() + b"\r\n"
+                                    b"Content-Type: application/json\r\nContent-Length: %d\r\n\r\n%s"
+                                    % (len(payload), payload))
+            await eventually(lambda: any("client stopped reading" in record.getMessage()
+                                         for record in caplog.records), "the gateway to cut the silent reader")
+
+        (access,) = await access_events(gateway)
+        assert access["result"] == "error"  # as for a stream cut this way (its status: 200, or 499 once aborted)
+        await assert_healthy(gateway, token)
+
+
 async def test_database_locked_by_another_process_serves_from_memory_and_loses_nothing(make_gateway: Any) -> None:
     """A 2 s exclusive lock: proxying goes on from memory, management writes wait for it, no event or count is lost."""
     gateway = await make_gateway(RATE_LIMIT_PER_MINUTE="0")

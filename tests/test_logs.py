@@ -241,3 +241,17 @@ def test_access_entries_render_masked_in_either_format(log_format: str) -> None:
     else:
         assert line.startswith(f"2027-01-15T08:00:00.250Z INFO {ACCESS_LOGGER}: POST /v1/files/sk-proj")
         assert line.endswith(" 404 request_id=req-1 duration_ms=12.346 client_ip=203.0.113.9")
+
+
+def test_an_entry_that_cannot_be_rendered_is_reported_and_the_rest_written(caplog: pytest.LogCaptureFixture) -> None:
+    stream = io.StringIO()
+    sink = AccessSink(logging.StreamHandler(stream), json=True)
+    good = (1_800_000_000.0, "req-2", "GET", "/v1/models", 200, 0.001, "127.0.0.1", None)
+    sink.append((1_800_000_000.0, object(), "GET", "/v1/models", 200, 0.001, "127.0.0.1", None))  # type: ignore[arg-type]
+    sink.append(good)
+
+    with caplog.at_level(logging.ERROR, logger="llm_proxy.logs"):
+        sink.flush()
+
+    assert [orjson.loads(line)["request_id"] for line in stream.getvalue().splitlines()] == ["req-2"]
+    assert "could not be rendered" in caplog.text
