@@ -134,6 +134,8 @@ BAD_BODIES: list[tuple[str, str, Any, str | None]] = [
     ("POST", "/projects", {"name": "x", "api_key": "sk-1", "owner": "me"}, "owner"),
     ("POST", "/projects", {"name": "x" * 201, "api_key": "sk-1"}, "name"),
     ("POST", "/projects", {"name": "x\u0000y", "api_key": "sk-1"}, "name"),
+    # An upstream key becomes a header value: no way to smuggle in another header.
+    ("POST", "/projects", {"name": "x", "api_key": "sk-1\r\nX-Injected: 1"}, "api_key"),
     ("POST", "/tokens", {}, "project_id"),
     ("POST", "/tokens", {"project_id": "{pid}", "duration_minutes": 0}, "duration_minutes"),
     ("POST", "/tokens", {"project_id": "{pid}", "duration_minutes": -5}, "duration_minutes"),
