@@ -20,7 +20,7 @@ from typing import Any
 import aiosqlite
 import orjson
 
-from .auditchain import TIMESTAMP_FORMAT, canonical, chain_head, last_event_in_file
+from .auditchain import HEAD_QUERIES, TIMESTAMP_FORMAT, canonical, chain_head, last_event_in_file
 from .database import Database
 
 log = logging.getLogger(__name__)
@@ -43,9 +43,6 @@ _COLUMNS = 10
 _INSERT_HEAD = ("INSERT INTO audit_events (seq, timestamp, action, actor, project_id, request_id, client_ip,"
                 " result, details, hash) VALUES ")
 _ROW = "(" + ", ".join("?" * _COLUMNS) + ")"
-# Both, in case rows were written past the head (the head is normally the newer of the two).
-_READ_HEAD = ("SELECT seq, hash FROM audit_chain WHERE id = 1",
-              "SELECT seq, hash FROM audit_events ORDER BY seq DESC LIMIT 1")
 _SET_HEAD = ("INSERT INTO audit_chain (id, seq, hash) VALUES (1, ?, ?)"
              " ON CONFLICT (id) DO UPDATE SET seq = excluded.seq, hash = excluded.hash")
 
@@ -448,7 +445,7 @@ class AuditWriter:
         async def work(conn: aiosqlite.Connection) -> _Chained:
             seq, prev = self._seq, self._hash
             row = None
-            for sql in _READ_HEAD:
+            for sql in HEAD_QUERIES:  # on the writer, inside the transaction
                 cursor = await conn.execute(sql)
                 found = await cursor.fetchone()
                 if found is not None and found[0] > (row[0] if row else seq):

@@ -297,11 +297,16 @@ def verify_files(paths: Iterable[Path], *, anchor: tuple[int, str] | None = None
     return walk.finish(head)
 
 
+# Where the head of the chain is read from: both, in case rows were written past the recorded head
+# (the recorded head is normally the newer of the two).
+HEAD_QUERIES = ("SELECT seq, hash FROM audit_chain WHERE id = 1",
+                "SELECT seq, hash FROM audit_events ORDER BY seq DESC LIMIT 1")
+
+
 async def chain_head(db: Database) -> tuple[int, str]:
     """Return the (seq, hash) the next event chains from: (0, 64 zeros) before the first event."""
     head = (0, ZERO_HASH)
-    for sql in ("SELECT seq, hash FROM audit_chain WHERE id = 1",
-                "SELECT seq, hash FROM audit_events ORDER BY seq DESC LIMIT 1"):
+    for sql in HEAD_QUERIES:
         row = await db.fetchone(sql)
         if row is not None and row[0] > head[0]:
             head = (row[0], row[1])

@@ -3,15 +3,12 @@
 from __future__ import annotations
 
 import re
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable
 
 from aiohttp import hdrs, web
-from aiohttp.typedefs import Handler, Middleware
 from multidict import CIMultiDict
 
 from .errors import PermissionDenied, error_body
-
-ResponseHook = Callable[[web.Request, web.StreamResponse], Awaitable[None]]
 
 ALLOWED_METHODS = "GET, POST, PATCH, DELETE, OPTIONS"
 EXPOSED_HEADERS = "X-Request-ID, X-RateLimit-Limit, X-RateLimit-Remaining, Retry-After, X-LLM-Proxy-Overhead-Ms"
@@ -64,18 +61,6 @@ class _PreflightResponse(web.Response):
     """A preflight answer, complete as built; the response hook leaves it alone."""
 
 
-def cors_middleware(allowed_origins: tuple[str, ...]) -> Middleware:
-    """Build the middleware that answers preflights (204 for allowed origins, 403 otherwise)."""
-    preflight = cors_preflight(allowed_origins)
-
-    @web.middleware
-    async def cors(request: web.Request, handler: Handler) -> web.StreamResponse:
-        answer = preflight(request)
-        return answer if answer is not None else await handler(request)
-
-    return cors
-
-
 def cors_preflight(allowed_origins: tuple[str, ...]) -> Callable[[web.Request], web.Response | None]:
     """Build the check answering a CORS preflight (204 for allowed origins, 403 otherwise); None for other requests."""
     policy = CorsPolicy(allowed_origins)
@@ -103,16 +88,6 @@ def cors_preflight(allowed_origins: tuple[str, ...]) -> Callable[[web.Request], 
         return _PreflightResponse(status=204, headers=answer)
 
     return preflight
-
-
-def cors_headers_hook(allowed_origins: tuple[str, ...]) -> ResponseHook:
-    """Build the on_response_prepare hook labelling every response, streamed and error ones included."""
-    label = cors_headers(allowed_origins)
-
-    async def hook(request: web.Request, response: web.StreamResponse) -> None:
-        label(request, response)
-
-    return hook
 
 
 def cors_headers(allowed_origins: tuple[str, ...]) -> Callable[[web.Request, web.StreamResponse], None]:

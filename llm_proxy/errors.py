@@ -1,4 +1,4 @@
-"""The exception tree every handler raises, and the one middleware that renders it as an OpenAI error body.
+"""The exception tree every handler raises, and failure_response: the one OpenAI error body for all of it.
 
     ApiError                       500 server_error       internal_error
     ├── BadRequest                 400 invalid_request_error  invalid_request  (names the field)
@@ -34,7 +34,6 @@ from collections.abc import Mapping
 
 import orjson
 from aiohttp import web
-from aiohttp.typedefs import Handler
 
 from .keys import REQUEST_ID
 
@@ -185,16 +184,3 @@ def failure_response(request: web.Request, exc: Exception) -> web.Response:
     log.exception("unhandled %s (request_id=%s)",
                   "database error" if isinstance(exc, sqlite3.Error) else "error", request.get(REQUEST_ID))
     return error_response(ApiError())
-
-
-@web.middleware
-async def error_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
-    """Map every failure to the OpenAI error body (see failure_response)."""
-    try:
-        return await handler(request)
-    except web.HTTPException as exc:
-        if exc.status < 400:
-            raise
-        return failure_response(request, exc)
-    except Exception as exc:
-        return failure_response(request, exc)

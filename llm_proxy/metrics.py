@@ -87,6 +87,9 @@ class _LiveCollector(Collector):
         yield CounterMetricFamily("llm_proxy_audit_file_errors", "Audit events that could not be written to the file",
                                   value=self._audit.file_errors)
         yield CounterMetricFamily("llm_proxy_audit_written", "Audit events written", value=self._audit.written)
+        yield CounterMetricFamily("llm_proxy_audit_db_errors",
+                                  "Audit batches the database refused after every retry (their rows are retried)",
+                                  value=self._audit.db_errors)
 
 
 class Metrics:

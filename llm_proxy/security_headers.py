@@ -22,11 +22,6 @@ def is_management_path(path: str) -> bool:
     return path == "/manage" or path.startswith("/manage/")
 
 
-def security_headers_hook(*, hsts_max_age: int | None) -> ResponseHook:
-    """Build the on_response_prepare hook; pass hsts_max_age=None (or 0) when not serving TLS."""
-    return response_hook(security_headers(hsts_max_age=hsts_max_age))
-
-
 def response_hook(*steps: HeaderStep) -> ResponseHook:
     """Run several header steps as one on_response_prepare hook (one coroutine per response, not one per step)."""
     async def hook(request: web.Request, response: web.StreamResponse) -> None:

@@ -13,6 +13,10 @@ import orjson
 from aiohttp import web
 from aiohttp.test_utils import TestClient
 
+from llm_proxy.audit import AuditWriter
+from llm_proxy.database import Database
+from llm_proxy.metrics import Metrics
+from llm_proxy.ratelimit import ConcurrencyLimiter
 from llm_proxy.settings import Settings, load_settings
 
 MANAGEMENT_TOKEN = "mgmt-" + "A1b2C3d4" * 6
@@ -216,3 +220,10 @@ def read_all_bytes(path: Path) -> bytes:
             data += candidate.read_bytes()
     return data
 
+
+
+def bare_metrics() -> Metrics:
+    """Metrics for a bare test app (the audit writer behind them is never started, its database never opened)."""
+    audit = AuditWriter(Database(Path("unused.db")), enabled=False, file_path=None, create_dir=False,
+                        store_in_db=False, mask_client_ip=False)
+    return Metrics(audit, ConcurrencyLimiter(0))

@@ -8,8 +8,11 @@ import pytest
 from aiohttp import web
 from aiohttp.typedefs import Handler
 
-from llm_proxy.cors import EXPOSED_HEADERS, CorsPolicy, cors_headers_hook, cors_middleware, normalize_origin
-from llm_proxy.errors import InvalidToken, RateLimited, error_middleware
+from llm_proxy.cors import EXPOSED_HEADERS, CorsPolicy, cors_headers, normalize_origin
+from llm_proxy.edge import edge_middleware
+from llm_proxy.errors import InvalidToken, RateLimited
+from llm_proxy.security_headers import response_hook
+from tests.fakes import bare_metrics
 
 APP_ORIGIN = "https://app.example.com"
 CONFIGURED = (APP_ORIGIN, "http://localhost:3000")
@@ -62,9 +65,11 @@ async def _upstream_cors(request: web.Request) -> web.Response:
 
 
 def make_app(allowed_origins: tuple[str, ...]) -> web.Application:
-    """Root: CORS preflights, then error bodies (the order of edge.py's steps); a /v1 sub-app raising auth errors."""
-    app = web.Application(middlewares=[cors_middleware(allowed_origins), error_middleware])
-    app.on_response_prepare.append(cors_headers_hook(allowed_origins))
+    """Root: the edge middleware and a response hook with the CORS step, as create_app builds them; a /v1 sub-app
+    raising auth errors."""
+    app = web.Application(middlewares=[edge_middleware(trusted_proxies=(), cors_allowed_origins=allowed_origins,
+                                                       metrics=bare_metrics())])
+    app.on_response_prepare.append(response_hook(cors_headers(allowed_origins)))
     app.router.add_get("/health", _models)
     proxy = web.Application(middlewares=[require_bearer])
     proxy.add_routes([web.get("/models", _models), web.post("/chat/completions", _completion_stream),

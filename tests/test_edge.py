@@ -6,29 +6,20 @@ import ipaddress
 import logging
 import sqlite3
 from collections.abc import Awaitable, Callable
-from pathlib import Path
 from typing import Any
 
 import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestClient
 
-from llm_proxy.audit import AuditWriter
-from llm_proxy.database import Database
 from llm_proxy.edge import edge_middleware
 from llm_proxy.errors import InvalidToken, RateLimited
 from llm_proxy.keys import CLIENT_IP, REQUEST_ID, REQUEST_STARTED
 from llm_proxy.metrics import Metrics
-from llm_proxy.ratelimit import ConcurrencyLimiter
+from tests.fakes import bare_metrics
 
 ORIGIN = "https://app.example.com"
 Client = Callable[..., Awaitable[TestClient]]
-
-
-def _metrics(tmp_path: Path) -> Metrics:
-    audit = AuditWriter(Database(tmp_path / "unused.db"), enabled=False, file_path=None, create_dir=False,
-                        store_in_db=False, mask_client_ip=False)
-    return Metrics(audit, ConcurrencyLimiter(10))
 
 
 async def _context(request: web.Request) -> web.Response:
@@ -57,9 +48,9 @@ async def _crash(request: web.Request) -> web.Response:
 
 
 @pytest.fixture
-def make_client(aiohttp_client: Client, tmp_path: Path) -> Callable[..., Awaitable[tuple[TestClient, Metrics]]]:
+def make_client(aiohttp_client: Client) -> Callable[..., Awaitable[tuple[TestClient, Metrics]]]:
     async def make(**options: Any) -> tuple[TestClient, Metrics]:
-        metrics = _metrics(tmp_path)
+        metrics = bare_metrics()
         app = web.Application(middlewares=[edge_middleware(metrics=metrics, **{
             "trusted_proxies": (), "cors_allowed_origins": (), **options})])
         app.router.add_get("/context", _context)

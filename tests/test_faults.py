@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import re
 import socket
 import sqlite3
 import struct
@@ -816,6 +817,9 @@ async def test_events_refused_by_a_locked_database_are_stored_by_shutdown(make_g
                 assert response.status == 200
         await eventually(lambda: audit.db_errors >= 1, "the audit writer to give up on the locked database")
         await audit.flush()
+        async with gateway.client.get("/metrics", headers=gateway.auth) as scrape:  # the operator sees it
+            exported = re.search(r"^llm_proxy_audit_db_errors_total (\S+)$", await scrape.text(), re.MULTILINE)
+        assert exported is not None and float(exported.group(1)) >= 1
     await gateway.close()  # what SIGTERM does, after the lock is gone
 
     assert scalar(path, "SELECT count(*) FROM audit_events WHERE action = 'token.access'") == 3

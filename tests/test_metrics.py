@@ -61,6 +61,7 @@ async def test_metrics_count_requests_denials_and_upstream_latency(gateway: Gate
     assert _value(text, "llm_proxy_upstream_ttfb_seconds_count") == 1
     assert _value(text, "llm_proxy_in_flight_requests") == 0
     assert _value(text, "llm_proxy_audit_dropped_total") == 0
+    assert _value(text, "llm_proxy_audit_db_errors_total") == 0
     assert _value(text, "llm_proxy_audit_queue_depth") >= 0
     assert MANAGEMENT_TOKEN not in text and token["token"] not in text
 

@@ -9,8 +9,10 @@ import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestClient
 
-from llm_proxy.errors import InvalidToken, error_middleware
-from llm_proxy.security_headers import is_management_path, security_headers_hook
+from llm_proxy.edge import edge_middleware
+from llm_proxy.errors import InvalidToken
+from llm_proxy.security_headers import is_management_path, response_hook, security_headers
+from tests.fakes import bare_metrics
 
 MANAGEMENT_ONLY = ("X-Frame-Options", "Referrer-Policy")
 
@@ -47,9 +49,10 @@ def _routes() -> list[web.RouteDef]:
 
 def make_app(*, hsts_max_age: int | None = None, with_hook: bool = True) -> web.Application:
     """Mirror production: the hook on the root app (there, one step of create_app's one hook), /manage a sub-app."""
-    app = web.Application(middlewares=[error_middleware])
+    app = web.Application(middlewares=[edge_middleware(trusted_proxies=(), cors_allowed_origins=(),
+                                                       metrics=bare_metrics())])
     if with_hook:
-        app.on_response_prepare.append(security_headers_hook(hsts_max_age=hsts_max_age))
+        app.on_response_prepare.append(response_hook(security_headers(hsts_max_age=hsts_max_age)))
     app.add_routes([*_routes(), web.get("/managex", _cached)])
     manage = web.Application()
     manage.add_routes(_routes())
@@ -107,7 +110,7 @@ async def test_without_the_hook_aiohttp_announces_its_version(aiohttp_client: An
 
 async def test_unhandled_exception_without_error_middleware_still_gets_headers(aiohttp_client: Any) -> None:
     app = web.Application()
-    app.on_response_prepare.append(security_headers_hook(hsts_max_age=None))
+    app.on_response_prepare.append(response_hook(security_headers(hsts_max_age=None)))
     app.router.add_get("/manage/crash", _crash)
     client = await aiohttp_client(app)
 
@@ -168,7 +171,7 @@ async def test_hsts_is_not_sent_without_tls_or_when_off(aiohttp_client: Any, hst
 @pytest.mark.parametrize("hsts_max_age", [-1, True])
 def test_nonsense_hsts_max_age_is_refused_at_setup(hsts_max_age: Any) -> None:
     with pytest.raises(ValueError, match="hsts_max_age"):
-        security_headers_hook(hsts_max_age=hsts_max_age)
+        security_headers(hsts_max_age=hsts_max_age)
 
 
 @pytest.mark.parametrize(("path", "expected"), [
