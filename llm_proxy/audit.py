@@ -399,7 +399,7 @@ class AuditWriter:
                 if value is not None and type(value) is not str:
                     # audit_events stores these as TEXT; keep file and table identical.
                     event[key] = str(value)
-        chained = await self._store(batch)
+        chained, in_file = await self._store(batch)
         if chained is None:
             # The database is unavailable: chain from the head in memory so the file still gets
             # the batch; the rows are retried with the next batch.
@@ -407,8 +407,8 @@ class AuditWriter:
             self._unsaved = (self._unsaved + chained.rows)[-self._max_unsaved:]
         self._seq, self._hash = chained.seq, chained.hash
         self._written += len(batch)
-        if self._file is not None:
-            await self._append(b"\n".join(chained.lines) + b"\n", len(chained.lines))
+        if not in_file:
+            await self._append_lines(chained)
 
     def _chain(self, batch: list[dict[str, Any]], seq: int, prev: str) -> _Chained:
         """Give each event its seq and hash after (seq, prev); also encode its line and row."""
@@ -436,12 +436,17 @@ class AuditWriter:
         chained.seq, chained.hash = seq, prev
         return chained
 
-    async def _store(self, batch: list[dict[str, Any]]) -> _Chained | None:
-        """Chain the batch inside one transaction with the rows and the head; None if the database failed.
+    async def _store(self, batch: list[dict[str, Any]]) -> tuple[_Chained | None, bool]:
+        """Chain the batch in one transaction with its rows and the head, and append it to the file there.
 
-        Chaining under BEGIN IMMEDIATE from the stored head keeps seq unique even when another
-        process (a CLI command) appended to the chain since we last wrote.
+        Returns the chained batch (None if the database failed before the file got it) and whether
+        the file has it. Chaining under BEGIN IMMEDIATE from the stored head keeps seq unique even
+        when another process (a CLI command) appended to the chain since we last wrote; appending
+        before COMMIT, while this transaction holds the database's write lock, puts every
+        process's lines into the file in seq order (another writer waits for the lock).
         """
+        appended: list[_Chained] = []
+
         async def work(conn: aiosqlite.Connection) -> _Chained:
             seq, prev = self._seq, self._hash
             row = None
@@ -465,6 +470,9 @@ class AuditWriter:
                 await conn.execute(_INSERT_HEAD + ", ".join([_ROW] * len(chunk)),
                                    [value for row in chunk for value in row])
             await conn.execute(_SET_HEAD, (chained.seq, chained.hash))
+            if self._file is not None and chained.lines:
+                await self._append_lines(chained)
+                appended.append(chained)
             return chained
 
         for delay in (*self.DB_RETRY_DELAYS, None):
@@ -476,8 +484,16 @@ class AuditWriter:
                 self._db_errors += 1
                 log.error("audit events not stored in the database: %s", exc)
                 self._unsaved = []
-                return self._chain(batch, self._seq, self._hash)
+                return self._chain(batch, self._seq, self._hash), False
             except (sqlite3.Error, OSError, ValueError, RuntimeError) as exc:  # the last two: not connected
+                if appended:
+                    # COMMIT failed after the file got the batch: another try would append it
+                    # twice. Its rows wait for the next batch, like those of a failed database.
+                    self._db_errors += 1
+                    log.error("audit database commit failed (%s); the events are in the file and kept to "
+                              "retry with the next batch", exc)
+                    self._unsaved = (self._unsaved + appended[0].rows)[-self._max_unsaved:]
+                    return appended[0], True
                 if delay is not None:
                     log.warning("audit database write failed (%s); retrying in %.2fs", exc, delay)
                     await asyncio.sleep(delay)
@@ -485,13 +501,15 @@ class AuditWriter:
                 self._db_errors += 1
                 log.error("audit database write failed after retries (%s); the events are kept to retry "
                           "with the next batch", exc)
-                return None
+                return None, False
             self._unsaved = []
-            return chained
-        return None  # not reached: the last delay is None
+            return chained, True
+        return None, False  # not reached: the last delay is None
 
-    async def _append(self, data: bytes, count: int) -> None:
-        assert self._file is not None
+    async def _append_lines(self, chained: _Chained) -> None:
+        if self._file is None or not chained.lines:
+            return
+        data, count = b"\n".join(chained.lines) + b"\n", len(chained.lines)
         written, error = await asyncio.to_thread(self._file.append, data)
         if error is None:
             return

@@ -9,6 +9,7 @@ import re
 import shutil
 import sqlite3
 import stat
+import threading
 from collections.abc import AsyncIterator, Awaitable, Callable
 from datetime import UTC, datetime, timedelta, timezone
 from pathlib import Path
@@ -18,7 +19,7 @@ import aiosqlite
 import orjson
 import pytest
 
-from llm_proxy.audit import INSERT_ROWS, AuditWriter, mask_ip
+from llm_proxy.audit import INSERT_ROWS, AuditWriter, _AppendFile, mask_ip
 from llm_proxy.auditchain import (
     COLUMNS,
     ZERO_HASH,
@@ -316,6 +317,120 @@ async def test_events_from_another_process_are_chained_after(
     assert file_events(audit_path) == events
     assert verify_files([audit_path]).ok and (await verify_table(db)).ok
     assert "extended by another process" in caplog.text
+
+
+async def test_the_file_is_appended_while_the_database_write_lock_is_held(
+        make_writer: WriterFactory, tmp_path: Path, audit_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Another process (a CLI command) can only write the chain once this batch is in the file too."""
+    original = _AppendFile.append
+    outcomes: list[str] = []
+
+    def append_and_probe(self: _AppendFile, data: bytes) -> tuple[int, OSError | None]:
+        probe = sqlite3.connect(tmp_path / "llm-proxy.db", timeout=0, isolation_level=None)
+        try:
+            probe.execute("BEGIN IMMEDIATE")
+            probe.execute("ROLLBACK")
+            outcomes.append("free")
+        except sqlite3.OperationalError as exc:
+            outcomes.append(str(exc))
+        finally:
+            probe.close()
+        return original(self, data)
+
+    monkeypatch.setattr(_AppendFile, "append", append_and_probe)
+    writer = make_writer()
+    await writer.start()
+    emit_numbered(writer, 3)
+    await writer.flush()
+    emit_numbered(writer, 2, start=3)
+    await writer.close()
+
+    assert outcomes == ["database is locked", "database is locked"]
+    assert [event["seq"] for event in file_events(audit_path)] == [1, 2, 3, 4, 5]
+
+
+async def test_a_cli_command_writing_during_a_batch_lands_after_it_in_the_file(
+        make_writer: WriterFactory, db: Database, tmp_path: Path, audit_path: Path,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """`llm-proxy audit prune` (here: its own thread, event loop and connection) writes its event
+    just as the gateway appends a batch: the file keeps seq order, so `audit verify` stays clean.
+
+    The gateway's append waits up to a second for the command to finish first; it can only
+    finish first if nothing stops it from writing between the batch's COMMIT and its append.
+    """
+    original = _AppendFile.append
+    cli_done = threading.Event()
+    cli_threads: list[threading.Thread] = []
+
+    async def cli_command() -> None:
+        database = await Database.open(tmp_path / "llm-proxy.db")
+        try:
+            cli = AuditWriter(database, enabled=True, file_path=audit_path, create_dir=True, store_in_db=True,
+                              mask_client_ip=False, batch_interval=0)
+            await cli.start()
+            cli.emit("audit.prune", actor="system", result="success", details={"deleted": 0})
+            await cli.close()
+        finally:
+            await database.close()
+            cli_done.set()
+
+    def append_with_a_cli_command_meanwhile(self: _AppendFile, data: bytes) -> tuple[int, OSError | None]:
+        if not cli_threads:
+            cli_threads.append(threading.Thread(target=asyncio.run, args=(cli_command(),)))
+            cli_threads[0].start()
+            cli_done.wait(timeout=1.0)
+        return original(self, data)
+
+    monkeypatch.setattr(_AppendFile, "append", append_with_a_cli_command_meanwhile)
+    server = make_writer()
+    await server.start()
+    emit_numbered(server, 3)
+    await server.flush()
+    await asyncio.to_thread(cli_threads[0].join)
+    emit_numbered(server, 1, start=3)
+    await server.close()
+
+    events = file_events(audit_path)
+    assert [event["seq"] for event in events] == [1, 2, 3, 4, 5]
+    assert [event["action"] for event in events] == ["token.access"] * 3 + ["audit.prune", "token.access"]
+    assert events == await table_events(db)
+    assert verify_files([audit_path]).ok and (await verify_table(db)).ok
+
+
+async def test_a_commit_that_fails_after_the_append_writes_the_batch_to_the_file_once(
+        make_writer: WriterFactory, db: Database, audit_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    writer = make_writer()
+    await writer.start()
+    emit_numbered(writer, 2)
+    await writer.flush()
+
+    real_write = Database.write
+    failed = False
+
+    async def commit_fails_once(self: Database, work: Callable[[aiosqlite.Connection], Awaitable[Any]]) -> Any:
+        nonlocal failed
+        if failed:
+            return await real_write(self, work)
+        failed = True
+
+        async def work_then_fail(conn: aiosqlite.Connection) -> Any:
+            await work(conn)
+            raise sqlite3.OperationalError("disk I/O error")  # as a COMMIT that fails would
+        return await real_write(self, work_then_fail)
+
+    monkeypatch.setattr(Database, "write", commit_fails_once)
+    emit_numbered(writer, 2, start=2)
+    await writer.flush()
+    assert [event["seq"] for event in file_events(audit_path)] == [1, 2, 3, 4]
+    assert [event["seq"] for event in await table_events(db)] == [1, 2]
+    assert writer.db_errors == 1
+
+    emit_numbered(writer, 1, start=4)  # the next batch stores the rows the failed commit lost
+    await writer.close()
+    events = file_events(audit_path)
+    assert [event["seq"] for event in events] == [1, 2, 3, 4, 5]
+    assert await table_events(db) == events
+    assert verify_files([audit_path]).ok and (await verify_table(db)).ok
 
 
 async def test_rotation_while_writing_loses_and_tears_nothing(make_writer: WriterFactory, audit_path: Path) -> None:
