@@ -239,7 +239,7 @@ class Forwarder:
             response.content_length = length
         await response.prepare(request)
         first, relayed = True, 0
-        watch = _StallWatch(self._loop, self._idle, request.transport)
+        watch = _StallWatch(self._loop, self._idle, request.transport, self._metrics)
         try:
             async for chunk in upstream.content.iter_any():
                 if first:
@@ -265,6 +265,8 @@ class Forwarder:
                 log.warning("upstream stream broke after %d bytes: %s", relayed, type(exc).__name__)
             # Headers are gone already: the only honest signal left is to cut the connection.
             request[UPSTREAM_BROKEN] = True
+            if not watch.stalled:
+                self._metrics.count_cut("upstream_broke")
             if request.transport is not None:
                 request.transport.close()
             return response
@@ -292,14 +294,14 @@ class Forwarder:
         # Sent here, not by aiohttp after the handler returns, so that the send is inside the
         # handler: its concurrency slot is held, a client that stops reading is cut after
         # STREAM_IDLE_TIMEOUT, and the audit event is written once the outcome is known.
-        watch = _StallWatch(self._loop, self._idle, request.transport)
+        watch = _StallWatch(self._loop, self._idle, request.transport, self._metrics)
         watch.since = watch.now()
         try:
             await response.prepare(request)
             await response.write_eof()
         except ConnectionResetError:  # aiohttp's ClientConnectionResetError included
             if watch.stalled:
-                request[UPSTREAM_BROKEN] = True  # cut by the watch, which logged it: audited `error`
+                request[UPSTREAM_BROKEN] = True  # cut by the watch, which logged and counted it: audited `error`
         finally:
             watch.cancel()
         return response
@@ -350,10 +352,12 @@ class _StallWatch:
     (aiohttp stops the upstream read timer while the relay is blocked writing).
     """
 
-    __slots__ = ("_handle", "_limit", "_loop", "_transport", "since", "stalled")
+    __slots__ = ("_handle", "_limit", "_loop", "_metrics", "_transport", "since", "stalled")
 
-    def __init__(self, loop: asyncio.AbstractEventLoop, limit: float, transport: asyncio.Transport | None) -> None:
+    def __init__(self, loop: asyncio.AbstractEventLoop, limit: float, transport: asyncio.Transport | None,
+                 metrics: Metrics) -> None:
         self._loop = loop
+        self._metrics = metrics
         self._limit = limit
         self._transport = transport
         self.since: float | None = None
@@ -368,6 +372,7 @@ class _StallWatch:
         if since is not None and now - since >= self._limit:
             self.stalled = True
             log.warning("client stopped reading for %ss; connection closed", self._limit)
+            self._metrics.count_cut("client_stalled")
             if self._transport is not None:
                 self._transport.abort()  # close() would wait for the unread buffer to drain
             return

@@ -23,6 +23,7 @@ from .settings import IPNetwork
 _STATUS_CLASSES = ("1xx", "2xx", "3xx", "4xx", "5xx")
 _ROUTES = ("proxy", "manage", "other")
 _DENIAL_REASONS = ("rate_limited", "quota_exceeded", "budget_exceeded", "ip_blocked", "overloaded")
+CUT_REASONS = ("upstream_broke", "client_stalled")
 _LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0)
 
 
@@ -76,6 +77,12 @@ class _LiveCollector(Collector):
         for reason, count in metrics.denials.items():
             denials.add_metric((reason,), count)
         yield denials
+        cut = CounterMetricFamily("llm_proxy_responses_cut",
+                                  "Proxied answers cut off after their status was sent (counted by that status in "
+                                  "llm_proxy_requests_total), by reason", labels=("reason",))
+        for reason, count in metrics.cut.items():
+            cut.add_metric((reason,), count)
+        yield cut
         yield metrics.upstream_latency.family()
         yield metrics.upstream_ttfb.family()
         yield GaugeMetricFamily("llm_proxy_in_flight_requests", "Proxied requests in flight",
@@ -99,6 +106,7 @@ class Metrics:
         self.registry = CollectorRegistry(auto_describe=True)
         self.requests = {(route, cls): 0 for route in _ROUTES for cls in _STATUS_CLASSES}
         self.denials = dict.fromkeys(_DENIAL_REASONS, 0)
+        self.cut = dict.fromkeys(CUT_REASONS, 0)
         self.upstream_latency = Histogram("llm_proxy_upstream_latency_seconds",
                                           "Time from sending upstream to its response headers", _LATENCY_BUCKETS)
         self.upstream_ttfb = Histogram("llm_proxy_upstream_ttfb_seconds",
@@ -114,6 +122,10 @@ class Metrics:
         """Count one request refused by a limit."""
         if reason in self.denials:
             self.denials[reason] += 1
+
+    def count_cut(self, reason: str) -> None:
+        """Count one answer cut off after its status was sent: the upstream broke, or the client stopped reading."""
+        self.cut[reason] += 1
 
     def render(self) -> bytes:
         """Return the Prometheus text exposition."""

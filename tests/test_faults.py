@@ -409,6 +409,14 @@ async def test_a_small_answer_broken_off_mid_body_is_a_clean_502_or_504(
 
 # ---- the upstream breaks ----
 
+async def cut_responses(gateway: Gateway) -> dict[str, float]:
+    """llm_proxy_responses_cut_total by reason, as an operator's scrape sees it."""
+    async with gateway.client.get("/metrics", headers=gateway.auth) as scrape:
+        text = await scrape.text()
+    return {reason: float(match.group(1)) for reason in ("upstream_broke", "client_stalled")
+            if (match := re.search(rf'^llm_proxy_responses_cut_total{{reason="{reason}"}} (\S+)$', text, re.MULTILINE))}
+
+
 async def test_upstream_closing_mid_stream_is_audited_error_and_the_next_request_is_served(gateway: Gateway) -> None:
     """The upstream closes mid-stream: the client's stream ends short, audit `error`, the next stream is whole."""
     gateway.upstream.chunks, gateway.upstream.break_after_chunks = 5, 2
@@ -428,6 +436,7 @@ async def test_upstream_closing_mid_stream_is_audited_error_and_the_next_request
     broken, served = await access_events(gateway)
     assert (broken["result"], broken["details"]["status"]) == ("error", 200)
     assert (served["result"], served["details"]["status"]) == ("success", 200)
+    assert await cut_responses(gateway) == {"upstream_broke": 1, "client_stalled": 0}
 
 
 async def test_upstream_tcp_reset_mid_stream_is_audited_error(make_gateway: Any) -> None:
@@ -721,6 +730,7 @@ async def test_a_client_that_stops_reading_is_cut_after_stream_idle_timeout(
     assert any("client stopped reading" in record.getMessage() for record in caplog.records)
     (access,) = await access_events(gateway)
     assert access["result"] == "error"
+    assert await cut_responses(gateway) == {"upstream_broke": 0, "client_stalled": 1}
 
 
 async def test_a_client_that_stops_reading_a_whole_answer_is_cut_too(
@@ -759,6 +769,7 @@ async def test_a_client_that_stops_reading_a_whole_answer_is_cut_too(
 
         (access,) = await access_events(gateway)
         assert access["result"] == "error"  # as for a stream cut this way (its status: 200, or 499 once aborted)
+        assert await cut_responses(gateway) == {"upstream_broke": 0, "client_stalled": 1}
         await assert_healthy(gateway, token)
 
 

@@ -62,6 +62,8 @@ async def test_metrics_count_requests_denials_and_upstream_latency(gateway: Gate
     assert _value(text, "llm_proxy_in_flight_requests") == 0
     assert _value(text, "llm_proxy_audit_dropped_total") == 0
     assert _value(text, "llm_proxy_audit_db_errors_total") == 0
+    assert _value(text, "llm_proxy_responses_cut_total", 'reason="upstream_broke"') == 0
+    assert _value(text, "llm_proxy_responses_cut_total", 'reason="client_stalled"') == 0
     assert _value(text, "llm_proxy_audit_queue_depth") >= 0
     assert MANAGEMENT_TOKEN not in text and token["token"] not in text
 
