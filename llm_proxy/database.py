@@ -92,15 +92,18 @@ class Database:
                 await self._writer.close()
                 self._writer = None
 
+    # Every read runs to its end in one call on the reader's thread. A cursor left open across an
+    # await keeps the reader's snapshot (WAL): another read started meanwhile would then see the
+    # database as it was before writes that committed since, such as the one it just waited for.
+
     async def fetchone(self, sql: str, params: Iterable[Any] = ()) -> sqlite3.Row | None:
-        """Run a read and return its first row."""
-        async with self.reader.execute(sql, tuple(params)) as cursor:
-            return await cursor.fetchone()
+        """Run a read expected to give at most one row (a key lookup, LIMIT 1) and return it."""
+        rows = await self.reader.execute_fetchall(sql, tuple(params))
+        return next(iter(rows), None)
 
     async def fetchall(self, sql: str, params: Iterable[Any] = ()) -> list[sqlite3.Row]:
         """Run a read and return every row."""
-        async with self.reader.execute(sql, tuple(params)) as cursor:
-            return list(await cursor.fetchall())
+        return list(await self.reader.execute_fetchall(sql, tuple(params)))
 
     async def write(self, work: Callable[[aiosqlite.Connection], Awaitable[T]]) -> T:
         """Run `work` in one BEGIN IMMEDIATE transaction; nothing else writes meanwhile."""

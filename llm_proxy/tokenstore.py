@@ -181,12 +181,16 @@ class TokenStore:
             del self._loading[digest]
 
     def _project_state(self, project: repo.Project) -> ProjectState:
+        """The cached state of a project, made from `project` only when there is none yet.
+
+        The row may be stale: a token write reads its project before awaiting its own statement,
+        and a deactivation or key change can land meanwhile. Once cached, a project's state
+        changes only through project_changed(), which every project write calls.
+        """
         state = self._projects.get(project.id)
-        authorization = "Bearer " + self._keyring.decrypt(project.api_key_encrypted)
         if state is None:
-            state = self._projects[project.id] = ProjectState(project.id, project.is_active, authorization)
-        else:
-            state.is_active, state.authorization = project.is_active, authorization
+            state = self._projects[project.id] = ProjectState(
+                project.id, project.is_active, "Bearer " + self._keyring.decrypt(project.api_key_encrypted))
         return state
 
     def _remember(self, token: repo.TokenRecord, project: repo.Project) -> Credential:
@@ -245,10 +249,18 @@ class TokenStore:
                 credential.is_active = False
 
     def project_changed(self, project: repo.Project) -> None:
-        """Apply a project row the management API just wrote (activity and upstream key)."""
+        """Apply a project row the management API just wrote (activity and upstream key).
+
+        The state is kept even for a project none of whose tokens is cached yet, so that a token
+        write that read the project before this change cannot bring the old row back.
+        """
         self._generation += 1
-        if project.id in self._projects:
-            self._project_state(project)
+        authorization = "Bearer " + self._keyring.decrypt(project.api_key_encrypted)
+        state = self._projects.get(project.id)
+        if state is None:
+            self._projects[project.id] = ProjectState(project.id, project.is_active, authorization)
+        else:
+            state.is_active, state.authorization = project.is_active, authorization
 
     def overlay(self, token: repo.TokenRecord) -> dict[str, int | str | None]:
         """Return the live counters for a token row, which may be up to one flush behind."""

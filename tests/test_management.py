@@ -7,6 +7,7 @@ from typing import Any
 
 import pytest
 
+from llm_proxy import repository as repo
 from llm_proxy.credentials import hash_token
 from tests.fakes import (
     ENCRYPTION_KEY,
@@ -205,3 +206,59 @@ async def test_database_files_are_owner_only(gateway: Gateway) -> None:
     for suffix in ("", "-wal"):
         path = gateway.settings.database_path.with_name(gateway.settings.database_path.name + suffix)
         assert path.stat().st_mode & 0o077 == 0, path
+
+
+# ---- a project write that lands while a token write is in flight ----
+
+async def _v1_models(gateway: Gateway, token: str) -> tuple[int, str | None]:
+    response = await gateway.client.get("/v1/models", headers={"Authorization": f"Bearer {token}"})
+    body = await response.json()
+    return response.status, body.get("error", {}).get("code") if isinstance(body, dict) else None
+
+
+@pytest.mark.parametrize("write", ["create", "refresh"])
+async def test_a_project_deactivated_during_a_token_write_stays_inactive(
+        gateway: Gateway, monkeypatch: pytest.MonkeyPatch, write: str) -> None:
+    """The token write read its project (active) before the deactivation committed; caching the new
+    token must not bring that stale row back: every token of the project is refused at once."""
+    project = await gateway.project()
+    live = await gateway.token(project["id"])
+    other = await gateway.token(project["id"])
+    assert (await _v1_models(gateway, live["token"]))[0] == 200  # its project's state is cached
+
+    name = "create_token" if write == "create" else "refresh_token"
+    real = getattr(repo, name)
+
+    async def deactivated_meanwhile(*args: Any, **kwargs: Any) -> Any:
+        await gateway.manage("PATCH", f"/projects/{project['id']}", {"is_active": False}, expect=200)
+        return await real(*args, **kwargs)
+
+    monkeypatch.setattr(repo, name, deactivated_meanwhile)
+    if write == "create":
+        new = await gateway.manage("POST", "/tokens", {"project_id": project["id"]}, expect=201)
+    else:
+        new = await gateway.manage("POST", f"/tokens/{other['id']}/refresh", {"grace_seconds": 60}, expect=201)
+
+    for token in (live["token"], new["token"]):
+        assert await _v1_models(gateway, token) == (403, "project_inactive")
+
+
+async def test_an_upstream_key_changed_during_a_token_create_is_the_key_used(
+        gateway: Gateway, monkeypatch: pytest.MonkeyPatch) -> None:
+    project = await gateway.project()
+    live = await gateway.token(project["id"])
+    assert (await _v1_models(gateway, live["token"]))[0] == 200
+    new_key = "sk-rotated-" + "k" * 32
+    real = repo.create_token
+
+    async def rotated_meanwhile(*args: Any, **kwargs: Any) -> Any:
+        await gateway.manage("PATCH", f"/projects/{project['id']}", {"api_key": new_key}, expect=200)
+        return await real(*args, **kwargs)
+
+    monkeypatch.setattr(repo, "create_token", rotated_meanwhile)
+    new = await gateway.manage("POST", "/tokens", {"project_id": project["id"]}, expect=201)
+
+    for token in (live["token"], new["token"]):
+        gateway.upstream.requests.clear()
+        assert (await _v1_models(gateway, token))[0] == 200
+        assert [r.headers["Authorization"] for r in gateway.upstream.requests] == [f"Bearer {new_key}"]
