@@ -105,17 +105,20 @@ class AnomalyDetector:
         watch.replays = [at for at in watch.replays if at > now - HOUR]
         watch.replays.append(now)
         if len(watch.replays) >= REPLAY_THRESHOLD:
-            self._flag(credential, watch, "dead_token_replay", now, attempts_last_hour=len(watch.replays),
-                       token_state=reason, client_ip=client_ip)
+            self._flag(credential, watch, "dead_token_replay", now, client_ip=client_ip,
+                       attempts_last_hour=len(watch.replays), token_state=reason)
 
-    def _flag(self, credential: Credential, watch: _Watch, rule: str, now: float, **details: object) -> None:
+    def _flag(self, credential: Credential, watch: _Watch, rule: str, now: float, *,
+              client_ip: str | None = None, **details: object) -> None:
         last = watch.flagged.get(rule)
         if last is not None and last > now - HOUR:
             return
         watch.flagged[rule] = now
         suspend = self._auto_suspend and credential.is_active and not credential.revoked
         self._audit.emit("token.anomaly", actor="system", result="denied" if suspend else "success",
-                         project_id=credential.project.id,
+                         # The event's own client_ip field, never details: the writer masks only that one
+                         # (AUDIT_MASK_CLIENT_IP).
+                         project_id=credential.project.id, client_ip=client_ip,
                          details={"reason": rule, "token_id": credential.hint, "auto_suspend": suspend, **details})
         if suspend:
             # Takes effect on the very next request; the database write follows off the request path.

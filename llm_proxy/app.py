@@ -9,7 +9,7 @@ from aiohttp import web
 
 from .anomaly import AnomalyDetector
 from .audit import AuditWriter
-from .auth import ClientAuth, ManagementTokens, management_auth_middleware
+from .auth import ClientAuth, ManagementAuth, ManagementTokens, management_auth_middleware
 from .cors import cors_headers
 from .crypto import KeyRing
 from .database import Database
@@ -66,14 +66,14 @@ def create_app(settings: Settings, *, clock: Callable[[], float] = time.time,
         *([cors_headers(cors)] if cors else []),
         security_headers(hsts_max_age=settings.hsts_max_age if settings.tls_cert_file else None),
         add_rate_limit_headers))  # only where admission recorded a decision (/v1)
-    management_tokens = ManagementTokens(settings.management_tokens)
-    app.add_routes([*health_routes(db), metrics_route(metrics, management_tokens, settings.management_allowed_ips)])
-
     # Each credential check has its own place, so neither kind of token works on the other's
-    # routes: client tokens in the /v1 handler, the management token in the /manage sub-application.
-    # Both first refuse an IP that failed authentication too often.
+    # routes: client tokens in the /v1 handler, the management token in the /manage sub-application
+    # and on /metrics. All first refuse an IP that failed authentication too often.
     failures = FailureCounter(settings.ip_rate_limit, clock=monotonic)
     ip_block = IpBlock(failures, audit, metrics)
+    management_auth = ManagementAuth(ManagementTokens(settings.management_tokens), settings.management_allowed_ips,
+                                     audit, failures)
+    app.add_routes([*health_routes(db), metrics_route(metrics, ip_block, management_auth)])
     proxy = ProxyRoute(
         ip_block=ip_block, auth=ClientAuth(store, audit, failures, anomalies),
         admission=Admission(store, audit, metrics, anomalies, default_rate=settings.rate_limit_per_minute,
@@ -82,7 +82,7 @@ def create_app(settings: Settings, *, clock: Callable[[], float] = time.time,
     app.router.add_route("*", "/v1/{tail:.*}", proxy.handle)
     manage = web.Application(middlewares=[
         ip_block_middleware(ip_block, "management"),
-        management_auth_middleware(management_tokens, settings.management_allowed_ips, audit, failures)])
+        management_auth_middleware(management_auth)])
     manage.add_routes(management.routes())
     app.add_subapp("/manage", manage)
 

@@ -50,23 +50,46 @@ def _rejection_details(request: web.Request, reason: str, presented: str | None)
             "user_agent": request.headers.get("User-Agent")}
 
 
-def management_auth_middleware(tokens: ManagementTokens, allowed_ips: tuple[IPNetwork, ...],
-                               audit: AuditWriter, failures: FailureCounter) -> Middleware:
+class ManagementAuth:
+    """The management credential check, shared by /manage and /metrics; every rejection is audited."""
+
+    def __init__(self, tokens: ManagementTokens, allowed_ips: tuple[IPNetwork, ...], audit: AuditWriter,
+                 failures: FailureCounter) -> None:
+        self._tokens = tokens
+        self._allowed_ips = allowed_ips
+        self._audit = audit
+        self._failures = failures
+
+    def ip_listed(self, request: web.Request) -> bool:
+        """Tell whether MANAGEMENT_ALLOWED_IPS is set and holds the request's client IP."""
+        return bool(self._allowed_ips) and ip_in(request[CLIENT_IP], self._allowed_ips)
+
+    def check_ip(self, request: web.Request) -> None:
+        """Raise IPNotAllowed (403, audited) when MANAGEMENT_ALLOWED_IPS is set and lacks the client IP."""
+        if self._allowed_ips and not ip_in(request[CLIENT_IP], self._allowed_ips):
+            self._audit.emit("auth.failure", actor="management", result="denied", request_id=request[REQUEST_ID],
+                             client_ip=request[CLIENT_IP], details=_rejection_details(request, "ip_not_allowed", None))
+            raise IPNotAllowed()
+
+    def authenticate(self, request: web.Request) -> None:
+        """Raise InvalidManagementToken (401) unless the bearer is a management token; audit and count the failure."""
+        presented = bearer(request)
+        if not self._tokens.accepts(presented):
+            reason = "missing_credential" if presented is None else "invalid_management_token"
+            # Counted toward the per-IP block on every route that takes the management token,
+            # so that none of them is a side door for guessing it.
+            self._failures.record_failure(request[CLIENT_IP])
+            self._audit.emit("auth.failure", actor="management", result="failure", request_id=request[REQUEST_ID],
+                             client_ip=request[CLIENT_IP], details=_rejection_details(request, reason, presented))
+            raise InvalidManagementToken(headers={"WWW-Authenticate": "Bearer"})
+
+
+def management_auth_middleware(auth: ManagementAuth) -> Middleware:
     """Build the middleware guarding the management API: IP allow-list first, then the bearer token."""
     @web.middleware
     async def management_auth(request: web.Request, handler: Handler) -> web.StreamResponse:
-        client_ip = request[CLIENT_IP]
-        if allowed_ips and not ip_in(client_ip, allowed_ips):
-            audit.emit("auth.failure", actor="management", result="denied", request_id=request[REQUEST_ID],
-                       client_ip=client_ip, details=_rejection_details(request, "ip_not_allowed", None))
-            raise IPNotAllowed()
-        presented = bearer(request)
-        if not tokens.accepts(presented):
-            reason = "missing_credential" if presented is None else "invalid_management_token"
-            failures.record_failure(client_ip)
-            audit.emit("auth.failure", actor="management", result="failure", request_id=request[REQUEST_ID],
-                       client_ip=client_ip, details=_rejection_details(request, reason, presented))
-            raise InvalidManagementToken(headers={"WWW-Authenticate": "Bearer"})
+        auth.check_ip(request)
+        auth.authenticate(request)
         return await handler(request)
 
     return management_auth

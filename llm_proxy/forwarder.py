@@ -42,8 +42,10 @@ HOP_BY_HOP = frozenset({"connection", "keep-alive", "proxy-authenticate", "proxy
                         "te", "trailer", "trailers", "transfer-encoding", "upgrade"})
 # The client's credentials, cookies and claims about its own address never reach the upstream;
 # Accept-Encoding is dropped so the upstream answers in identity encoding (usage can be read).
+# OpenAI-Organization/-Project would let a token holder pick (and bill) any organization or project
+# the operator's key can reach: the project's key alone decides.
 REQUEST_DENY = HOP_BY_HOP | {"host", "authorization", "cookie", "content-length", "accept-encoding", "forwarded",
-                             "x-real-ip", "x-request-id", "expect"}
+                             "x-real-ip", "x-request-id", "expect", "openai-organization", "openai-project"}
 # Upstream cookies and account identifiers stay here; X-Request-ID is ours.
 RESPONSE_DENY = HOP_BY_HOP | {"set-cookie", "server", "date", "x-request-id", "openai-organization",
                               "openai-project", "content-length"}
@@ -149,10 +151,13 @@ class Forwarder:
         if length is not None and length > self._max_body:
             raise PayloadTooLarge(f"request body exceeds {self._max_body} bytes")
         content_type = request.content_type
-        if content_type != "application/json" and not self._allowed_models:
+        if (content_type != "application/json" and not self._allowed_models
+                and not request.path.startswith(usage.USAGE_ENDPOINTS)):
             return _CappedBody(request.content, self._max_body), None, None
         # JSON bodies are small and name the model (for the audit and ALLOWED_MODELS). With models
-        # restricted, every body is read, whatever it claims to be, so no label can dodge the check.
+        # restricted, and on every metered endpoint, a body is read whatever it claims to be, so no
+        # label can dodge the model check or the usage metering (the upstream reads JSON regardless).
+        # Uploads to unmetered endpoints (audio, images) still stream through.
         body = await read_body(request, self._request_timeout)
         document = None
         if content_type == "multipart/form-data":

@@ -9,7 +9,7 @@ from aiohttp.typedefs import Handler, Middleware
 
 from .anomaly import AnomalyDetector
 from .audit import AuditWriter
-from .errors import RateLimited, TooManyRequests
+from .errors import ApiError, RateLimited, TooManyRequests
 from .keys import CLIENT_IP, RATE_DECISION, REQUEST_ID
 from .metrics import Metrics
 from .ratelimit import Decision, FailureCounter, RateLimiter
@@ -38,7 +38,8 @@ class IpBlock:
                              client_ip=client_ip, details={"http_method": request.method, "endpoint": request.path,
                                                            "reason": "ip_blocked"})
             raise RateLimited("too many failed authentications from this address",
-                              headers={"Retry-After": str(max(1, math.ceil(wait)))})
+                              headers={"X-RateLimit-Limit": str(self._failures.limit), "X-RateLimit-Remaining": "0",
+                                       "Retry-After": str(max(1, math.ceil(wait)))})
 
 
 def ip_block_middleware(block: IpBlock, actor: str) -> Middleware:
@@ -94,14 +95,18 @@ class Admission:
             store.consume(credential)
         except TooManyRequests as exc:
             self._metrics.count_denial(exc.code)
-            self._audit.emit("token.access", actor="client", result="denied", project_id=credential.project.id,
-                             request_id=request[REQUEST_ID], client_ip=request[CLIENT_IP],
-                             details={"http_method": request.method, "endpoint": request.path,
-                                      "status": exc.status, "reason": exc.code, "token_id": credential.hint,
-                                      "user_agent": request.headers.get("User-Agent")})
+            self.audit_refusal(request, credential, exc)
             raise
         self._anomalies.observe(credential, request[CLIENT_IP])
         return decision
+
+    def audit_refusal(self, request: web.Request, credential: Credential, exc: ApiError) -> None:
+        """Audit a request turned away by a limit: its one token.access event, `denied`."""
+        self._audit.emit("token.access", actor="client", result="denied", project_id=credential.project.id,
+                         request_id=request[REQUEST_ID], client_ip=request[CLIENT_IP],
+                         details={"http_method": request.method, "endpoint": request.path,
+                                  "status": exc.status, "reason": exc.code, "token_id": credential.hint,
+                                  "user_agent": request.headers.get("User-Agent")})
 
 
 def add_rate_limit_headers(request: web.Request, response: web.StreamResponse) -> None:

@@ -19,7 +19,7 @@ class ProxyRoute:
     1. an IP that failed authentication too often is refused before its credential is looked at;
     2. the client token (401/403);
     3. capacity (503), before anything is counted: a request turned away for capacity costs the
-       token neither quota nor rate;
+       token neither quota nor rate (it is audited like the other limit refusals);
     4. quota, budget, the token's and the global rate (429);
     5. the forwarder, which streams the exchange and audits it as token.access.
 
@@ -44,7 +44,9 @@ class ProxyRoute:
         concurrency = self._concurrency
         if not concurrency.try_acquire():
             self._metrics.count_denial("overloaded")
-            raise Overloaded(headers={"Retry-After": "1"})
+            refusal = Overloaded(headers={"Retry-After": "1"})
+            self._admission.audit_refusal(request, credential, refusal)
+            raise refusal
         try:
             decision = self._admission.admit(request, credential)
             if decision.limit:

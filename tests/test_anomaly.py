@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sqlite3
 from typing import Any
 
 import orjson
@@ -94,6 +95,23 @@ async def test_replaying_a_revoked_token_is_flagged(gateway: Gateway) -> None:
     flagged = await _events(gateway, "token.anomaly")
     assert [(e["details"]["reason"], e["details"]["token_state"]) for e in flagged] == [
         ("dead_token_replay", "token_revoked")]
+
+
+async def test_a_replay_flag_carries_the_client_ip_masked_when_masking_is_on(make_gateway: Any) -> None:
+    gateway = await make_gateway(TRUSTED_PROXIES="127.0.0.1/32", AUDIT_MASK_CLIENT_IP="true", IP_RATE_LIMIT="0")
+    token = await gateway.token()
+    await gateway.manage("DELETE", f"/tokens/{token['id']}", expect=204)
+
+    assert [await _call(gateway, token["token"], ip="203.0.113.77") for _ in range(3)] == [401, 401, 401]
+
+    (flagged,) = await _events(gateway, "token.anomaly")
+    assert flagged["details"]["reason"] == "dead_token_replay"
+    assert flagged["client_ip"] == "203.0.113.0" and "client_ip" not in flagged["details"]
+    path = gateway.settings.audit_log_file
+    assert path is not None
+    with sqlite3.connect(gateway.settings.database_path) as conn:
+        rows = conn.execute("SELECT client_ip, details FROM audit_events").fetchall()
+    assert "203.0.113.77" not in repr(rows) and b"203.0.113.77" not in path.read_bytes()
 
 
 async def test_expiry_job_deactivates_expired_tokens_and_audits_them(make_gateway: Any) -> None:

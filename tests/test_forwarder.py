@@ -76,6 +76,18 @@ async def test_hop_by_hop_cookie_and_forwarded_headers_are_dropped_query_kept(ga
     assert seen.headers["X-Keep-Me"] == "yes"
 
 
+async def test_client_chosen_openai_organization_and_project_do_not_reach_the_upstream(gateway: Gateway) -> None:
+    token = await gateway.token()
+    response = await gateway.client.post(
+        "/v1/chat/completions", json={"model": "m", "messages": []},
+        headers={"Authorization": f"Bearer {token['token']}", "OpenAI-Organization": "org-someone-else",
+                 "openai-project": "proj_someone_else"})
+
+    assert response.status == 200
+    names = {name.lower() for name in gateway.upstream.requests[-1].headers}
+    assert not names & {"openai-organization", "openai-project"}
+
+
 async def test_upstream_cookies_and_account_ids_do_not_reach_the_client(gateway: Gateway) -> None:
     token = await gateway.token()
     response = await gateway.client.post("/v1/chat/completions", json={"model": "m", "messages": []},
@@ -86,6 +98,24 @@ async def test_upstream_cookies_and_account_ids_do_not_reach_the_client(gateway:
     assert "openai-organization" not in response.headers
     assert response.headers["X-Upstream-Request-ID"] == "upstream-req-1"
     assert response.headers["X-Request-ID"] != "upstream-req-1"
+
+
+async def test_a_json_body_under_another_label_is_still_metered_and_counts_against_the_budget(
+        gateway: Gateway) -> None:
+    token = await gateway.token(max_tokens_total=10)
+    headers = {"Authorization": f"Bearer {token['token']}", "Content-Type": "text/plain"}
+    chat = b'{"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "hi"}]}'
+
+    statuses = []
+    for _ in range(3):
+        async with gateway.client.post("/v1/chat/completions", data=chat, headers=headers) as response:
+            await response.read()
+            statuses.append(response.status)
+
+    # Each answer reports 7 tokens: two answers spend the budget of 10, the third is refused.
+    assert statuses == [200, 200, 429]
+    assert (await gateway.manage("GET", f"/tokens/{token['id']}", expect=200))["total_tokens"] == 14
+    assert len(gateway.upstream.requests) == 2
 
 
 @pytest.mark.parametrize("path", [

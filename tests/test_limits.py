@@ -8,8 +8,10 @@ from typing import Any
 
 import aiohttp
 import openai
+import orjson
 import pytest
 
+from llm_proxy.keys import AUDIT
 from tests.fakes import MANAGEMENT_TOKEN, FakeClock, Gateway
 
 CHAT = {"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "hi"}]}
@@ -42,6 +44,13 @@ async def manage_status(gateway: Gateway, secret: str, headers: dict[str, str] |
     async with gateway.client.get("/manage/projects", headers={**bearer(secret), **(headers or {})}) as response:
         body = await response.json()
         return response.status, body.get("error", {}).get("code")
+
+
+async def audit_events(gateway: Gateway, request_id: str) -> list[dict[str, Any]]:
+    await gateway.app[AUDIT].flush()
+    path = gateway.settings.audit_log_file
+    assert path is not None
+    return [e for e in map(orjson.loads, path.read_bytes().splitlines()) if e.get("request_id") == request_id]
 
 
 # ---- per-token rate limit ----
@@ -255,6 +264,25 @@ async def test_requests_past_the_concurrency_cap_get_503_and_are_not_forwarded(m
     assert (await gateway.manage("GET", f"/tokens/{token['id']}", expect=200))["request_count"] == 3
 
 
+async def test_a_request_refused_for_capacity_writes_its_one_denied_access_event(make_gateway: Any) -> None:
+    gateway = await make_gateway(MAX_CONCURRENT_REQUESTS="1")
+    gateway.upstream.chunk_delay, gateway.upstream.chunks = 0.05, 6
+    token = await gateway.token()
+
+    async with gateway.client.post("/v1/chat/completions", json={**CHAT, "stream": True},
+                                   headers=bearer(token)) as first:
+        assert (await first.content.readline()).startswith(b"data: ")
+        status, code, _ = await call(gateway, token, {"X-Request-ID": "over-capacity-1", "User-Agent": "probe/1"})
+        assert (status, code) == (503, "overloaded")
+        await first.read()
+
+    (event,) = await audit_events(gateway, "over-capacity-1")
+    assert (event["action"], event["actor"], event["result"], event["project_id"]) == (
+        "token.access", "client", "denied", token["project_id"])
+    assert event["details"] == {"http_method": "GET", "endpoint": "/v1/models", "status": 503,
+                                "reason": "overloaded", "token_id": token["token_hint"], "user_agent": "probe/1"}
+
+
 # ---- brute-force blocking per client IP ----
 
 async def test_an_ip_that_failed_too_often_is_blocked_even_with_a_valid_token(make_gateway: Any) -> None:
@@ -277,6 +305,21 @@ async def test_an_ip_that_failed_too_often_is_blocked_even_with_a_valid_token(ma
     monotonic.advance(20)
     assert (await call(gateway, token))[0] == 200
     assert await manage_status(gateway, MANAGEMENT_TOKEN) == (200, None)
+
+
+async def test_a_blocked_ip_gets_the_rate_limit_headers_of_its_failure_allowance(make_gateway: Any) -> None:
+    gateway = await make_gateway(monotonic=FakeClock(1000.0), IP_RATE_LIMIT="3")
+    token = await gateway.token()
+    for _ in range(3):
+        assert (await call(gateway, BOGUS))[:2] == (401, "invalid_token")
+
+    status, code, headers = await call(gateway, token)
+    async with gateway.client.get("/manage/projects", headers=bearer(MANAGEMENT_TOKEN)) as manage:
+        manage_headers = manage.headers
+
+    assert (status, code, manage.status) == (429, "rate_limited", 429)
+    for seen in (headers, manage_headers):
+        assert (seen["X-RateLimit-Limit"], seen["X-RateLimit-Remaining"], seen["Retry-After"]) == ("3", "0", "20")
 
 
 async def test_failed_management_token_attempts_count_too(make_gateway: Any) -> None:

@@ -5,14 +5,16 @@ from __future__ import annotations
 import re
 from typing import Any
 
+import orjson
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from prometheus_client import CollectorRegistry
 from prometheus_client import Histogram as PrometheusHistogram
 
+from llm_proxy.keys import AUDIT
 from llm_proxy.metrics import Histogram
-from tests.fakes import MANAGEMENT_TOKEN, Gateway
+from tests.fakes import MANAGEMENT_TOKEN, FakeClock, Gateway
 
 BOUNDS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0)
 
@@ -38,6 +40,33 @@ async def test_metrics_need_the_management_token(gateway: Gateway) -> None:
 
     assert anonymous.status == 401 and with_client_token.status == 401
     assert (await anonymous.json())["error"]["code"] == "invalid_management_token"
+
+
+async def test_wrong_management_tokens_on_metrics_are_audited_and_lead_to_the_ip_block(make_gateway: Any) -> None:
+    gateway = await make_gateway(monotonic=FakeClock(1000.0), IP_RATE_LIMIT="3")
+    guess = "guess-" + "g" * 40
+    for presented in (guess, guess, None):
+        headers = {"Authorization": f"Bearer {presented}"} if presented else {}
+        async with gateway.client.get("/metrics", headers=headers) as response:
+            assert response.status == 401
+
+    blocked = await gateway.client.get("/metrics", headers=gateway.auth)
+    assert blocked.status == 429 and (await blocked.json())["error"]["code"] == "rate_limited"
+    # The block is per IP and shared: the management API refuses this IP too.
+    assert (await gateway.client.get("/manage/projects", headers=gateway.auth)).status == 429
+
+    await gateway.app[AUDIT].flush()
+    path = gateway.settings.audit_log_file
+    assert path is not None
+    text = path.read_bytes()
+    events = [e for e in map(orjson.loads, text.splitlines()) if e.get("details", {}).get("endpoint") == "/metrics"]
+    assert [(e["action"], e["actor"], e["result"], e["details"]["reason"]) for e in events] == [
+        ("auth.failure", "management", "failure", "invalid_management_token"),
+        ("auth.failure", "management", "failure", "invalid_management_token"),
+        ("auth.failure", "management", "failure", "missing_credential"),
+        ("auth.failure", "management", "denied", "ip_blocked")]
+    assert events[0]["details"]["credential"] == "gu********gg"
+    assert guess.encode() not in text and MANAGEMENT_TOKEN.encode() not in text
 
 
 async def test_metrics_open_to_allowed_ips_without_token(make_gateway: Any) -> None:
