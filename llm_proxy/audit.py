@@ -9,6 +9,7 @@ import hashlib
 import ipaddress
 import logging
 import os
+import re
 import sqlite3
 import time
 from collections.abc import Callable
@@ -22,6 +23,7 @@ import orjson
 
 from .auditchain import HEAD_QUERIES, TIMESTAMP_FORMAT, canonical, chain_head, last_event_in_file
 from .database import Database
+from .obfuscation import mask_secrets
 
 log = logging.getLogger(__name__)
 
@@ -151,18 +153,74 @@ class _Chained:
 
 
 def _sanitized(event: dict[str, Any]) -> dict[str, Any]:
-    """Return a copy of an event orjson could not encode, with every part made encodable."""
-    clean: dict[str, Any] = {}
+    """Return a copy of an event orjson could not encode, every part repaired, nothing dropped."""
+    return {key: _encodable(value) for key, value in event.items()}
+
+
+def _encodable(value: Any) -> Any:
+    """`value` as JSON can hold it: lone surrogates (undecodable header bytes) become `?`, integers
+    beyond 64 bits and other objects their text, mapping keys text. A client sending a bad byte in
+    its User-Agent must not be able to wipe the rest of its own event."""
+    if isinstance(value, str):
+        return value.encode("utf-8", "replace").decode("utf-8")
+    if value is None or isinstance(value, bool | float):
+        return value
+    if isinstance(value, int):
+        return value if -(2**63) <= value < 2**64 else str(value)
+    if isinstance(value, dict):
+        return {_encodable(str(key)): _encodable(item) for key, item in value.items()}
+    if isinstance(value, list | tuple):
+        return [_encodable(item) for item in value]
+    return _encodable(str(value))
+
+
+# Values in an event that a client chose: its path, User-Agent and X-Request-ID, the model it
+# named, a management URL's id. They may carry a secret, pasted by mistake or sent to see whether
+# it gets stored, so every string of an event is masked the way log lines are, except those the
+# gateway made itself (already obfuscated token hints, and hashes that must stay exact).
+_GATEWAY_MADE = frozenset({"timestamp", "action", "actor", "result", "token_id", "old_token_id",
+                           "last_pruned_hash"})
+_CLEAN_TEXTS: set[str] = set()  # strings mask_secrets() left unchanged: repeats skip the regexes
+_CLEAN_TEXTS_MAX = 4096
+_OWN_REQUEST_ID = re.compile(r"[0-9a-f]{32}")  # the shape of the ids the gateway makes
+
+
+def _masked_text(text: str) -> str:
+    if text in _CLEAN_TEXTS:
+        return text
+    masked = mask_secrets(text)
+    if masked == text:
+        if len(_CLEAN_TEXTS) >= _CLEAN_TEXTS_MAX:
+            _CLEAN_TEXTS.clear()
+        _CLEAN_TEXTS.add(text)
+    return masked
+
+
+def _masked(value: Any) -> Any:
+    if type(value) is str:
+        return value if value in _CLEAN_TEXTS else _masked_text(value)
+    if isinstance(value, dict):
+        for key, item in value.items():
+            if key not in _GATEWAY_MADE and type(item) is not int:
+                value[key] = _masked(item)
+        return value
+    if isinstance(value, list):
+        return [_masked(item) for item in value]
+    return value
+
+
+def _scrub(event: dict[str, Any]) -> None:
+    """Mask secrets in the client-chosen strings of an event, in place (its details included)."""
     for key, value in event.items():
-        if key == "details":
-            try:
-                canonical(value)
-            except TypeError:
-                value = {"error": "details could not be encoded as JSON"}
-        elif isinstance(value, str):
-            value = value.encode("utf-8", "replace").decode("utf-8")
-        clean[key] = value
-    return clean
+        if key in _GATEWAY_MADE or value is None:
+            continue
+        if key == "request_id":
+            # Unique per request, so not worth remembering; only prefixed secrets are masked, so a
+            # 32-hex request id stays greppable (as in the logs), and the gateway's own skip the scan.
+            if not _OWN_REQUEST_ID.fullmatch(value):
+                event[key] = mask_secrets(value, long_runs=False)
+        else:
+            event[key] = _masked(value)
 
 
 class AuditWriter:
@@ -399,6 +457,7 @@ class AuditWriter:
                 if value is not None and type(value) is not str:
                     # audit_events stores these as TEXT; keep file and table identical.
                     event[key] = str(value)
+            _scrub(event)
         chained, in_file = await self._store(batch)
         if chained is None:
             # The database is unavailable: chain from the head in memory so the file still gets

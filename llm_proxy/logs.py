@@ -6,7 +6,6 @@ import copy
 import logging
 import logging.handlers
 import queue
-import re
 import sys
 import threading
 from collections import deque
@@ -20,7 +19,7 @@ from aiohttp.abc import AbstractAccessLogger
 from aiohttp.web import BaseRequest, StreamResponse
 
 from .keys import CLIENT_IP, CREDENTIAL, REQUEST_ID, REQUEST_STARTED
-from .obfuscation import obfuscate
+from .obfuscation import mask_secrets
 from .settings import ConfigError, Settings
 
 ACCESS_LOGGER = "llm_proxy.access"
@@ -30,49 +29,6 @@ _STANDARD = frozenset(vars(logging.LogRecord("", 0, "", 0, "", None, None))) | {
 # Extras that are identifiers by construction: scrubbed for prefixed secrets only, so a
 # 32-hex request id stays greppable.
 _ID_FIELDS = frozenset({"request_id"})
-
-# Prefixed credentials. Possessive quantifiers plus (?!\*) leave an already obfuscated value
-# (`tok-abcd****wxyz`) alone instead of masking it a second time.
-_PREFIXED = re.compile(r"(?<![A-Za-z0-9])(?:(?:tok-|sk-)[A-Za-z0-9_-]{6,}+|(?:api_|ghp_)[A-Za-z0-9_-]{16,}+)(?!\*)")
-_AUTH_SCHEME = re.compile(r"\b([Bb]earer|BEARER|Basic)(\s+)([^\s\"',;]{8,}+)")
-# Credentials in query strings (aiohttp's own access log prints the whole request line).
-_QUERY_SECRET = re.compile(r"(?i)([?&](?:api[_-]?key|key|token|access_token|secret|password|sig)=)([^&\s\"']+)")
-# Long runs of the base64 / base64url / hex alphabet (management tokens, ENCRYPTION_KEY, hex keys).
-_LONG_RUN = re.compile(r"(?<![A-Za-z0-9+/_*-])[A-Za-z0-9+/_-]{32,}+=*(?![*])")
-_HEX = re.compile(r"[0-9a-fA-F]+")
-_UUID = re.compile(r"[0-9a-fA-F]{8}-(?:[0-9a-fA-F]{4}-){3}[0-9a-fA-F]{12}")
-_UPPER, _LOWER, _DIGIT = re.compile(r"[A-Z]"), re.compile(r"[a-z]"), re.compile(r"[0-9]")
-
-
-def _mask_auth(match: re.Match[str]) -> str:
-    value = match.group(3)
-    return match.group(0) if "****" in value else f"{match.group(1)}{match.group(2)}{obfuscate(value)}"
-
-
-def _mask_query(match: re.Match[str]) -> str:
-    value = match.group(2)
-    return match.group(0) if "****" in value else match.group(1) + obfuscate(value)
-
-
-def _mask_run(match: re.Match[str]) -> str:
-    value = match.group(0)
-    core = value.rstrip("=")
-    # A secret is hex, or mixes upper, lower and digits (random base64 practically always does);
-    # paths, UUIDs and words do not, and are kept readable.
-    if _UUID.fullmatch(core):
-        return value
-    if _HEX.fullmatch(core) or (_UPPER.search(core) and _LOWER.search(core) and _DIGIT.search(core)):
-        return obfuscate(value)
-    return value
-
-
-def mask_secrets(text: str, *, long_runs: bool = True) -> str:
-    """Replace every token- or key-shaped part of `text` by its obfuscated form."""
-    text = _AUTH_SCHEME.sub(_mask_auth, text)
-    text = _QUERY_SECRET.sub(_mask_query, text)
-    text = _PREFIXED.sub(lambda match: obfuscate(match.group(0)), text)
-    return _LONG_RUN.sub(_mask_run, text) if long_runs else text
-
 
 # Paths that mask_secrets() left unchanged (no secret in them), so the next request on the same
 # route skips the four regular expressions. Only clean paths are kept: a path that held a secret

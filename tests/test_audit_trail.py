@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import asyncio
 import sqlite3
 from typing import Any
 
 import orjson
 import pytest
 
+from llm_proxy.auditchain import verify_files
 from llm_proxy.keys import AUDIT
+from llm_proxy.obfuscation import obfuscate
 from tests.fakes import ENCRYPTION_KEY, MANAGEMENT_TOKEN, UPSTREAM_KEY, Gateway, read_all_bytes
 
 
@@ -226,3 +229,72 @@ async def test_no_secret_reaches_the_audit_file_or_table(gateway: Gateway) -> No
         for secret in (ctx["token"]["token"], ctx["token"]["token"][4:], bogus, bogus[4:], UPSTREAM_KEY,
                        MANAGEMENT_TOKEN, ENCRYPTION_KEY, "BODY-SECRET-42"):
             assert secret.encode() not in text
+
+
+async def _audit_texts(gateway: Gateway) -> list[bytes]:
+    await gateway.app[AUDIT].flush()
+    audit_file = gateway.settings.audit_log_file
+    assert audit_file is not None
+    with sqlite3.connect(gateway.settings.database_path) as conn:
+        rows = conn.execute("SELECT * FROM audit_events").fetchall()
+    return [audit_file.read_bytes(), orjson.dumps(rows)]
+
+
+@pytest.mark.parametrize("where", ["path", "user_agent", "request_id", "model", "management_path"])
+async def test_a_secret_in_a_field_the_client_chose_is_masked_in_the_audit(gateway: Gateway, where: str) -> None:
+    """Client-chosen text (path, User-Agent, X-Request-ID, model name, a management URL's id) goes
+    into events; a token put there, by mistake or on purpose, is stored obfuscated only."""
+    token = (await gateway.token())["token"]
+    headers = {"Authorization": f"Bearer {token}"}
+    if where == "path":
+        response = await gateway.client.get(f"/v1/models/{token}", headers=headers)
+    elif where == "user_agent":
+        response = await gateway.client.get("/v1/models", headers={**headers, "User-Agent": f"app/1.0 key={token}"})
+    elif where == "request_id":
+        response = await gateway.client.get("/v1/models", headers={**headers, "X-Request-ID": token})
+    elif where == "model":
+        response = await gateway.client.post("/v1/chat/completions", headers=headers,
+                                             json={"model": token, "messages": []})
+    else:
+        response = await gateway.client.get(f"/manage/projects/{token}", headers=gateway.auth)
+    await response.read()
+
+    texts = await _audit_texts(gateway)
+    for text in texts:
+        assert token.encode() not in text and token[4:].encode() not in text
+    assert obfuscate(token).encode() in texts[0]  # masked, not dropped: the event still says where
+
+
+async def test_gateway_made_identifiers_are_stored_exactly(gateway: Gateway) -> None:
+    """Masking client text must not touch what the gateway wrote itself: token hints, UUIDs, request ids."""
+    token = await gateway.token()
+    await gateway.client.get("/v1/models", headers={"Authorization": f"Bearer {token['token']}"})
+    events = await _events(gateway)
+    access = events[-1]
+    assert access["details"]["token_id"] == obfuscate(token["token"])
+    assert access["project_id"] == token["project_id"]
+    assert len(access["request_id"]) == 32 and "*" not in access["request_id"]
+    created = next(event for event in events if event["action"] == "token.create")
+    assert created["details"]["token_id"] == obfuscate(token["token"])
+
+
+async def test_an_undecodable_user_agent_keeps_the_rest_of_its_event(gateway: Gateway) -> None:
+    """A byte that is not UTF-8 in a header must not let a client wipe its own event's details."""
+    token = await gateway.token()
+    url = gateway.client.make_url("/")
+    reader, writer = await asyncio.open_connection(url.host, url.port)
+    try:
+        writer.write(f"GET /v1/models HTTP/1.1\r\nHost: gateway\r\nAuthorization: Bearer {token['token']}\r\n"
+                     "Connection: close\r\n".encode() + b"User-Agent: evil\xff\xfe\r\n\r\n")
+        answer = await reader.read()
+    finally:
+        writer.close()
+    assert answer.startswith(b"HTTP/1.1 200")
+
+    access = (await _events(gateway))[-1]
+    assert access["action"] == "token.access" and access["result"] == "success"
+    details = access["details"]
+    assert (details["status"], details["endpoint"], details["token_id"]) == (200, "/v1/models",
+                                                                             obfuscate(token["token"]))
+    assert details["user_agent"].startswith("evil")
+    assert verify_files([gateway.settings.audit_log_file]).ok  # type: ignore[list-item]
