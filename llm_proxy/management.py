@@ -249,8 +249,7 @@ class Management:
             "duration_minutes": self._duration, "grace_seconds": Field(int, minimum=0, maximum=MAX_GRACE_SECONDS)})
         old = await repo.get_token(self.db, request.match_info["id"])
         details.update(project_id=old.project_id, old_token_id=old.token_hint)
-        if old.revoked_at is not None or not old.is_active:
-            raise Conflict("a revoked or inactive token cannot be refreshed")
+        repo.check_refreshable(old)
         project = await repo.get_project(self.db, old.project_id)
         if not project.is_active:
             raise ProjectInactive("cannot refresh a token of an inactive project")
@@ -258,7 +257,7 @@ class Management:
         grace = body.get("grace_seconds", 0)
         plaintext = generate_token()
         now = self.clock()
-        token = await repo.refresh_token(self.db, old, token_hash=hash_token(plaintext),
+        token = await repo.refresh_token(self.db, old.id, token_hash=hash_token(plaintext),
                                          token_hint=obfuscate(plaintext), expires_at=now + duration * 60,
                                          old_stops_at=now + grace, now=now)
         self.store.token_changed(await repo.get_token(self.db, old.id))

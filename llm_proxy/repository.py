@@ -275,21 +275,39 @@ async def project_usage(db: Database, project_id: str, since: str | None, until:
              "total_tokens": row[4]} for row in rows]
 
 
-async def refresh_token(db: Database, old: TokenRecord, *, token_hash: str, token_hint: str, expires_at: float,
+def check_refreshable(token: TokenRecord) -> None:
+    """Raise Conflict unless the token may be refreshed: not already replaced, not revoked, active."""
+    if token.replaced_by is not None:
+        raise Conflict("this token was already refreshed; refresh its successor instead")
+    if token.revoked_at is not None or not token.is_active:
+        raise Conflict("a revoked or inactive token cannot be refreshed")
+
+
+async def refresh_token(db: Database, token_id: str, *, token_hash: str, token_hint: str, expires_at: float,
                         old_stops_at: float, now: float) -> TokenRecord:
-    """In one transaction, issue a successor with the old token's project and limits and retire the old one."""
+    """In one transaction, issue a successor with the old token's project and limits and retire the old one.
+
+    Raise Conflict (nothing written) when the old token is already replaced, revoked or inactive.
+    """
     new_id = str(uuid.uuid4())
 
     async def work(conn: aiosqlite.Connection) -> None:
+        # Checked again under the write lock: two refreshes that both passed the caller's check must
+        # not both issue a live successor (each with the full quota).
+        async with conn.execute("SELECT * FROM tokens WHERE id = ?", (token_id,)) as cursor:
+            row = await cursor.fetchone()
+        if row is None:
+            raise NotFound("token not found")
+        old = _token(row)
+        check_refreshable(old)
         await conn.execute(
             "INSERT INTO tokens (id, token_hash, token_hint, project_id, expires_at, is_active, max_requests,"
             " rate_limit_per_minute, max_tokens_total, created_at) VALUES (?, ?, ?, ?, ?, 1, ?, ?, ?, ?)",
             (new_id, token_hash, token_hint, old.project_id, iso(expires_at), old.max_requests,
              old.rate_limit_per_minute, old.max_tokens_total, iso(now)))
         if old_stops_at <= now:
-            await conn.execute(
-                "UPDATE tokens SET is_active = 0, revoked_at = COALESCE(revoked_at, ?), replaced_by = ? WHERE id = ?",
-                (iso(now), new_id, old.id))
+            await conn.execute("UPDATE tokens SET is_active = 0, revoked_at = ?, replaced_by = ? WHERE id = ?",
+                               (iso(now), new_id, old.id))
         else:
             await conn.execute("UPDATE tokens SET expires_at = MIN(expires_at, ?), replaced_by = ? WHERE id = ?",
                                (iso(old_stops_at), new_id, old.id))

@@ -46,6 +46,7 @@ class Credential:
     expires_at: float
     is_active: bool
     revoked: bool
+    replaced: bool  # refreshed: a successor exists, and this token lives at most until its grace ends
     max_requests: int | None
     rate_limit_per_minute: int | None
     max_tokens_total: int | None
@@ -97,8 +98,11 @@ class TokenStore:
         if credential.revoked:
             raise TokenRevoked()
         # Expiry before activity: the housekeeping job deactivates expired tokens, and their
-        # holders should still be told the token expired.
+        # holders should still be told the token expired. A refreshed token past its grace was
+        # refreshed away, not expired: the same answer as a refresh without grace.
         if credential.expires_at <= self._clock():
+            if credential.replaced:
+                raise TokenRevoked("token has been replaced by a refresh")
             raise TokenExpired()
         if not credential.is_active:
             raise TokenRevoked("token is inactive")
@@ -201,7 +205,8 @@ class TokenStore:
         credential = Credential(
             id=token.id, hint=token.token_hint, project=self._project_state(project),
             expires_at=repo.epoch(token.expires_at), is_active=token.is_active,
-            revoked=token.revoked_at is not None, max_requests=token.max_requests,
+            revoked=token.revoked_at is not None, replaced=token.replaced_by is not None,
+            max_requests=token.max_requests,
             rate_limit_per_minute=token.rate_limit_per_minute, max_tokens_total=token.max_tokens_total,
             request_count=token.request_count, prompt_tokens=token.prompt_tokens,
             completion_tokens=token.completion_tokens, total_tokens=token.total_tokens,
@@ -216,6 +221,7 @@ class TokenStore:
         credential.expires_at = repo.epoch(token.expires_at)
         credential.is_active = token.is_active
         credential.revoked = token.revoked_at is not None
+        credential.replaced = token.replaced_by is not None
         credential.max_requests = token.max_requests
         credential.rate_limit_per_minute = token.rate_limit_per_minute
         credential.max_tokens_total = token.max_tokens_total

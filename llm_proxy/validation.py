@@ -12,7 +12,7 @@ from typing import Any
 import orjson
 from aiohttp import web
 
-from .errors import BadRequest, RequestTimeout
+from .errors import BadRequest, PayloadTooLarge, RequestTimeout
 
 
 @dataclass(frozen=True, slots=True)
@@ -129,11 +129,15 @@ def query_int(query: Mapping[str, str], name: str, *, default: int | None, minim
 
 
 async def read_body(request: web.Request, limit_seconds: float) -> bytes:
-    """Read a whole (size-capped) request body, refusing a client that sends it too slowly."""
-    if request.content.is_eof():
-        return await request.read()  # it all came with the headers: no timer needed
+    """Read a whole (size-capped) request body, refusing a client that sends it too slowly or too much."""
     try:
+        if request.content.is_eof():
+            return await request.read()  # it all came with the headers: no timer needed
         async with asyncio.timeout(limit_seconds):
             return await request.read()
     except TimeoutError:
         raise RequestTimeout() from None
+    except web.HTTPRequestEntityTooLarge:
+        # aiohttp's own exception past client_max_size: the gateway's 413, so that it is answered
+        # in the OpenAI shape and audited as the client's invalid input, not as our error.
+        raise PayloadTooLarge(f"request body exceeds {request.client_max_size} bytes") from None

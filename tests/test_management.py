@@ -262,3 +262,30 @@ async def test_an_upstream_key_changed_during_a_token_create_is_the_key_used(
         gateway.upstream.requests.clear()
         assert (await _v1_models(gateway, token))[0] == 200
         assert [r.headers["Authorization"] for r in gateway.upstream.requests] == [f"Bearer {new_key}"]
+
+
+# ---- a body over MAX_REQUEST_SIZE: the gateway's 413, audited as invalid input ----
+
+@pytest.mark.parametrize("framing", ["content_length", "chunked"])
+async def test_an_oversized_management_body_is_413_request_too_large_and_audited_as_failure(
+        make_gateway: Any, framing: str) -> None:
+    gateway = await make_gateway(MAX_REQUEST_SIZE="1KB")
+    api_key = "sk-" + "k" * 4000
+    document = b'{"name": "big", "api_key": "%s"}' % api_key.encode()
+
+    async def chunks() -> Any:
+        for start in range(0, len(document), 512):
+            yield document[start:start + 512]
+
+    headers = {**gateway.auth, "Content-Type": "application/json"}
+    response = await gateway.client.post("/manage/projects", headers=headers,
+                                         data=document if framing == "content_length" else chunks())
+    assert response.status == 413
+    error = (await response.json())["error"]
+    assert (error["type"], error["code"]) == ("invalid_request_error", "request_too_large")
+    assert (await gateway.manage("GET", "/projects", expect=200))["data"] == []
+
+    events = (await gateway.manage("GET", "/audit?action=project.create", expect=200))["data"]
+    assert [(e["result"], e["details"]["status"], e["details"]["error_code"]) for e in events] == [
+        ("failure", 413, "request_too_large")]
+    assert api_key[3:40] not in str(events)
