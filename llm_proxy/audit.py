@@ -23,7 +23,7 @@ import orjson
 
 from .auditchain import HEAD_QUERIES, TIMESTAMP_FORMAT, canonical, chain_head, last_event_in_file
 from .database import Database
-from .obfuscation import mask_secrets
+from .obfuscation import mask_secrets, mask_secrets_cached
 
 log = logging.getLogger(__name__)
 
@@ -180,25 +180,12 @@ def _encodable(value: Any) -> Any:
 # gateway made itself (already obfuscated token hints, and hashes that must stay exact).
 _GATEWAY_MADE = frozenset({"timestamp", "action", "actor", "result", "token_id", "old_token_id",
                            "last_pruned_hash"})
-_CLEAN_TEXTS: set[str] = set()  # strings mask_secrets() left unchanged: repeats skip the regexes
-_CLEAN_TEXTS_MAX = 4096
 _OWN_REQUEST_ID = re.compile(r"[0-9a-f]{32}")  # the shape of the ids the gateway makes
-
-
-def _masked_text(text: str) -> str:
-    if text in _CLEAN_TEXTS:
-        return text
-    masked = mask_secrets(text)
-    if masked == text:
-        if len(_CLEAN_TEXTS) >= _CLEAN_TEXTS_MAX:
-            _CLEAN_TEXTS.clear()
-        _CLEAN_TEXTS.add(text)
-    return masked
 
 
 def _masked(value: Any) -> Any:
     if type(value) is str:
-        return value if value in _CLEAN_TEXTS else _masked_text(value)
+        return mask_secrets_cached(value)
     if isinstance(value, dict):
         for key, item in value.items():
             if key not in _GATEWAY_MADE and type(item) is not int:

@@ -19,7 +19,7 @@ from aiohttp.abc import AbstractAccessLogger
 from aiohttp.web import BaseRequest, StreamResponse
 
 from .keys import CLIENT_IP, CREDENTIAL, REQUEST_ID, REQUEST_STARTED
-from .obfuscation import mask_secrets
+from .obfuscation import mask_secrets, mask_secrets_cached
 from .settings import ConfigError, Settings
 
 ACCESS_LOGGER = "llm_proxy.access"
@@ -29,24 +29,6 @@ _STANDARD = frozenset(vars(logging.LogRecord("", 0, "", 0, "", None, None))) | {
 # Extras that are identifiers by construction: scrubbed for prefixed secrets only, so a
 # 32-hex request id stays greppable.
 _ID_FIELDS = frozenset({"request_id"})
-
-# Paths that mask_secrets() left unchanged (no secret in them), so the next request on the same
-# route skips the four regular expressions. Only clean paths are kept: a path that held a secret
-# is never remembered. Bounded by clearing, as the set is only a shortcut.
-_CLEAN_PATHS: set[str] = set()
-_CLEAN_PATHS_MAX = 4096
-
-
-def _masked_path(path: str) -> str:
-    if path in _CLEAN_PATHS:
-        return path
-    masked = mask_secrets(path)
-    if masked == path:
-        if len(_CLEAN_PATHS) >= _CLEAN_PATHS_MAX:
-            _CLEAN_PATHS.clear()
-        _CLEAN_PATHS.add(path)
-    return masked
-
 
 class SecretMaskingFilter(logging.Filter):
     """Scrub the final message, traceback and string extras of every record that reaches a handler."""
@@ -200,7 +182,7 @@ class AccessSink:
         created, request_id, method, path, status, duration, client_ip, token_id = entry
         # The query string can carry secrets (?api_key=…) and was never kept; the path alone
         # identifies the route, and is still masked in case a secret was put in the path itself.
-        path = _masked_path(path)
+        path = mask_secrets_cached(path)
         values = (request_id, method, path, status, round(duration * 1000, 3), client_ip, token_id)
         message = f"{method} {path} {status}"
         if self._json:
@@ -346,8 +328,8 @@ class AccessLogger(AbstractAccessLogger):
             sink.append(entry)
             return
         # Logging not configured by configure_logging(): use the logger as is.
-        self.logger.info("%s %s %s", request.method, _masked_path(request.path), response.status,
-                         extra=dict(zip(_ACCESS_FIELDS, (entry[1], entry[2], _masked_path(entry[3]), entry[4],
+        self.logger.info("%s %s %s", request.method, mask_secrets_cached(request.path), response.status,
+                         extra=dict(zip(_ACCESS_FIELDS, (entry[1], entry[2], mask_secrets_cached(entry[3]), entry[4],
                                                          round(entry[5] * 1000, 3), entry[6], entry[7]), strict=True)))
 
     @property

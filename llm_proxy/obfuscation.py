@@ -59,3 +59,23 @@ def mask_secrets(text: str, *, long_runs: bool = True) -> str:
     text = _QUERY_SECRET.sub(_mask_query, text)
     text = _PREFIXED.sub(lambda match: obfuscate(match.group(0)), text)
     return _LONG_RUN.sub(_mask_run, text) if long_runs else text
+
+
+# Texts mask_secrets() left unchanged: paths, User-Agents and model names repeat, and their next
+# occurrence skips the regular expressions. A text that held a secret is never remembered. Shared
+# by the event loop and the log sink's thread (set operations are atomic); bounded by clearing, as
+# it is only a shortcut.
+_CLEAN: set[str] = set()
+_CLEAN_MAX = 8192
+
+
+def mask_secrets_cached(text: str) -> str:
+    """mask_secrets() for values that repeat."""
+    if text in _CLEAN:
+        return text
+    masked = mask_secrets(text)
+    if masked == text:
+        if len(_CLEAN) >= _CLEAN_MAX:
+            _CLEAN.clear()
+        _CLEAN.add(text)
+    return masked
