@@ -205,9 +205,9 @@ class Forwarder:
         answered = time.perf_counter()
         self._metrics.upstream_latency.observe(answered - sent)
         try:
-            if tap is not None and (upstream.status != 200 or upstream.content_type not in (
-                    "application/json", "text/event-stream")):
-                tap = None  # errors and unexpected answers are relayed untouched and not metered
+            if tap is not None and (upstream.status != 200 or not tap.begin(upstream.content_type)):
+                tap.stop()  # errors and answers of other types are relayed untouched and not metered
+                tap = None
             return await self._relay(request, upstream, sent, answered, tap)
         finally:
             upstream.close()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import re
 from dataclasses import dataclass
 from typing import Any
 
@@ -13,7 +14,10 @@ USAGE_ENDPOINTS = ("/v1/chat/completions", "/v1/completions", "/v1/embeddings", 
 # Streams that only report usage when asked with stream_options.include_usage.
 _ASK_FOR_USAGE = ("/v1/chat/completions", "/v1/completions")
 _MAX_JSON_BODY = 16 * 1024 * 1024  # answers larger than this are relayed but not parsed for usage
-_EVENT_END = (b"\n\n", b"\r\n\r\n", b"\r\r")
+# An SSE event ends with an empty line; a line ends with CRLF, LF or CR, and the three may be mixed.
+# The atomic groups keep a CRLF from being read as CR + LF, an empty line that is not there.
+_EVENT_END = re.compile(rb"(?>\r\n|\n|\r)(?>\r\n|\n|\r)")
+_USAGE_REQUESTED = b'"stream_options":{"include_usage":true}'
 _MAX_PENDING = 64 * 1024  # an unterminated event held back past this is relayed (or, read-along, dropped)
 _NOT_PROMPT_TEXT = frozenset({"role", "type", "name", "tool_call_id", "id"})
 
@@ -60,17 +64,37 @@ def _prompt_characters(document: Any) -> int:
 
 
 class UsageTap:
-    """Watch one answer go by; for streams we asked usage of, drop the extra usage-only event."""
+    """Watch one answer go by; for streams we asked usage of, drop the extra usage-only event.
 
-    def __init__(self, request: dict[str, Any], streamed: bool, hide_usage_event: bool) -> None:
-        self._request = request
-        self.streamed = streamed
+    What the answer is decides how it is read (begin()): an SSE stream event by event, a JSON
+    document whole, anything else not at all.
+    """
+
+    def __init__(self, request: dict[str, Any] | None, request_size: int, hide_usage_event: bool) -> None:
+        self._request = request  # None: a body the gateway could not read as a JSON object
+        self._request_size = request_size
+        self.streamed = False
         self._hide = hide_usage_event
+        self._metering = True
         self._pending = b""
         self._json: list[bytes] = []
         self._json_size = 0
         self._content_events = 0
         self.usage: Usage | None = None
+
+    def begin(self, content_type: str) -> bool:
+        """Match the tap to the answer's type; return False (and stop metering) for one it cannot read."""
+        if content_type == "text/event-stream":
+            self.streamed = True
+        elif content_type == "application/json":
+            self.streamed, self._hide = False, False  # a stream was asked for, a document came
+        else:
+            self.stop()
+        return self._metering
+
+    def stop(self) -> None:
+        """Meter nothing for this answer (an error, or a type that carries no usage)."""
+        self._metering = False
 
     def feed(self, chunk: bytes) -> bytes:
         """Take a chunk from the upstream; return the bytes to send to the client now."""
@@ -80,7 +104,7 @@ class UsageTap:
                 self._json.append(chunk)
             return chunk
         data = self._pending + chunk
-        cut = _complete_end(data)
+        cut = _complete_end(data, max(0, len(self._pending) - 3))  # the pending part holds no end of event
         complete, pending = data[:cut], data[cut:]
         if len(pending) > _MAX_PENDING:
             # No usage event is this large: stop holding it (memory stays bounded, bytes keep flowing).
@@ -120,15 +144,18 @@ class UsageTap:
 
     def _inspect(self, event: bytes) -> bool:
         """Note what an event says; return True when it is the usage-only event to hide."""
-        if b'"content"' in event:
+        # Text delivered: chat and completions content, tool-call arguments, /v1/responses deltas.
+        if b'"content"' in event or b'"arguments"' in event or b'.delta"' in event:
             self._content_events += 1
         if b'"usage"' not in event:
             return False
-        for line in event.splitlines():
-            if not line.startswith(b"data:"):
-                continue
+        lines = [line[5:] for line in event.splitlines() if line.startswith(b"data:")]
+        # The event's data is its data lines joined by LF (one leading space dropped from each);
+        # an upstream that put a JSON document on each line is read line by line as well.
+        joined = b"\n".join(line[1:] if line.startswith(b" ") else line for line in lines)
+        for text in (joined, *lines) if len(lines) > 1 else (joined,):
             try:
-                document = orjson.loads(line[5:])
+                document = orjson.loads(text)
             except orjson.JSONDecodeError:
                 continue
             found = _usage_from(document)
@@ -139,47 +166,64 @@ class UsageTap:
 
     def result(self) -> Usage | None:
         """Return the upstream's usage or, for a stream cut short, an estimate of what was delivered."""
+        if not self._metering:
+            return None
         if self.usage is not None or not self.streamed:
             return self.usage
         # The documented fallback: about one token per content event delivered, and four prompt
-        # characters per token.
-        prompt = math.ceil(_prompt_characters(self._request) / 4)
+        # characters per token (of the whole body when it could not be read).
+        characters = self._request_size if self._request is None else _prompt_characters(self._request)
+        prompt = math.ceil(characters / 4)
         return Usage(prompt, self._content_events, prompt + self._content_events, estimated=True)
 
 
-def _complete_end(data: bytes) -> int:
-    """Return the length of the prefix of `data` made of complete SSE events."""
-    ends = [index + len(marker) for marker in _EVENT_END if (index := data.rfind(marker)) >= 0]
-    return max(ends, default=0)
+def _complete_end(data: bytes, start: int = 0) -> int:
+    """Return the length of the prefix of `data` made of complete SSE events (none ends before `start`)."""
+    end = 0
+    for match in _EVENT_END.finditer(data, start):
+        if match.end() == len(data) and data.endswith(b"\r"):
+            break  # a CR last in the data may be the first half of a CRLF still on its way
+        end = match.end()
+    return end
 
 
 def _events(data: bytes) -> list[bytes]:
     """Split complete SSE events, keeping each event's terminator so bytes pass through unchanged."""
     events, start = [], 0
-    while start < len(data):
-        ends = [(data.find(marker, start), marker) for marker in _EVENT_END]
-        found = [(index, marker) for index, marker in ends if index >= 0]
-        if not found:
-            events.append(data[start:])
-            break
-        index, marker = min(found)
-        events.append(data[start:index + len(marker)])
-        start = index + len(marker)
+    for match in _EVENT_END.finditer(data):
+        events.append(data[start:match.end()])
+        start = match.end()
+    if start < len(data):
+        events.append(data[start:])
     return events
 
 
 def prepare(path: str, body: bytes, document: dict[str, Any] | None) -> tuple[bytes, UsageTap | None]:
-    """Decide how to meter a request; for chat/completions streams, ask the upstream to report usage."""
-    if document is None or not path.startswith(USAGE_ENDPOINTS):
+    """Decide how to meter a request; for chat/completions streams, ask the upstream to report usage.
+
+    A body the gateway cannot read as a JSON object (document None) on a metered endpoint is still
+    metered, from whatever the upstream answers: a client cannot dodge its budget with a body only
+    the upstream's parser accepts.
+    """
+    if not path.startswith(USAGE_ENDPOINTS):
         return body, None
-    streamed = document.get("stream") is True
+    if document is None:
+        return body, UsageTap(None, len(body), hide_usage_event=False)
     hide = False
-    if streamed and path.startswith(_ASK_FOR_USAGE):
-        options = document.get("stream_options")
-        if not (isinstance(options, dict) and options.get("include_usage") is True):
-            options = dict(options) if isinstance(options, dict) else {}
-            options["include_usage"] = True
-            document = {**document, "stream_options": options}
+    if document.get("stream") is True and path.startswith(_ASK_FOR_USAGE):
+        options = document.get("stream_options", _ABSENT)
+        if options is _ABSENT:
+            # Added before the closing brace: every other byte of the body reaches the upstream
+            # as the client sent it (re-encoding would, for one, turn integers past 64 bits into floats).
+            end = body.rindex(b"}")
+            body = body[:end] + b"," + _USAGE_REQUESTED + body[end:]
+            hide = True
+        elif options is None or (isinstance(options, dict) and options.get("include_usage") is not True):
+            document = {**document, "stream_options": {**(options or {}), "include_usage": True}}
             body = orjson.dumps(document)
             hide = True
-    return body, UsageTap(document, streamed, hide)
+        # stream_options of another type is sent as it came: the upstream answers what it makes of it.
+    return body, UsageTap(document, len(body), hide)
+
+
+_ABSENT = object()

@@ -157,6 +157,7 @@ async def test_daily_usage_survives_a_restart(make_gateway: Any) -> None:
 def test_tap_hides_only_the_usage_event_it_asked_for_and_keeps_bytes_exact() -> None:
     body, tap = prepare("/v1/chat/completions", b'{"stream": true}', {"stream": True})
     assert tap is not None and orjson.loads(body)["stream_options"] == {"include_usage": True}
+    assert tap.begin("text/event-stream")
     stream = (b'data: {"choices":[{"delta":{"content":"a"}}],"usage":null}\n\n'
               b'data: {"choices":[],"usage":{"prompt_tokens":1,"completion_tokens":1,"total_tokens":2}}\n\n'
               b"data: [DONE]\n\n")
@@ -171,6 +172,7 @@ def test_tap_passes_streams_through_untouched_when_the_client_asked() -> None:
     document = {"stream": True, "stream_options": {"include_usage": True}}
     body, tap = prepare("/v1/chat/completions", orjson.dumps(document), document)
     assert isinstance(tap, UsageTap) and orjson.loads(body) == document
+    assert tap.begin("text/event-stream")
     chunk = b'data: {"choices":[],"usage":{"prompt_tokens":2,"completion_tokens":3,"total_tokens":5}}\r\n\r\n'
     assert tap.feed(chunk[:10]) == chunk[:10] and tap.feed(chunk[10:]) == chunk[10:]
     assert tap.result() is not None and tap.result().completion_tokens == 3  # type: ignore[union-attr]
@@ -178,30 +180,59 @@ def test_tap_passes_streams_through_untouched_when_the_client_asked() -> None:
 
 def test_endpoints_without_usage_are_not_metered() -> None:
     assert prepare("/v1/models", b"{}", {}) == (b"{}", None)
-    assert prepare("/v1/chat/completions", b"x", None) == (b"x", None)
 
 
+def test_a_body_the_gateway_cannot_read_is_metered_from_the_answer() -> None:
+    body, tap = prepare("/v1/chat/completions", b"x" * 40, None)
+    assert body == b"x" * 40 and tap is not None
+    assert tap.begin("text/event-stream")
+    tap.feed(b'data: {"choices":[{"delta":{"content":"a"}}]}\n\n')
+    assert tap.result() == Usage(10, 1, 11, estimated=True)  # a quarter of the body's bytes as the prompt
+
+
+def test_usage_is_requested_without_touching_the_rest_of_the_body() -> None:
+    raw = b'{"model": "m", "stream": true, "seed": 123456789012345678901234567890, "x": "\\u00e9"}\n'
+    body, tap = prepare("/v1/chat/completions", raw, orjson.loads(raw))
+    assert tap is not None
+    assert body == raw[:-2] + b',"stream_options":{"include_usage":true}}\n'
+
+
+@pytest.mark.parametrize("options", ['"yes"', "[]", "1"])
+def test_stream_options_of_a_wrong_type_are_sent_as_they_came(options: str) -> None:
+    raw = b'{"stream": true, "stream_options": %s}' % options.encode()
+    body, tap = prepare("/v1/chat/completions", raw, orjson.loads(raw))
+    assert body == raw and tap is not None
+
+
+# Line endings as SSE allows them, mixed: LF, CRLF, CR, and LF then CRLF.
 _EVENTS = [b'data: {"choices":[{"delta":{"content":"x"}}],"usage":null}\n\n',
            b'event: ping\ndata: {"choices":[{"delta":{}}]}\r\n\r\n',
+           b'data: {"choices":[{"delta":{"content":"y"}}]}\n\r\n',
+           b": comment\r\r",
            b"data: [DONE]\n\n"]
-_USAGE_EVENT = b'data: {"choices":[],"usage":{"prompt_tokens":4,"completion_tokens":2,"total_tokens":6}}\n\n'
+_USAGE_EVENTS = [b'data: {"choices":[],"usage":{"prompt_tokens":4,"completion_tokens":2,"total_tokens":6}}\n\n',
+                 b'data: {"choices":[],\r\ndata: "usage":{"prompt_tokens":4,"completion_tokens":2,'
+                 b'"total_tokens":6}}\r\n\r\n',
+                 b'data: {"choices":[],"usage":{"prompt_tokens":4,"completion_tokens":2,"total_tokens":6}}\n\r\n']
 
 
 @given(events=st.lists(st.sampled_from(_EVENTS), max_size=8), at=st.integers(0, 8),
-       cuts=st.lists(st.integers(1, 40), max_size=30), hide=st.booleans())
+       cuts=st.lists(st.integers(1, 40), max_size=30), hide=st.booleans(), usage_event=st.sampled_from(_USAGE_EVENTS))
 def test_tap_output_is_the_stream_minus_only_the_hidden_event(events: list[bytes], at: int, cuts: list[int],
-                                                              hide: bool) -> None:
-    stream = b"".join([*events[:at], _USAGE_EVENT, *events[at:]])
+                                                              hide: bool, usage_event: bytes) -> None:
+    """Whatever the cuts and line endings, the client gets the upstream's bytes minus the usage event
+    it did not ask for (a usage event whose JSON spans two data lines included), and usage is read."""
+    stream = b"".join([*events[:at], usage_event, *events[at:]])
     document: dict[str, Any] = {"stream": True}
     if not hide:
         document["stream_options"] = {"include_usage": True}
     _, tap = prepare("/v1/chat/completions", orjson.dumps(document), document)
-    assert tap is not None
+    assert tap is not None and tap.begin("text/event-stream")
     out, position = b"", 0
     for size in cuts:
         out += tap.feed(stream[position:position + size])
         position += size
     out += tap.feed(stream[position:]) + tap.finish()
 
-    assert out == (stream.replace(_USAGE_EVENT, b"") if hide else stream)
+    assert out == (stream.replace(usage_event, b"") if hide else stream)
     assert tap.result() == Usage(4, 2, 6)
