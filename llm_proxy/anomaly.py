@@ -2,7 +2,7 @@
 
 Three explainable rules, evaluated in memory on every request (no database read):
   * ``too_many_ips``: more distinct client IPs in the last hour than ANOMALY_MAX_IPS_PER_HOUR;
-  * ``rate_spike``: requests in the last minute above ANOMALY_RATE_FACTOR × the token's average
+  * ``rate_spike``: requests in the last 60 seconds above ANOMALY_RATE_FACTOR × the token's average
     per minute over the hour before (only once the token has an hour of history, and never for
     fewer than ANOMALY_RATE_FACTOR requests a minute);
   * ``dead_token_replay``: REPLAY_THRESHOLD attempts within an hour with a revoked or expired token.
@@ -15,7 +15,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections import OrderedDict
+from collections import OrderedDict, deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -27,6 +27,7 @@ from .tokenstore import Credential, TokenStore
 log = logging.getLogger(__name__)
 
 HOUR = 3600.0
+MINUTE = 60.0
 REPLAY_THRESHOLD = 3
 _MAX_TRACKED = 100_000  # tokens watched at once; the least recently seen are forgotten first
 
@@ -36,6 +37,7 @@ class _Watch:
     first_seen: float
     ips: dict[str, float] = field(default_factory=dict)     # client IP -> last seen
     minutes: dict[int, int] = field(default_factory=dict)   # minute number -> requests
+    recent: deque[float] = field(default_factory=deque)     # when the requests of the last 60 s came
     replays: list[float] = field(default_factory=list)
     flagged: dict[str, float] = field(default_factory=dict)  # rule -> when it last fired
     # The hour before the current minute only changes when the minute does: its average is
@@ -76,6 +78,11 @@ class AnomalyDetector:
         watch.ips[client_ip] = now
         minute = int(now // 60)
         watch.minutes[minute] = watch.minutes.get(minute, 0) + 1
+        # The last 60 seconds, not the calendar minute: a burst straddling a minute boundary counts whole.
+        recent = watch.recent
+        recent.append(now)
+        while recent[0] <= now - MINUTE:
+            recent.popleft()
         if len(watch.ips) > self._max_ips:
             for ip, seen in list(watch.ips.items()):
                 if seen <= now - HOUR:
@@ -83,15 +90,19 @@ class AnomalyDetector:
             if len(watch.ips) > self._max_ips:
                 self._flag(credential, watch, "too_many_ips", now, distinct_ips=len(watch.ips),
                            limit=self._max_ips)
-        current = watch.minutes[minute]
-        if current > self._factor and now - watch.first_seen >= HOUR:
+        current = len(recent)
+        if current > self._factor:
             if watch.average_minute != minute:
                 for old in [m for m in watch.minutes if m < minute - 60]:
                     del watch.minutes[old]
                 watch.average_minute = minute
                 watch.average = sum(count for m, count in watch.minutes.items() if m < minute) / 60
+                # Only whether the count passes the threshold matters, so no more timestamps are kept
+                # than that takes: a token hammered by thousands of requests a minute costs no more.
+                watch.recent = recent = deque(recent, maxlen=int(self._factor * max(watch.average, 1.0)) + 1)
+                current = len(recent)
             previous = watch.average
-            if current > self._factor * max(previous, 1.0):
+            if current > self._factor * max(previous, 1.0) and now - watch.first_seen >= HOUR:
                 self._flag(credential, watch, "rate_spike", now, requests_last_minute=current,
                            average_per_minute=round(previous, 2))
         elif len(watch.minutes) > 61:
@@ -114,7 +125,10 @@ class AnomalyDetector:
         if last is not None and last > now - HOUR:
             return
         watch.flagged[rule] = now
-        suspend = self._auto_suspend and credential.is_active and not credential.revoked
+        # Only a live token is suspended: a revoked or expired one is refused anyway, and a
+        # token.suspend for it would only mislead whoever reads the audit log.
+        suspend = (self._auto_suspend and credential.is_active and not credential.revoked
+                   and credential.expires_at > now)
         self._audit.emit("token.anomaly", actor="system", result="denied" if suspend else "success",
                          # The event's own client_ip field, never details: the writer masks only that one
                          # (AUDIT_MASK_CLIENT_IP).

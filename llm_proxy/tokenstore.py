@@ -77,6 +77,7 @@ class TokenStore:
         # Bumped by every management change, so a load that raced with one is redone.
         self._generation = 0
         self._flusher: asyncio.Task[None] | None = None
+        self._saving: asyncio.Future[None] | None = None  # the counter write in flight, if any
 
     # ---- the hot path ----
 
@@ -108,6 +109,10 @@ class TokenStore:
             raise TokenRevoked("token is inactive")
         if not credential.project.is_active:
             raise ProjectInactive()
+
+    def is_dead(self, credential: Credential) -> bool:
+        """Tell whether a token was revoked, refreshed away or has expired (not merely paused)."""
+        return credential.revoked or credential.expires_at <= self._clock()
 
     def check_quota(self, credential: Credential) -> None:
         """Raise QuotaExceeded when the token's lifetime quota is used up."""
@@ -281,10 +286,20 @@ class TokenStore:
 
     async def flush(self) -> None:
         """Write every changed counter and the daily totals in one transaction."""
+        # Each write runs in a task of its own that a cancelled caller (the flusher stopped by
+        # shutdown, a management client hanging up) does not stop: the counters it took are then
+        # either committed or put back, never dropped and never written twice. Waiting for the
+        # write in flight also means that what was counted before this call is written when it returns.
+        while self._saving is not None:
+            await asyncio.shield(self._saving)
         if not self._dirty and not self._daily:
             return
         dirty, self._dirty = self._dirty, {}
         daily, self._daily = self._daily, {}
+        self._saving = asyncio.ensure_future(self._save(dirty, daily))
+        await asyncio.shield(self._saving)
+
+    async def _save(self, dirty: dict[str, Credential], daily: dict[tuple[str, str], list[int]]) -> None:
         rows = [(c.request_count, c.prompt_tokens, c.completion_tokens, c.total_tokens,
                  repo.iso(c.last_used_at) if c.last_used_at else None, c.id) for c in dirty.values()]
         deltas = [(project_id, day, totals[0], totals[1], totals[2], totals[3])
@@ -292,7 +307,8 @@ class TokenStore:
         try:
             await repo.save_usage(self._db, rows, deltas)
         except Exception:
-            # Keep everything pending: the next flush retries, nothing is lost while the process lives.
+            # Not committed (Database.write rolled back): keep everything pending, the next flush
+            # retries, nothing is lost while the process lives.
             for credential in dirty.values():
                 self._dirty.setdefault(credential.id, credential)
             for key, totals in daily.items():
@@ -300,6 +316,8 @@ class TokenStore:
                 for index, value in enumerate(totals):
                     merged[index] += value
             log.exception("could not persist token counters; will retry")
+        finally:
+            self._saving = None
 
     async def _flush_forever(self) -> None:
         while True:

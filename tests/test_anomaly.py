@@ -135,3 +135,63 @@ async def test_expiry_job_deactivates_expired_tokens_and_audits_them(make_gatewa
     listed_live = await gateway.manage("GET", "/tokens?expired=false", expect=200)
     assert [t["id"] for t in listed_expired["data"]] == [short["id"]]
     assert [t["id"] for t in listed_live["data"]] == [long["id"]]
+
+
+async def test_a_burst_straddling_a_minute_boundary_is_a_spike(make_gateway: Any) -> None:
+    """The rate is over the last 60 seconds, not the calendar minute."""
+    clock = FakeClock(1_800_000_000.0)  # a whole minute
+    gateway = await make_gateway(clock=clock, ANOMALY_RATE_FACTOR="5", RATE_LIMIT_PER_MINUTE="0")
+    token = await gateway.token(duration_minutes=600)
+    for _ in range(13):  # a quiet hour
+        assert await _call(gateway, token["token"]) == 200
+        clock.advance(300)
+    quiet_end = clock.now
+    for _ in range(5):
+        assert await _call(gateway, token["token"]) == 200
+    clock.advance(60)  # those five are now more than a minute old
+    for _ in range(5):
+        assert await _call(gateway, token["token"]) == 200
+    assert await _events(gateway, "token.anomaly") == []
+
+    clock.now = quiet_end + 179.0  # one second before a minute boundary
+    for _ in range(3):
+        assert await _call(gateway, token["token"]) == 200
+    clock.advance(1.5)
+    for _ in range(3):
+        assert await _call(gateway, token["token"]) == 200
+
+    flagged = await _events(gateway, "token.anomaly")
+    assert [(e["details"]["reason"], e["details"]["requests_last_minute"]) for e in flagged] == [("rate_spike", 6)]
+
+
+async def test_auto_suspend_leaves_an_expired_token_alone(make_gateway: Any) -> None:
+    """Only a live token is suspended: replaying an expired one is flagged, and nothing more."""
+    clock = FakeClock()
+    gateway = await make_gateway(clock=clock, ANOMALY_AUTO_SUSPEND="true")
+    token = await gateway.token(duration_minutes=1)
+    clock.advance(120)
+
+    assert [await _call(gateway, token["token"]) for _ in range(3)] == [401, 401, 401]
+    await gateway.app[ANOMALIES].close()  # a suspension, had there been one, has reached the database
+
+    flagged = await _events(gateway, "token.anomaly")
+    assert [(e["result"], e["details"]["reason"], e["details"]["token_state"], e["details"]["auto_suspend"])
+            for e in flagged] == [("success", "dead_token_replay", "token_expired", False)]
+    assert await _events(gateway, "token.suspend") == []
+
+
+async def test_retrying_a_paused_token_is_not_a_replay_until_it_is_revoked(gateway: Gateway) -> None:
+    """A token paused with is_active=false is neither revoked nor expired; once revoked, replays count."""
+    token = await gateway.token()
+    await gateway.manage("PATCH", f"/tokens/{token['id']}", {"is_active": False}, expect=200)
+
+    assert [await _call(gateway, token["token"]) for _ in range(4)] == [401] * 4
+    assert await _events(gateway, "token.anomaly") == []
+
+    await gateway.manage("DELETE", f"/tokens/{token['id']}", expect=204)
+    assert [await _call(gateway, token["token"]) for _ in range(2)] == [401, 401]
+    assert await _events(gateway, "token.anomaly") == []  # the paused attempts did not count
+    assert await _call(gateway, token["token"]) == 401
+    flagged = await _events(gateway, "token.anomaly")
+    assert [(e["details"]["reason"], e["details"]["token_state"], e["details"]["attempts_last_hour"])
+            for e in flagged] == [("dead_token_replay", "token_revoked", 3)]
