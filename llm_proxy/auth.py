@@ -122,10 +122,11 @@ class ClientAuth:
             self._store.check(credential)
         except ApiError as exc:
             # A revoked or expired token being replayed is a failed authentication too, and
-            # repeated, the sign of a leaked token. A token its operator paused (is_active=false)
-            # is neither: its holder retrying it is expected, not a replay.
-            self._failures.record_failure(request[CLIENT_IP])
+            # repeated, the sign of a leaked token. A token its operator paused (is_active=false),
+            # or one of an inactive project, is neither: its holder retrying is expected, and
+            # counting it would get the whole address blocked, its other clients' tokens included.
             if exc.code in ("token_revoked", "token_expired") and self._store.is_dead(credential):
+                self._failures.record_failure(request[CLIENT_IP])
                 self._anomalies.observe_dead_token(credential, request[CLIENT_IP], exc.code)
             self._audit.emit("token.validate", actor="client", result="denied", project_id=credential.project.id,
                              request_id=request[REQUEST_ID], client_ip=request[CLIENT_IP],

@@ -523,3 +523,26 @@ async def test_a_stream_silent_past_the_idle_timeout_is_cut(make_gateway: Any) -
     async with gateway.client.get("/health") as health:
         assert health.status == 200
     assert (await call(gateway, token))[0] == 200
+
+
+async def test_retrying_a_paused_token_or_one_of_an_inactive_project_does_not_block_the_ip(make_gateway: Any) -> None:
+    """Only guesses count (unknown, revoked or expired tokens): an operator pausing a token or a project
+    must not get every client behind that address blocked, their other tokens included."""
+    gateway = await make_gateway(monotonic=FakeClock(1000.0), IP_RATE_LIMIT="3")
+    paused = await gateway.token()
+    await gateway.manage("PATCH", f"/tokens/{paused['id']}", {"is_active": False}, expect=200)
+    idle_project = await gateway.project()
+    orphan = await gateway.token(idle_project["id"])
+    await gateway.manage("PATCH", f"/projects/{idle_project['id']}", {"is_active": False}, expect=200)
+    other = await gateway.token()
+
+    for _ in range(5):
+        assert (await call(gateway, paused))[:2] == (401, "token_revoked")
+        assert (await call(gateway, orphan))[:2] == (403, "project_inactive")
+    assert (await call(gateway, other))[0] == 200
+
+    revoked = await gateway.token()
+    await gateway.manage("DELETE", f"/tokens/{revoked['id']}", expect=204)
+    for _ in range(3):
+        assert (await call(gateway, revoked))[:2] == (401, "token_revoked")
+    assert (await call(gateway, other))[:2] == (429, "rate_limited")  # a dead token replayed does count
