@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import time
 from collections.abc import AsyncIterator, Callable
 
@@ -86,49 +87,32 @@ def create_app(settings: Settings, *, clock: Callable[[], float] = time.time,
     manage.add_routes(management.routes())
     app.add_subapp("/manage", manage)
 
-    # Started in this order, torn down in reverse: the upstream session closes first, then
-    # counters are flushed and the audit queue drained, and the database closes last.
-    app.cleanup_ctx.extend([_database(db), _audit(audit), _token_store(store), _jobs(expiry, anomalies),
-                            _upstream(forwarder, settings.max_concurrent_requests)])
+    app.cleanup_ctx.append(_lifetime(db, audit, store, expiry, anomalies, forwarder,
+                                     settings.max_concurrent_requests))
     return app
 
 
-def _database(db: Database) -> Callable[[web.Application], AsyncIterator[None]]:
+def _lifetime(db: Database, audit: AuditWriter, store: TokenStore, expiry: ExpiryJob, anomalies: AnomalyDetector,
+              forwarder: Forwarder, max_connections: int) -> Callable[[web.Application], AsyncIterator[None]]:
+    """Start the gateway's resources in order and tear them down in reverse: the upstream session
+    closes first, then counters are flushed and the audit queue drained, and the database closes last.
+
+    One context, not one per resource: if a later start fails (an audit file that cannot be opened),
+    what already started is closed before the error leaves. aiohttp's run_app does not clean up an
+    application whose startup failed, and the database's worker threads would keep the process alive.
+    """
     async def ctx(app: web.Application) -> AsyncIterator[None]:
-        await db.connect()
-        yield
-        await db.close()
-    return ctx
-
-
-def _audit(audit: AuditWriter) -> Callable[[web.Application], AsyncIterator[None]]:
-    async def ctx(app: web.Application) -> AsyncIterator[None]:
-        await audit.start()
-        yield
-        await audit.close()
-    return ctx
-
-
-def _token_store(store: TokenStore) -> Callable[[web.Application], AsyncIterator[None]]:
-    async def ctx(app: web.Application) -> AsyncIterator[None]:
-        store.start()
-        yield
-        await store.close()
-    return ctx
-
-
-def _jobs(expiry: ExpiryJob, anomalies: AnomalyDetector) -> Callable[[web.Application], AsyncIterator[None]]:
-    async def ctx(app: web.Application) -> AsyncIterator[None]:
-        expiry.start()
-        yield
-        await expiry.close()
-        await anomalies.close()
-    return ctx
-
-
-def _upstream(forwarder: Forwarder, max_connections: int) -> Callable[[web.Application], AsyncIterator[None]]:
-    async def ctx(app: web.Application) -> AsyncIterator[None]:
-        forwarder.session = forwarder.new_session(max_connections)
-        yield
-        await forwarder.session.close()
+        async with contextlib.AsyncExitStack() as started:
+            await db.connect()
+            started.push_async_callback(db.close)
+            await audit.start()
+            started.push_async_callback(audit.close)
+            store.start()
+            started.push_async_callback(store.close)
+            expiry.start()
+            started.push_async_callback(anomalies.close)
+            started.push_async_callback(expiry.close)
+            forwarder.session = session = forwarder.new_session(max_connections)
+            started.push_async_callback(session.close)
+            yield
     return ctx

@@ -129,6 +129,9 @@ class ChainWalk:
         self.prev_hash: str | None = None
         self.problem: Break | None = None
         self._last_place: tuple[str, int] | None = None
+        # finish(head, growing=True) compares the hash the walk saw at this seq with the head's
+        self.watch_seq: int | None = None
+        self.watched_hash: str | None = None
         # (source, line, seq, expected) of a hash mismatch waiting for the next event
         self._pending: tuple[str, int, int, int] | None = None
 
@@ -197,12 +200,16 @@ class ChainWalk:
         self._accept(source, line, seq, stored)
         return True
 
-    def finish(self, head: tuple[int, str] | None = None) -> VerifyResult:
-        """Close the walk; with `head`, also require it to end exactly at that (seq, hash)."""
+    def finish(self, head: tuple[int, str] | None = None, *, growing: bool = False) -> VerifyResult:
+        """Close the walk; with `head`, also require it to end exactly at that (seq, hash).
+
+        growing: the input may have been appended to since `head` was read, so events past it are
+        accepted (they chain), but the one at head's seq must carry head's hash (set watch_seq first).
+        """
         if self._pending is not None:
             self._resolve_pending(inserted=False)
         if self.problem is None and head is not None:
-            self._check_head(head)
+            self._check_head(head, growing)
         return VerifyResult(ok=self.problem is None, events=self.events, start=self.start,
                             first_seq=self.first_seq, last_seq=self.prev_seq if self.events else None,
                             last_hash=self.prev_hash if self.events else None,
@@ -219,6 +226,8 @@ class ChainWalk:
         if self.first_seq is None:
             self.first_seq = seq
         self.prev_seq, self.prev_hash = seq, stored
+        if seq == self.watch_seq:
+            self.watched_hash = stored
         self.events += 1
         self._last_place = (source, line)
 
@@ -232,12 +241,19 @@ class ChainWalk:
             message = "hash does not match the line's content and the previous hash: the line was altered"
         self.problem = Break("inserted" if inserted else "altered", source, line, seq, expected, message)
 
-    def _check_head(self, head: tuple[int, str]) -> None:
+    def _check_head(self, head: tuple[int, str], growing: bool = False) -> None:
         head_seq, head_hash = head
         source, line = self._last_place if self._last_place else ("(input)", 0)
         last_seq = self.prev_seq if self.events else 0
         assert last_seq is not None
-        if last_seq < head_seq:
+        if growing and last_seq > head_seq:
+            # Appended after the head was read (a gateway still writing): fine if the head is in
+            # the walk unchanged, or older than everything walked.
+            if self.watched_hash is not None and self.watched_hash != head_hash:
+                self.problem = Break("altered", source, line, last_seq, head_seq,
+                                     f"the event at the chain head seq {head_seq} differs from the one "
+                                     f"recorded in the database: the line was rewritten")
+        elif last_seq < head_seq:
             self.problem = Break("removed", source, line + 1, None, last_seq + 1,
                                  f"ends at seq {last_seq} but the chain head is {head_seq}: "
                                  f"the newest event(s) {last_seq + 1}..{head_seq} are missing")
@@ -280,9 +296,15 @@ def rotation_order(paths: Iterable[Path]) -> list[Path]:
 
 
 def verify_files(paths: Iterable[Path], *, anchor: tuple[int, str] | None = None,
-                 head: tuple[int, str] | None = None) -> VerifyResult:
-    """Walk rotated (plain or .gz) and current audit files as one chain, oldest first."""
+                 head: tuple[int, str] | None = None, growing: bool = False) -> VerifyResult:
+    """Walk rotated (plain or .gz) and current audit files as one chain, oldest first.
+
+    With `head` (the database's chain head, read before the files) the files must reach it: that is
+    what reveals the newest lines being deleted. `growing`: a gateway may have appended past it since.
+    """
     walk = ChainWalk(anchor)
+    if head is not None and growing:
+        walk.watch_seq = head[0]
     for path in rotation_order(paths):
         number = 0
         try:
@@ -294,7 +316,7 @@ def verify_files(paths: Iterable[Path], *, anchor: tuple[int, str] | None = None
         except (OSError, EOFError, zlib.error) as exc:
             walk.feed_invalid(str(path), number + 1, f"cannot be read: {exc}", kind="unreadable")
             return walk.finish()
-    return walk.finish(head)
+    return walk.finish(head, growing=growing)
 
 
 # Where the head of the chain is read from: both, in case rows were written past the recorded head
@@ -311,6 +333,30 @@ async def chain_head(db: Database) -> tuple[int, str]:
         if row is not None and row[0] > head[0]:
             head = (row[0], row[1])
     return head
+
+
+def stored_chain_head(database: Path) -> tuple[int, str] | None:
+    """Read the chain head from a database file, read-only; None if it holds no audit chain.
+
+    Raises sqlite3.Error if the file cannot be read as a database.
+    """
+    conn = sqlite3.connect(database.absolute().as_uri() + "?mode=ro", uri=True, timeout=10)
+    try:
+        found: tuple[int, str] | None = None
+        for sql in HEAD_QUERIES:
+            try:
+                row = conn.execute(sql).fetchone()
+            except sqlite3.OperationalError as exc:
+                if "no such table" in str(exc):
+                    continue
+                raise
+            if found is None:
+                found = (0, ZERO_HASH)
+            if row is not None and row[0] > found[0]:
+                found = (row[0], row[1])
+        return found
+    finally:
+        conn.close()
 
 
 def last_event_in_file(path: Path) -> tuple[int, str] | None:

@@ -128,6 +128,8 @@ def _management_token(args: argparse.Namespace) -> str:
             raw = Path(args.token_file).read_text(encoding="utf-8")
         except OSError as exc:
             raise UsageError(f"--token-file: cannot read {args.token_file} ({exc.strerror})") from None
+        except UnicodeDecodeError:  # the message would quote the file's bytes: a secret, perhaps
+            raise UsageError(f"--token-file: {args.token_file} is not UTF-8 text") from None
     else:
         raw = read_client_variable("MANAGEMENT_TOKEN") or ""
     # MANAGEMENT_TOKEN may list several accepted tokens; any one of them will do.
@@ -144,7 +146,11 @@ def _base_url(args: argparse.Namespace) -> str:
     return url
 
 
-def _error_line(status: int, body: bytes) -> str:
+def _error_line(status: int, body: bytes, location: str | None) -> str:
+    if 300 <= status < 400:
+        # Followed blindly, a redirect would resend the management token (and a DELETE) elsewhere.
+        where = f" to {mask_secrets(location)}; use that URL (--url)" if location else ""
+        return f"the gateway answered HTTP {status}: it redirected{where}"
     try:
         error = orjson.loads(body)["error"]
         message, code = str(error["message"]), error.get("code")
@@ -170,7 +176,7 @@ async def _call(args: argparse.Namespace, method: str, path: str, *, body: dict[
                 method, url + "/manage" + path, json=body, params=query, ssl=ssl_option,
                 allow_redirects=False) as response:
             data = await response.read()
-            status = response.status
+            status, location = response.status, response.headers.get("Location")
     except aiohttp.ClientConnectorCertificateError:
         raise CommandError(f"the certificate of {url} is not trusted (pass --cafile)") from None
     except aiohttp.ClientConnectorError as exc:
@@ -180,8 +186,8 @@ async def _call(args: argparse.Namespace, method: str, path: str, *, body: dict[
         raise CommandError(f"the gateway at {url} did not answer within {args.timeout:g}s") from None
     except aiohttp.ClientError as exc:
         raise CommandError(f"request to the gateway at {url} failed ({type(exc).__name__})") from None
-    if status >= 400:
-        raise CommandError(_error_line(status, data))
+    if not 200 <= status < 300:
+        raise CommandError(_error_line(status, data, location))
     if not data:
         return None
     try:
@@ -201,6 +207,8 @@ def _read_api_key(source: str | None) -> str:
             raw = sys.stdin.readline()
     except OSError as exc:
         raise UsageError(f"--api-key-file: cannot read {source or 'stdin'} ({exc.strerror or exc})") from None
+    except UnicodeDecodeError:  # the message would quote the key's bytes
+        raise UsageError(f"--api-key-file: {source or 'stdin'} is not UTF-8 text") from None
     key = raw.strip()
     if not key:
         raise UsageError("no API key given (use --api-key-file FILE, or pipe it on stdin)")
@@ -408,9 +416,26 @@ async def _verify_db(settings: Settings) -> auditchain.VerifyResult:
         await db.close()
 
 
+def _files_chain_head(settings: Settings) -> tuple[tuple[int, str] | None, str]:
+    """Return the database's chain head (None if unavailable) and a note for the operator saying which."""
+    unchecked = "newest lines removed from the files would go unnoticed"
+    database = settings.database_path
+    if not database.is_file():
+        return None, f"no database at {database} (DATABASE_PATH): files verified alone, {unchecked}"
+    try:
+        head = auditchain.stored_chain_head(database)
+    except sqlite3.Error as exc:
+        return None, (f"database at {database} unreadable ({type(exc).__name__}): files verified alone, "
+                      f"{unchecked}")
+    if head is None:
+        return None, f"no audit chain in {database}: files verified alone, {unchecked}"
+    return head, f"checked up to the database's chain head, seq {head[0]}"
+
+
 def cmd_audit_verify(args: argparse.Namespace) -> int:
     """Check the audit hash chain of files (default: AUDIT_LOG_FILE and rotated siblings) or, with --db, the table."""
     outcomes: dict[str, auditchain.VerifyResult] = {}
+    notes: dict[str, str] = {}
     if args.files:
         paths = [Path(name) for name in args.files]
         for path in paths:
@@ -424,19 +449,31 @@ def cmd_audit_verify(args: argparse.Namespace) -> int:
         paths = audit_files(settings.audit_log_file)
         if not paths:
             raise CommandError(f"no audit files at {settings.audit_log_file}")
-        outcomes["files"] = auditchain.verify_files(paths)
+        # Read before the files, so a gateway writing meanwhile only adds lines past it.
+        head, head_note = _files_chain_head(settings)
+        outcomes["files"] = auditchain.verify_files(paths, head=head, growing=True)
+        notes["files"] = head_note
     if args.db:
         outcomes["db"] = asyncio.run(_verify_db(_settings()))
     if args.json:
-        _print_json({name: _result_document(result) for name, result in outcomes.items()})
+        _print_json({name: {**_result_document(result), **({"note": notes[name]} if name in notes else {})}
+                     for name, result in outcomes.items()})
     else:
         labels = {"files": "files", "db": auditchain.TABLE}
         for name, result in outcomes.items():
-            print(f"{labels[name]}: {result.describe()}")
+            print(f"{labels[name]}: {result.describe()}{f'; {notes[name]}' if name in notes else ''}")
     return EXIT_OK if all(result.ok for result in outcomes.values()) else EXIT_FAILED
 
 
 # ---- running the gateway, and secrets ----
+
+class _EncryptedKey(Exception):
+    """TLS_KEY_FILE asked for a passphrase."""
+
+
+def _refuse_passphrase() -> bytes:
+    raise _EncryptedKey
+
 
 def build_ssl_context(settings: Settings) -> ssl.SSLContext | None:
     """Return the server TLS context for TLS_CERT_FILE/TLS_KEY_FILE with TLS_MIN_VERSION, or None for plain HTTP."""
@@ -448,7 +485,13 @@ def build_ssl_context(settings: Settings) -> ssl.SSLContext | None:
         if not path.is_file():
             raise UsageError(f"configuration error: {variable}: no file at {path}")
     try:
-        context.load_cert_chain(settings.tls_cert_file, settings.tls_key_file)
+        # Without a password callback OpenSSL would prompt on the terminal for an encrypted key,
+        # and a service under a supervisor would hang there.
+        context.load_cert_chain(settings.tls_cert_file, settings.tls_key_file, password=_refuse_passphrase)
+    except _EncryptedKey:
+        raise UsageError(f"configuration error: TLS_KEY_FILE: {settings.tls_key_file} is encrypted with a "
+                         f"passphrase, which is not supported; give an unencrypted key (readable only by "
+                         f"the gateway's user)") from None
     except (OSError, ssl.SSLError) as exc:
         raise UsageError(f"configuration error: TLS_CERT_FILE/TLS_KEY_FILE: cannot load the certificate and key "
                          f"({type(exc).__name__})") from None
@@ -462,6 +505,25 @@ def _with_frozen_gc(app: web.Application) -> web.Application:
         gc.freeze()
     app.on_startup.append(freeze)
     return app
+
+
+def _startup_file_error(settings: Settings, failed: Path, reason: str) -> CommandError:
+    """Return the one line for a file that could not be opened at startup, naming its variable."""
+    failed = failed.absolute()
+    paths = [(variable, path.absolute()) for variable, path in (
+        ("DATABASE_PATH", settings.database_path), ("AUDIT_LOG_FILE", settings.audit_log_file),
+        ("LOG_FILE", settings.log_file)) if path is not None]
+    own = {variable: {path, path.with_name(path.name + "-wal"), path.with_name(path.name + "-shm")}
+           for variable, path in paths}
+    # The file itself first, then a directory on its way (created by mkdir -p); the database opens
+    # first, so a directory shared by both paths is reported against it.
+    for variable, path in paths:
+        if failed in own[variable]:
+            return UsageError(f"configuration error: {variable}: cannot use {path}: {reason}")
+    for variable, path in paths:
+        if failed in path.parents:
+            return UsageError(f"configuration error: {variable}: cannot use {path} ({failed}: {reason})")
+    return CommandError(f"cannot start: {failed}: {reason}")
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
@@ -480,18 +542,24 @@ def cmd_serve(args: argparse.Namespace) -> int:
         else:
             loop = uvloop.new_event_loop()
         scheme = "https" if context is not None else "http"
-        log.info("llm-proxy %s listening on %s://%s:%d", __version__, scheme, settings.listen_host or "*",
-                 settings.listen_port, extra={"event_loop": "uvloop" if loop is not None else "asyncio"})
+
+        def listening(_banner: str) -> None:
+            # run_app calls this once every socket is bound and listening: never claim it before.
+            log.info("llm-proxy %s listening on %s://%s:%d", __version__, scheme, settings.listen_host or "*",
+                     settings.listen_port, extra={"event_loop": "uvloop" if loop is not None else "asyncio"})
+
         try:
             web.run_app(_with_frozen_gc(create_app(settings)), host=settings.listen_host or None,
                         port=settings.listen_port,
                         ssl_context=context, shutdown_timeout=settings.shutdown_grace, handler_cancellation=True,
-                        access_log_class=AccessLogger, access_log=logging.getLogger(ACCESS_LOGGER), print=None,
-                        loop=loop, keepalive_timeout=CONNECTION_IDLE_TIMEOUT)
+                        access_log_class=AccessLogger, access_log=logging.getLogger(ACCESS_LOGGER),
+                        print=listening, loop=loop, keepalive_timeout=CONNECTION_IDLE_TIMEOUT)
         except OSError as exc:
             reason = exc.strerror or type(exc).__name__
+            if isinstance(exc, FileExistsError):  # mkdir -p met a file where a directory belongs
+                reason = "Not a directory"
             if exc.filename is not None:  # a file opened at startup (audit log, database directory)
-                raise CommandError(f"cannot start: {exc.filename}: {reason}") from None
+                raise _startup_file_error(settings, Path(os.fsdecode(exc.filename)), reason) from None
             raise CommandError(f"cannot listen on {settings.listen_host or '*'}:{settings.listen_port}: "
                                f"{reason}") from None
         except sqlite3.Error as exc:

@@ -20,6 +20,8 @@ from typing import Any, NamedTuple
 import aiohttp
 import orjson
 import pytest
+from aiohttp import web
+from aiohttp.test_utils import TestServer
 
 from llm_proxy.audit import AuditWriter
 from llm_proxy.cli import format_table, main
@@ -311,6 +313,52 @@ async def test_commands_as_a_subprocess(make_gateway: Callable[..., Any], tmp_pa
     assert "y" * 40 not in denied.err
 
 
+@pytest.mark.parametrize(("status", "argv"), [
+    (301, ["project", "list"]),
+    (302, ["token", "revoke", "0b7d3c9e-1111-4222-8333-944455556666"]),
+    (307, ["token", "revoke", "0b7d3c9e-1111-4222-8333-944455556666"]),
+    (308, ["token", "revoke", "--project", "p-1"]),
+])
+async def test_a_redirect_is_a_failure_naming_where_it_points(capsys: pytest.CaptureFixture[str],
+                                                             monkeypatch: pytest.MonkeyPatch,
+                                                             status: int, argv: list[str]) -> None:
+    """An http:// URL behind a proxy that redirects to https://: nothing was done, so never report success."""
+    seen: list[str] = []
+
+    async def redirect(request: web.Request) -> web.Response:
+        seen.append(f"{request.method} {request.path}")
+        return web.Response(status=status, headers={"Location": "https://gateway.invalid" + request.path})
+
+    app = web.Application()
+    app.router.add_route("*", "/{tail:.*}", redirect)
+    server = TestServer(app, host="127.0.0.1")
+    await server.start_server()
+    try:
+        monkeypatch.setenv("MANAGEMENT_TOKEN", MANAGEMENT_TOKEN)
+        result = await run_async(capsys, *argv, "--url", str(server.make_url("")).rstrip("/"))
+    finally:
+        await server.close()
+    assert len(seen) == 1  # asked once, never followed
+    assert_one_line_error(result, 1, f"HTTP {status}", "https://gateway.invalid/manage/")
+    assert result.out == "" and "revoked" not in result.err and MANAGEMENT_TOKEN not in result.err
+
+
+@pytest.mark.parametrize("option", ["--api-key-file", "--token-file"])
+def test_a_binary_input_file_is_a_usage_error(capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch,
+                                              tmp_path: Path, option: str) -> None:
+    binary = tmp_path / "secret.bin"
+    binary.write_bytes(b"\xff\xfesk-binary-junk-0123456789\n")
+    monkeypatch.setenv("MANAGEMENT_TOKEN", MANAGEMENT_TOKEN)
+    with closing(socket.socket()) as probe:
+        probe.bind(("127.0.0.1", 0))
+        url = f"http://127.0.0.1:{probe.getsockname()[1]}"  # never reached: the input is refused first
+    argv = (["project", "create", "x", "--api-key-file", str(binary)] if option == "--api-key-file"
+            else ["project", "list", "--token-file", str(binary)])
+    result = run(capsys, *argv, "--url", url)
+    assert_one_line_error(result, 2, option, "not UTF-8")
+    assert "binary-junk" not in result.err and "\\x" not in result.err
+
+
 # ---- key rotation ----
 
 def stored_key_ciphertexts(database: Path) -> list[str]:
@@ -430,6 +478,45 @@ async def test_audit_verify_and_prune(capsys: pytest.CaptureFixture[str], monkey
     monkeypatch.setenv("DATABASE_PATH", str(tmp_path / "missing.db"))
     assert_one_line_error(await run_async(capsys, "audit", "prune"), 2, "DATABASE_PATH")
     assert not (tmp_path / "missing.db").exists()
+
+
+async def test_audit_verify_checks_the_files_against_the_databases_chain_head(
+        capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """Deleting the newest lines leaves a chain that holds; only the head kept in the database shows the loss."""
+    database, audit_file = tmp_path / "data" / "gateway.db", tmp_path / "data" / "audit.log"
+    await write_events(database, audit_file, 3, datetime(2024, 1, 1, tzinfo=UTC))
+    for name, value in (("MANAGEMENT_TOKEN", MANAGEMENT_TOKEN), ("ENCRYPTION_KEY", ENCRYPTION_KEY),
+                        ("DATABASE_PATH", str(database)), ("AUDIT_LOG_FILE", str(audit_file))):
+        monkeypatch.setenv(name, value)
+    intact = await run_async(capsys, "audit", "verify")
+    assert intact.code == 0 and "chain head, seq 3" in intact.out, intact
+
+    # A backup of the database taken now, then the gateway writes on: a head read just before the
+    # files grew must not make a sound chain look tampered with.
+    earlier = tmp_path / "earlier.db"
+    with closing(sqlite3.connect(database)) as source, closing(sqlite3.connect(earlier)) as copy:
+        source.backup(copy)
+    await write_events(database, audit_file, 1, datetime(2024, 1, 2, tzinfo=UTC))
+    monkeypatch.setenv("DATABASE_PATH", str(earlier))
+    assert (await run_async(capsys, "audit", "verify")).code == 0
+    monkeypatch.setenv("DATABASE_PATH", str(database))
+
+    lines = audit_file.read_bytes().splitlines(keepends=True)
+    audit_file.write_bytes(b"".join(lines[:-2]))  # the two newest events deleted
+    truncated = await run_async(capsys, "audit", "verify", "--json")
+    assert truncated.code == 1, truncated
+    problem = truncated.json()["files"]["problem"]
+    assert problem["kind"] == "removed" and "3..4" in problem["message"]
+
+    # Without a database the files are still verified, and the output says what could not be checked.
+    monkeypatch.setenv("DATABASE_PATH", str(tmp_path / "elsewhere" / "none.db"))
+    alone = await run_async(capsys, "audit", "verify")
+    assert alone.code == 0 and alone.out.startswith("files: OK: 2 events") and "verified alone" in alone.out
+    assert not (tmp_path / "elsewhere").exists()
+    (tmp_path / "garbage.db").write_bytes(b"not a database at all" * 100)
+    monkeypatch.setenv("DATABASE_PATH", str(tmp_path / "garbage.db"))
+    unreadable = await run_async(capsys, "audit", "verify")
+    assert unreadable.code == 0 and "unreadable" in unreadable.out and "verified alone" in unreadable.out
 
 
 # ---- serve, for real ----

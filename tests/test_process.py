@@ -149,3 +149,67 @@ async def test_kill_9_under_load_leaves_whole_audit_lines_and_a_sound_database(s
     # Counters are written every second: only the last moments' requests can be missing. A request
     # is counted when admitted, so the (at most 16) in flight at the kill may be counted unanswered.
     assert settled <= count <= done + len(workers)
+
+
+# ---- startup failures: one line naming what to fix, and never a claim to be listening ----
+
+async def _serve_until_exit(tmp_path: Path, **overrides: str) -> tuple[int | None, str]:
+    env = {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "MANAGEMENT_TOKEN": MANAGEMENT_TOKEN,
+           "ENCRYPTION_KEY": ENCRYPTION_KEY, "LISTEN_ADDR": f"127.0.0.1:{_free_port()}",
+           "DATABASE_PATH": str(tmp_path / "data" / "gateway.db"),
+           "AUDIT_LOG_FILE": str(tmp_path / "data" / "audit.log"), **overrides}
+    process = await asyncio.create_subprocess_exec(sys.executable, "-m", "llm_proxy", "serve", cwd=tmp_path, env=env,
+                                                   stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.PIPE,
+                                                   stderr=asyncio.subprocess.PIPE)
+    try:
+        _, err = await asyncio.wait_for(process.communicate(), timeout=30)
+    except TimeoutError:
+        process.kill()
+        _, err = await process.communicate()
+    return process.returncode, err.decode()
+
+
+def _error_line(err: str) -> str:
+    assert "Traceback" not in err and MANAGEMENT_TOKEN not in err and ENCRYPTION_KEY not in err, err
+    lines = [line for line in err.splitlines() if not line.startswith('{"time"')]  # JSON log lines on stderr
+    assert len(lines) == 1 and lines[0].startswith("llm-proxy: "), err
+    return lines[0]
+
+
+@pytest.mark.parametrize(("variable", "where"), [
+    ("DATABASE_PATH", "a-file/sub/gateway.db"),
+    ("AUDIT_LOG_FILE", "a-file/audit.log"),
+    ("AUDIT_LOG_FILE", "."),  # a directory
+])
+async def test_an_unusable_file_path_names_its_variable_and_exits_2(tmp_path: Path, variable: str,
+                                                                    where: str) -> None:
+    (tmp_path / "a-file").write_text("a file where a directory belongs")
+    code, err = await _serve_until_exit(tmp_path, **{variable: str(tmp_path / where)})
+    line = _error_line(err)
+    assert code == 2, err  # a configuration error, as the README's exit codes say
+    assert f"configuration error: {variable}: cannot use" in line, line
+    assert "listening on" not in err
+
+
+async def test_a_port_in_use_is_one_line_and_never_claims_to_listen(tmp_path: Path) -> None:
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        code, err = await _serve_until_exit(tmp_path, LISTEN_ADDR=f"127.0.0.1:{port}")
+    line = _error_line(err)
+    assert code == 1 and f"cannot listen on 127.0.0.1:{port}" in line, err
+    assert "listening on" not in err, err
+
+
+async def test_the_listening_line_comes_once_the_socket_listens(served: Served) -> None:
+    log_file = served.data.parent / "gateway.log"
+    for _ in range(200):  # the log is written by a background thread: poll, bounded
+        lines = [orjson.loads(line) for line in log_file.read_bytes().splitlines()] if log_file.exists() else []
+        listening = [line for line in lines if "listening on" in line["message"]]
+        if listening:
+            break
+        await asyncio.sleep(0.02)
+    assert len(listening) == 1, lines
+    assert listening[0]["message"].endswith(f"listening on {served.url}")
+    assert listening[0]["event_loop"] in ("uvloop", "asyncio")

@@ -5,7 +5,10 @@ from __future__ import annotations
 import asyncio
 import datetime
 import ipaddress
+import os
+import socket
 import ssl
+import sys
 import warnings
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
@@ -22,7 +25,13 @@ from cryptography.x509.oid import NameOID
 
 from llm_proxy.app import create_app
 from llm_proxy.cli import UsageError, build_ssl_context, main
-from tests.fakes import MANAGEMENT_TOKEN, make_settings
+from tests.fakes import ENCRYPTION_KEY, MANAGEMENT_TOKEN, make_settings
+
+REPO = Path(__file__).resolve().parents[1]
+# Runs `llm-proxy serve` with a terminal as its controlling tty, as an operator's shell would:
+# that is where OpenSSL asks for a passphrase when nobody gave it one.
+WITH_A_TERMINAL = ("import os, sys; os.setsid(); os.close(os.open(sys.argv[1], os.O_RDWR)); "
+                   "os.execv(sys.executable, [sys.executable, '-m', 'llm_proxy', 'serve'])")
 
 
 @pytest.fixture(scope="module")
@@ -163,3 +172,50 @@ async def test_cli_talks_to_an_https_gateway(https_gateway: Callable[..., Any], 
     untrusted = await asyncio.to_thread(main, ["project", "list", "--url", url])
     err = capsys.readouterr().err
     assert untrusted == 1 and err.startswith("llm-proxy: the certificate of") and err.count("\n") == 1
+
+
+def test_a_passphrase_protected_key_is_refused_without_asking(tmp_path: Path,
+                                                             certificate: tuple[Path, Path]) -> None:
+    cert_file, key_file = certificate
+    encrypted = tmp_path / "encrypted-key.pem"
+    key = serialization.load_pem_private_key(key_file.read_bytes(), password=None)
+    encrypted.write_bytes(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                                            serialization.BestAvailableEncryption(b"correct horse battery")))
+    with pytest.raises(UsageError, match=r"TLS_KEY_FILE: .* is encrypted with a passphrase, which is not supported"):
+        build_ssl_context(make_settings(tmp_path, TLS_CERT_FILE=str(cert_file), TLS_KEY_FILE=str(encrypted)))
+
+
+async def test_serve_with_an_encrypted_key_fails_at_once_even_on_a_terminal(tmp_path: Path,
+                                                                          certificate: tuple[Path, Path]) -> None:
+    cert_file, key_file = certificate
+    encrypted = tmp_path / "encrypted-key.pem"
+    key = serialization.load_pem_private_key(key_file.read_bytes(), password=None)
+    encrypted.write_bytes(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                                            serialization.BestAvailableEncryption(b"correct horse battery")))
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    env = {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "PYTHONPATH": str(REPO),
+           "MANAGEMENT_TOKEN": MANAGEMENT_TOKEN, "ENCRYPTION_KEY": ENCRYPTION_KEY,
+           "LISTEN_ADDR": f"127.0.0.1:{port}", "DATABASE_PATH": str(tmp_path / "gateway.db"),
+           "AUDIT_LOG_FILE": str(tmp_path / "audit.log"), "TLS_CERT_FILE": str(cert_file),
+           "TLS_KEY_FILE": str(encrypted)}
+    controller, terminal = os.openpty()
+    try:
+        process = await asyncio.create_subprocess_exec(
+            sys.executable, "-c", WITH_A_TERMINAL, os.ttyname(terminal), cwd=tmp_path, env=env,
+            stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
+        try:
+            _, err = await asyncio.wait_for(process.communicate(), timeout=20)
+        except TimeoutError:
+            process.kill()  # it sat at OpenSSL's prompt
+            await process.communicate()
+            os.set_blocking(controller, False)
+            pytest.fail(f"serve waited on the terminal: {os.read(controller, 4096)!r}")
+    finally:
+        os.close(terminal)
+        os.close(controller)
+    assert process.returncode == 2, err
+    lines = err.decode().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("llm-proxy: configuration error: TLS_KEY_FILE: "), lines
+    assert "not supported" in lines[0]
