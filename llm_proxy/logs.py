@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import copy
+import io
 import logging
 import logging.handlers
+import os
 import queue
 import sys
 import threading
@@ -118,12 +120,23 @@ class TextFormatter(logging.Formatter):
         return f"{line} {extras}" if extras else line
 
 
+LOG_FILE_MODE = 0o640  # as the audit file, and as logrotate.conf's `create 0640` makes them after a rotation
+
+
+class _LogFileHandler(logging.handlers.WatchedFileHandler):
+    """A WatchedFileHandler that creates its file 0640 (not the umask's 0644), also when it reopens it."""
+
+    def _open(self) -> io.TextIOWrapper:
+        fd = os.open(self.baseFilename, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, LOG_FILE_MODE)
+        return open(fd, "a", encoding=self.encoding, errors=self.errors)
+
+
 def _handler(settings: Settings, stream: TextIO | None) -> logging.Handler:
     if settings.log_file is None:
         return logging.StreamHandler(stream if stream is not None else sys.stderr)
     try:
         # Reopens when the path's (st_dev, st_ino) changes: logrotate's rename + create needs no signal.
-        return logging.handlers.WatchedFileHandler(settings.log_file, encoding="utf-8")
+        return _LogFileHandler(settings.log_file, encoding="utf-8")
     except OSError as exc:
         raise ConfigError("LOG_FILE", f"cannot open {settings.log_file} for appending ({exc.strerror})") from None
 

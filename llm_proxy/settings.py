@@ -115,6 +115,7 @@ def _parse_positive_float(raw: str) -> float:
 
 _DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h)?\s*$")
 _DURATION_UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, None: 1.0}
+_MAX_DURATION = 365 * 86400.0
 
 
 def _parse_duration(raw: str) -> float:
@@ -124,6 +125,8 @@ def _parse_duration(raw: str) -> float:
     seconds = float(match.group(1)) * _DURATION_UNITS[match.group(2)]
     if seconds <= 0:
         raise ValueError("must be greater than zero")
+    if seconds > _MAX_DURATION:  # an overflowed float is infinite, which timers and aiohttp refuse
+        raise ValueError("must be at most 365 days")
     return seconds
 
 
@@ -149,7 +152,12 @@ def _parse_size(raw: str) -> int:
 
 
 def _split(raw: str) -> list[str]:
-    return [item.strip() for item in raw.split(",") if item.strip()]
+    items = [item.strip() for item in raw.split(",") if item.strip()]
+    if not items and raw.strip():
+        # Only commas: a typo, not the empty list, which means "unset" (for MANAGEMENT_ALLOWED_IPS
+        # and ALLOWED_MODELS that is "any": the opposite of a list meant to restrict).
+        raise ValueError("lists nothing but commas; leave it empty to unset it")
+    return items
 
 
 def _parse_networks(raw: str) -> tuple[IPNetwork, ...]:

@@ -5,7 +5,9 @@ from __future__ import annotations
 import base64
 import io
 import logging
+import os
 import re
+import stat
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -143,16 +145,22 @@ def test_masking_keeps_ordinary_text_readable(text: str, expected: str | None) -
 
 
 def test_log_file_survives_rotation(configure: Configure) -> None:
-    listener, path = configure(LOG_FORMAT="text")
-    logging.getLogger("llm_proxy.test").warning("before rotation")
-    assert listener.flush()
-    rotated = path.with_name("app.log.1")
-    path.rename(rotated)  # what logrotate does (no copytruncate, no signal)
-    logging.getLogger("llm_proxy.test").warning("after rotation")
-    listener.stop()
+    old_umask = os.umask(0o022)  # the usual one, which would make a plain open() give 0644
+    try:
+        listener, path = configure(LOG_FORMAT="text")
+        logging.getLogger("llm_proxy.test").warning("before rotation")
+        assert listener.flush()
+        assert stat.S_IMODE(path.stat().st_mode) == 0o640  # as the audit file; logs hold client IPs and paths
+        rotated = path.with_name("app.log.1")
+        path.rename(rotated)  # what logrotate does (no copytruncate, no signal)
+        logging.getLogger("llm_proxy.test").warning("after rotation")
+        listener.stop()
+    finally:
+        os.umask(old_umask)
 
     assert "before rotation" in rotated.read_text() and "after rotation" not in rotated.read_text()
     assert "after rotation" in path.read_text() and "before rotation" not in path.read_text()
+    assert stat.S_IMODE(path.stat().st_mode) == 0o640  # the file the handler made anew
 
 
 PATH_SECRET = "sk-proj-" + "Zq9" * 14

@@ -82,6 +82,14 @@ def test_dotenv_file_is_read_and_environment_wins(tmp_path: Path) -> None:
     ({"MAX_REQUEST_SIZE": "big"}, "MAX_REQUEST_SIZE"),
     ({"REQUEST_TIMEOUT": "0s"}, "REQUEST_TIMEOUT"),
     ({"REQUEST_TIMEOUT": "soon"}, "REQUEST_TIMEOUT"),
+    ({"REQUEST_TIMEOUT": "9" * 400}, "REQUEST_TIMEOUT"),  # a float that overflows to infinity
+    ({"STREAM_IDLE_TIMEOUT": "8761h"}, "STREAM_IDLE_TIMEOUT"),
+    ({"SHUTDOWN_GRACE": "1" * 320 + "s"}, "SHUTDOWN_GRACE"),
+    ({"MANAGEMENT_ALLOWED_IPS": ","}, "MANAGEMENT_ALLOWED_IPS"),  # not "any": a typo of a restriction
+    ({"ALLOWED_MODELS": " , "}, "ALLOWED_MODELS"),
+    ({"ALLOWED_ENDPOINTS": ",,"}, "ALLOWED_ENDPOINTS"),
+    ({"TRUSTED_PROXIES": ","}, "TRUSTED_PROXIES"),
+    ({"CORS_ALLOWED_ORIGINS": ","}, "CORS_ALLOWED_ORIGINS"),
     ({"TRUSTED_PROXIES": "10.0.0.0/33"}, "TRUSTED_PROXIES"),
     ({"MANAGEMENT_ALLOWED_IPS": "localhost"}, "MANAGEMENT_ALLOWED_IPS"),
     ({"CORS_ALLOWED_ORIGINS": "app.example.com"}, "CORS_ALLOWED_ORIGINS"),
