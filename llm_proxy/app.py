@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import logging
 import time
 from collections.abc import AsyncIterator, Callable
 
@@ -12,7 +13,7 @@ from .anomaly import AnomalyDetector
 from .audit import AuditWriter
 from .auth import ClientAuth, ManagementAuth, ManagementTokens, management_auth_middleware
 from .cors import cors_headers
-from .crypto import KeyRing
+from .crypto import DecryptionError, KeyRing
 from .database import Database
 from .edge import edge_middleware
 from .forwarder import Forwarder
@@ -26,8 +27,10 @@ from .proxy import ProxyRoute
 from .ratelimit import ConcurrencyLimiter, FailureCounter, RateLimiter
 from .request_context import add_request_id_header
 from .security_headers import response_hook, security_headers
-from .settings import Settings
+from .settings import ConfigError, Settings
 from .tokenstore import TokenStore
+
+log = logging.getLogger(__name__)
 
 # Given to the server runner by `serve`: a connection that has not delivered a complete request
 # within this many seconds of opening (or of its previous response) is closed, so a client that
@@ -87,13 +90,14 @@ def create_app(settings: Settings, *, clock: Callable[[], float] = time.time,
     manage.add_routes(management.routes())
     app.add_subapp("/manage", manage)
 
-    app.cleanup_ctx.append(_lifetime(db, audit, store, expiry, anomalies, forwarder,
+    app.cleanup_ctx.append(_lifetime(db, keyring, audit, store, expiry, anomalies, forwarder,
                                      settings.max_concurrent_requests))
     return app
 
 
-def _lifetime(db: Database, audit: AuditWriter, store: TokenStore, expiry: ExpiryJob, anomalies: AnomalyDetector,
-              forwarder: Forwarder, max_connections: int) -> Callable[[web.Application], AsyncIterator[None]]:
+def _lifetime(db: Database, keyring: KeyRing, audit: AuditWriter, store: TokenStore, expiry: ExpiryJob,
+              anomalies: AnomalyDetector, forwarder: Forwarder,
+              max_connections: int) -> Callable[[web.Application], AsyncIterator[None]]:
     """Start the gateway's resources in order and tear them down in reverse: the upstream session
     closes first, then counters are flushed and the audit queue drained, and the database closes last.
 
@@ -105,6 +109,7 @@ def _lifetime(db: Database, audit: AuditWriter, store: TokenStore, expiry: Expir
         async with contextlib.AsyncExitStack() as started:
             await db.connect()
             started.push_async_callback(db.close)
+            await _check_stored_keys(db, keyring)
             await audit.start()
             started.push_async_callback(audit.close)
             store.start()
@@ -116,3 +121,23 @@ def _lifetime(db: Database, audit: AuditWriter, store: TokenStore, expiry: Expir
             started.push_async_callback(session.close)
             yield
     return ctx
+
+
+async def _check_stored_keys(db: Database, keyring: KeyRing) -> None:
+    """Refuse to start when ENCRYPTION_KEY opens none of the stored upstream keys (the wrong key, most
+    likely), and log the projects whose keys it cannot open; otherwise every request of theirs would
+    fail later with a 500 and nothing pointing at the cause."""
+    rows = await db.fetchall("SELECT id, api_key_encrypted FROM projects")
+    unreadable = []
+    for project_id, stored in rows:
+        try:
+            keyring.decrypt(stored)
+        except DecryptionError:
+            unreadable.append(project_id)
+    if rows and len(unreadable) == len(rows):
+        raise ConfigError("ENCRYPTION_KEY", f"opens none of the {len(rows)} stored upstream key(s): is it the "
+                                            "key they were written with? (to change keys, set the old one as "
+                                            "ENCRYPTION_KEY_PREVIOUS and run `llm-proxy rotate-key`)")
+    if unreadable:
+        log.error("ENCRYPTION_KEY: the upstream keys of %d project(s) open with no configured key; their "
+                  "requests will fail: %s", len(unreadable), ", ".join(unreadable))

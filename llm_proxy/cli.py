@@ -564,6 +564,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
                                f"{reason}") from None
         except sqlite3.Error as exc:
             raise CommandError(f"DATABASE_PATH: cannot use {settings.database_path} ({exc})") from None
+        except ConfigError as exc:  # found at startup, e.g. an ENCRYPTION_KEY that opens no stored key
+            raise UsageError(f"configuration error: {exc}") from None
         log.info("llm-proxy stopped")
     finally:
         listener.stop()
