@@ -10,6 +10,7 @@ import sqlite3
 import sys
 import time
 from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
 
@@ -47,33 +48,43 @@ class Served:
             return dict(await response.json())
 
 
-@pytest.fixture
-async def served(tmp_path: Path, upstream: tuple[UpstreamState, TestServer]) -> AsyncIterator[Served]:
-    _, server = upstream
+@asynccontextmanager
+async def serving_process(tmp_path: Path, upstream_url: str,
+                          **overrides: str) -> AsyncIterator[tuple[asyncio.subprocess.Process, str]]:
+    """Run `llm-proxy serve` as operators do (data in tmp_path/data, log in tmp_path/gateway.log) until healthy."""
     port = _free_port()
     env = {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "MANAGEMENT_TOKEN": MANAGEMENT_TOKEN,
-           "ENCRYPTION_KEY": ENCRYPTION_KEY, "OPENAI_API_URL": str(server.make_url("")).rstrip("/"),
+           "ENCRYPTION_KEY": ENCRYPTION_KEY, "OPENAI_API_URL": upstream_url,
            "LISTEN_ADDR": f"127.0.0.1:{port}", "DATABASE_PATH": str(tmp_path / "data" / "gateway.db"),
            "AUDIT_LOG_FILE": str(tmp_path / "data" / "audit.log"), "LOG_FILE": str(tmp_path / "gateway.log"),
-           "RATE_LIMIT_PER_MINUTE": "0", "SHUTDOWN_GRACE": "10s"}
+           "RATE_LIMIT_PER_MINUTE": "0", "SHUTDOWN_GRACE": "10s", **overrides}
     process = await asyncio.create_subprocess_exec(sys.executable, "-m", "llm_proxy", "serve", cwd=tmp_path, env=env,
                                                    stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
     url = f"http://127.0.0.1:{port}"
-    async with aiohttp.ClientSession() as session:
-        for _ in range(200):
-            try:
-                async with session.get(f"{url}/health") as response:
-                    if response.status == 200:
-                        break
-            except aiohttp.ClientConnectionError:
-                await asyncio.sleep(0.05)
-        else:
+    try:
+        async with aiohttp.ClientSession() as session:
+            for _ in range(200):
+                try:
+                    async with session.get(f"{url}/health") as response:
+                        if response.status == 200:
+                            break
+                except aiohttp.ClientConnectionError:
+                    await asyncio.sleep(0.05)
+            else:
+                process.kill()
+                pytest.fail(f"gateway did not start: {(await process.communicate())[1].decode()}")
+        yield process, url
+    finally:
+        if process.returncode is None:
             process.kill()
-            pytest.fail(f"gateway did not start: {(await process.communicate())[1].decode()}")
-    yield Served(process, url, tmp_path / "data")
-    if process.returncode is None:
-        process.kill()
-        await process.wait()
+            await process.wait()
+
+
+@pytest.fixture
+async def served(tmp_path: Path, upstream: tuple[UpstreamState, TestServer]) -> AsyncIterator[Served]:
+    _, server = upstream
+    async with serving_process(tmp_path, str(server.make_url("")).rstrip("/")) as (process, url):
+        yield Served(process, url, tmp_path / "data")
 
 
 async def test_sigterm_lets_a_stream_finish_then_flushes_and_exits_0(served: Served,

@@ -11,11 +11,9 @@ from __future__ import annotations
 import asyncio
 import calendar
 import json
-import os
 import signal
 import socket
 import sqlite3
-import sys
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 from typing import Any
@@ -27,8 +25,9 @@ from aiohttp import web
 from aiohttp.test_utils import TestServer
 
 from llm_proxy.keys import AUDIT, TOKEN_STORE
-from tests.fakes import ENCRYPTION_KEY, MANAGEMENT_TOKEN, UPSTREAM_KEY, FakeClock, Gateway, UpstreamState
+from tests.fakes import MANAGEMENT_TOKEN, UPSTREAM_KEY, FakeClock, Gateway, UpstreamState
 from tests.test_faults import serving, serving_like_serve
+from tests.test_process import serving_process
 
 CHAT = {"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "hello there"}]}
 USAGE = {"prompt_tokens": 11, "completion_tokens": 3, "total_tokens": 14}
@@ -468,30 +467,8 @@ def _free_port() -> int:
 async def served_short_grace(tmp_path: Path, upstream: tuple[UpstreamState, TestServer]
                              ) -> AsyncIterator[tuple[asyncio.subprocess.Process, str, Path]]:
     _, server = upstream
-    port = _free_port()
-    env = {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "MANAGEMENT_TOKEN": MANAGEMENT_TOKEN,
-           "ENCRYPTION_KEY": ENCRYPTION_KEY, "OPENAI_API_URL": str(server.make_url("")).rstrip("/"),
-           "LISTEN_ADDR": f"127.0.0.1:{port}", "DATABASE_PATH": str(tmp_path / "data" / "gateway.db"),
-           "AUDIT_LOG_FILE": str(tmp_path / "data" / "audit.log"), "LOG_FILE": str(tmp_path / "gateway.log"),
-           "RATE_LIMIT_PER_MINUTE": "0", "SHUTDOWN_GRACE": "1s"}
-    process = await asyncio.create_subprocess_exec(sys.executable, "-m", "llm_proxy", "serve", cwd=tmp_path, env=env,
-                                                   stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
-    url = f"http://127.0.0.1:{port}"
-    async with aiohttp.ClientSession() as session:
-        for _ in range(200):
-            try:
-                async with session.get(f"{url}/health") as response:
-                    if response.status == 200:
-                        break
-            except aiohttp.ClientConnectionError:
-                await asyncio.sleep(0.05)
-        else:
-            process.kill()
-            pytest.fail("gateway did not start")
-    yield process, url, tmp_path / "data"
-    if process.returncode is None:
-        process.kill()
-        await process.wait()
+    async with serving_process(tmp_path, str(server.make_url("")).rstrip("/"), SHUTDOWN_GRACE="1s") as (process, url):
+        yield process, url, tmp_path / "data"
 
 
 async def test_a_stream_outlasting_shutdown_grace_is_cut_and_still_audited_and_counted(
