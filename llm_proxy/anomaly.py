@@ -15,7 +15,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections import OrderedDict, deque
+from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -27,7 +27,7 @@ from .tokenstore import Credential, TokenStore
 log = logging.getLogger(__name__)
 
 HOUR = 3600.0
-MINUTE = 60.0
+_WINDOW = 60  # seconds the rate_spike rule looks back
 REPLAY_THRESHOLD = 3
 _MAX_TRACKED = 100_000  # tokens watched at once; the least recently seen are forgotten first
 
@@ -37,7 +37,11 @@ class _Watch:
     first_seen: float
     ips: dict[str, float] = field(default_factory=dict)     # client IP -> last seen
     minutes: dict[int, int] = field(default_factory=dict)   # minute number -> requests
-    recent: deque[float] = field(default_factory=deque)     # when the requests of the last 60 s came
+    # The last 60 seconds, one count per second in a ring (exact to the second, fixed size): a burst
+    # straddling a minute boundary counts whole, and a hammered token costs no more memory.
+    seconds: list[int] = field(default_factory=lambda: [0] * _WINDOW)
+    second: int = 0          # the newest second counted in the ring
+    last_60s: int = 0        # the sum of the ring
     replays: list[float] = field(default_factory=list)
     flagged: dict[str, float] = field(default_factory=dict)  # rule -> when it last fired
     # The hour before the current minute only changes when the minute does: its average is
@@ -78,11 +82,18 @@ class AnomalyDetector:
         watch.ips[client_ip] = now
         minute = int(now // 60)
         watch.minutes[minute] = watch.minutes.get(minute, 0) + 1
-        # The last 60 seconds, not the calendar minute: a burst straddling a minute boundary counts whole.
-        recent = watch.recent
-        recent.append(now)
-        while recent[0] <= now - MINUTE:
-            recent.popleft()
+        second, ring = int(now), watch.seconds
+        if second != watch.second:
+            if second - watch.second >= _WINDOW:
+                ring[:] = [0] * _WINDOW
+                watch.last_60s = 0
+            else:
+                for passed in range(watch.second + 1, second + 1):  # the seconds that left the window
+                    watch.last_60s -= ring[passed % _WINDOW]
+                    ring[passed % _WINDOW] = 0
+            watch.second = second
+        ring[second % _WINDOW] += 1
+        watch.last_60s += 1
         if len(watch.ips) > self._max_ips:
             for ip, seen in list(watch.ips.items()):
                 if seen <= now - HOUR:
@@ -90,17 +101,13 @@ class AnomalyDetector:
             if len(watch.ips) > self._max_ips:
                 self._flag(credential, watch, "too_many_ips", now, distinct_ips=len(watch.ips),
                            limit=self._max_ips)
-        current = len(recent)
+        current = watch.last_60s
         if current > self._factor:
             if watch.average_minute != minute:
                 for old in [m for m in watch.minutes if m < minute - 60]:
                     del watch.minutes[old]
                 watch.average_minute = minute
                 watch.average = sum(count for m, count in watch.minutes.items() if m < minute) / 60
-                # Only whether the count passes the threshold matters, so no more timestamps are kept
-                # than that takes: a token hammered by thousands of requests a minute costs no more.
-                watch.recent = recent = deque(recent, maxlen=int(self._factor * max(watch.average, 1.0)) + 1)
-                current = len(recent)
             previous = watch.average
             if current > self._factor * max(previous, 1.0) and now - watch.first_seen >= HOUR:
                 self._flag(credential, watch, "rate_spike", now, requests_last_minute=current,

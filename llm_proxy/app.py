@@ -132,7 +132,7 @@ async def _check_stored_keys(db: Database, keyring: KeyRing) -> None:
     for project_id, stored in rows:
         try:
             keyring.decrypt(stored)
-        except DecryptionError:
+        except (DecryptionError, ValueError):  # ValueError: a stored value too damaged for AES-GCM to try
             unreadable.append(project_id)
     if rows and len(unreadable) == len(rows):
         raise ConfigError("ENCRYPTION_KEY", f"opens none of the {len(rows)} stored upstream key(s): is it the "

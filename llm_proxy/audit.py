@@ -9,7 +9,6 @@ import hashlib
 import ipaddress
 import logging
 import os
-import re
 import sqlite3
 import time
 from collections.abc import Callable
@@ -23,7 +22,7 @@ import orjson
 
 from .auditchain import HEAD_QUERIES, TIMESTAMP_FORMAT, canonical, chain_head, last_event_in_file
 from .database import Database
-from .obfuscation import mask_secrets, mask_secrets_cached
+from .obfuscation import mask_request_id, mask_secrets_cached
 
 log = logging.getLogger(__name__)
 
@@ -180,7 +179,6 @@ def _encodable(value: Any) -> Any:
 # gateway made itself (already obfuscated token hints, and hashes that must stay exact).
 _GATEWAY_MADE = frozenset({"timestamp", "action", "actor", "result", "token_id", "old_token_id",
                            "last_pruned_hash"})
-_OWN_REQUEST_ID = re.compile(r"[0-9a-f]{32}")  # the shape of the ids the gateway makes
 
 
 def _masked(value: Any) -> Any:
@@ -202,10 +200,7 @@ def _scrub(event: dict[str, Any]) -> None:
         if key in _GATEWAY_MADE or value is None:
             continue
         if key == "request_id":
-            # Unique per request, so not worth remembering; only prefixed secrets are masked, so a
-            # 32-hex request id stays greppable (as in the logs), and the gateway's own skip the scan.
-            if not _OWN_REQUEST_ID.fullmatch(value):
-                event[key] = mask_secrets(value, long_runs=False)
+            event[key] = mask_request_id(value)  # unique per request: not worth remembering
         else:
             event[key] = _masked(value)
 

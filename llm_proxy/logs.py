@@ -21,16 +21,13 @@ from aiohttp.abc import AbstractAccessLogger
 from aiohttp.web import BaseRequest, StreamResponse
 
 from .keys import CLIENT_IP, CREDENTIAL, REQUEST_ID, REQUEST_STARTED
-from .obfuscation import mask_secrets, mask_secrets_cached
+from .obfuscation import mask_request_id, mask_secrets, mask_secrets_cached
 from .settings import ConfigError, Settings
 
 ACCESS_LOGGER = "llm_proxy.access"
 ACCESS_FLUSH_INTERVAL = 0.05
 # Attributes every LogRecord has; anything else on a record came in through `extra=`.
 _STANDARD = frozenset(vars(logging.LogRecord("", 0, "", 0, "", None, None))) | {"message", "asctime", "taskName"}
-# Extras that are identifiers by construction: scrubbed for prefixed secrets only, so a
-# 32-hex request id stays greppable.
-_ID_FIELDS = frozenset({"request_id"})
 
 class SecretMaskingFilter(logging.Filter):
     """Scrub the final message, traceback and string extras of every record that reaches a handler."""
@@ -51,7 +48,10 @@ class SecretMaskingFilter(logging.Filter):
             record.stack_info = mask_secrets(record.stack_info)
         for key, value in list(vars(record).items()):
             if key not in _STANDARD and not key.startswith("_"):
-                setattr(record, key, _mask_value(value, long_runs=key not in _ID_FIELDS))
+                if key == "request_id" and isinstance(value, str):
+                    setattr(record, key, mask_request_id(value))
+                else:
+                    setattr(record, key, _mask_value(value))
         return True
 
 
@@ -196,6 +196,8 @@ class AccessSink:
         # The query string can carry secrets (?api_key=…) and was never kept; the path alone
         # identifies the route, and is still masked in case a secret was put in the path itself.
         path = mask_secrets_cached(path)
+        if request_id is not None:
+            request_id = mask_request_id(request_id)  # it may be the client's X-Request-ID
         values = (request_id, method, path, status, round(duration * 1000, 3), client_ip, token_id)
         message = f"{method} {path} {status}"
         if self._json:

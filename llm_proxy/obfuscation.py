@@ -79,3 +79,12 @@ def mask_secrets_cached(text: str) -> str:
             _CLEAN.clear()
         _CLEAN.add(text)
     return masked
+
+
+_OWN_REQUEST_ID = re.compile(r"[0-9a-f]{32}")  # the shape of the ids the gateway makes
+
+
+def mask_request_id(value: str) -> str:
+    """Mask a request id like any text (a client may send a secret as X-Request-ID), except ids of
+    the gateway's own shape (32 hex digits), which are kept whole so that they stay greppable."""
+    return value if _OWN_REQUEST_ID.fullmatch(value) else mask_secrets(value)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 import re
 from dataclasses import dataclass
@@ -73,7 +74,9 @@ class UsageTap:
     def __init__(self, request: dict[str, Any] | None, request_size: int, hide_usage_event: bool) -> None:
         self._request = request  # None: a body the gateway could not read as a JSON object
         self._request_size = request_size
-        self.streamed = False
+        # Until the answer says what it is (begin()), what the client asked for: a client that
+        # leaves before the upstream's headers is charged the estimate of a stream it asked for.
+        self.streamed = request is not None and request.get("stream") is True
         self._hide = hide_usage_event
         self._metering = True
         self._pending = b""
@@ -219,8 +222,11 @@ def prepare(path: str, body: bytes, document: dict[str, Any] | None) -> tuple[by
             body = body[:end] + b"," + _USAGE_REQUESTED + body[end:]
             hide = True
         elif options is None or (isinstance(options, dict) and options.get("include_usage") is not True):
-            document = {**document, "stream_options": {**(options or {}), "include_usage": True}}
-            body = orjson.dumps(document)
+            # Set that one field. The body is re-encoded with the standard library, which keeps
+            # integers of any size exact (orjson reads those past 64 bits as floats).
+            exact = json.loads(body)
+            exact["stream_options"] = {**(exact.get("stream_options") or {}), "include_usage": True}
+            body = json.dumps(exact, ensure_ascii=False, separators=(",", ":")).encode()
             hide = True
         # stream_options of another type is sent as it came: the upstream answers what it makes of it.
     return body, UsageTap(document, len(body), hide)

@@ -263,3 +263,16 @@ def test_an_entry_that_cannot_be_rendered_is_reported_and_the_rest_written(caplo
 
     assert [orjson.loads(line)["request_id"] for line in stream.getvalue().splitlines()] == ["req-2"]
     assert "could not be rendered" in caplog.text
+
+
+@pytest.mark.parametrize("log_format", ["json", "text"])
+def test_a_client_request_id_is_masked_and_the_gateways_own_kept_whole(log_format: str) -> None:
+    """The access line echoes X-Request-ID, which the client chose: a secret sent there is masked; an
+    id of the gateway's own shape (32 hex) stays whole, so it can be grepped across logs and audit."""
+    sink = AccessSink(logging.StreamHandler(io.StringIO()), json=log_format == "json")
+    own = "0123456789abcdef0123456789abcdef"
+    secret_line = sink.render((1_800_000_000.0, MANAGEMENT_TOKEN, "GET", "/v1/models", 200, 0.001, "127.0.0.1", None))
+    own_line = sink.render((1_800_000_000.0, own, "GET", "/v1/models", 200, 0.001, "127.0.0.1", None))
+
+    assert MANAGEMENT_TOKEN not in secret_line and MANAGEMENT_TOKEN[:2] in secret_line
+    assert own in own_line
