@@ -236,3 +236,14 @@ def test_tap_output_is_the_stream_minus_only_the_hidden_event(events: list[bytes
 
     assert out == (stream.replace(usage_event, b"") if hide else stream)
     assert tap.result() == Usage(4, 2, 6)
+
+
+def test_a_stream_left_before_any_answer_is_charged_its_prompt_estimate() -> None:
+    """The client hung up before the upstream's headers: begin() never ran, so the request's own
+    stream flag decides, and the prompt the upstream already received is estimated."""
+    document = {"stream": True, "messages": [{"role": "user", "content": "x" * 40}]}
+    _, tap = prepare("/v1/chat/completions", orjson.dumps(document), document)
+    assert tap is not None and tap.result() == Usage(10, 0, 10, estimated=True)
+    plain = {"messages": [{"role": "user", "content": "x" * 40}]}
+    _, tap = prepare("/v1/chat/completions", orjson.dumps(plain), plain)
+    assert tap is not None and tap.result() is None  # a document answer that never came carries no usage
