@@ -164,9 +164,15 @@ def _parse_networks(raw: str) -> tuple[IPNetwork, ...]:
     networks = []
     for item in _split(raw):
         try:
-            networks.append(ipaddress.ip_network(item, strict=False))
+            network = ipaddress.ip_network(item, strict=False)
         except ValueError:
             raise ValueError(f"{item!r} is not an IP address or CIDR range") from None
+        if network.network_address != ipaddress.ip_interface(item).ip:
+            # 10.0.0.1/8 would silently mean all of 10.0.0.0/8: these lists grant trust and access,
+            # so an address with a prefix is taken as the typo it most likely is.
+            raise ValueError(f"{item!r} has host bits set: write {network} for the range, or "
+                             f"{ipaddress.ip_interface(item).ip}/{network.max_prefixlen} for the one address")
+        networks.append(network)
     return tuple(networks)
 
 

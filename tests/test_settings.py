@@ -86,6 +86,8 @@ def test_dotenv_file_is_read_and_environment_wins(tmp_path: Path) -> None:
     ({"STREAM_IDLE_TIMEOUT": "8761h"}, "STREAM_IDLE_TIMEOUT"),
     ({"SHUTDOWN_GRACE": "1" * 320 + "s"}, "SHUTDOWN_GRACE"),
     ({"MANAGEMENT_ALLOWED_IPS": ","}, "MANAGEMENT_ALLOWED_IPS"),  # not "any": a typo of a restriction
+    ({"MANAGEMENT_ALLOWED_IPS": "10.0.0.1/8"}, "MANAGEMENT_ALLOWED_IPS"),  # host bits: all of 10/8, or one host?
+    ({"TRUSTED_PROXIES": "192.168.1.7/16"}, "TRUSTED_PROXIES"),
     ({"ALLOWED_MODELS": " , "}, "ALLOWED_MODELS"),
     ({"ALLOWED_ENDPOINTS": ",,"}, "ALLOWED_ENDPOINTS"),
     ({"TRUSTED_PROXIES": ","}, "TRUSTED_PROXIES"),
