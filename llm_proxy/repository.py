@@ -111,9 +111,9 @@ async def get_project(db: Database, project_id: str) -> Project:
 async def list_projects(db: Database, active: bool | None = None) -> list[Project]:
     """List projects, oldest first, optionally only active or only inactive ones."""
     if active is None:
-        rows = await db.fetchall("SELECT * FROM projects ORDER BY created_at, id")
+        rows = await db.fetchall("SELECT * FROM projects ORDER BY created_at, rowid")
     else:
-        rows = await db.fetchall("SELECT * FROM projects WHERE is_active = ? ORDER BY created_at, id",
+        rows = await db.fetchall("SELECT * FROM projects WHERE is_active = ? ORDER BY created_at, rowid",
                                  (int(active),))
     return [_project(row) for row in rows]
 
@@ -198,7 +198,7 @@ async def list_tokens(db: Database, project_id: str | None = None, active_only: 
         where.append("is_active = 1 AND revoked_at IS NULL AND expires_at > ?")
         params.append(iso(now if now is not None else datetime.now(UTC).timestamp()))
     clause = f" WHERE {' AND '.join(where)}" if where else ""
-    rows = await db.fetchall(f"SELECT * FROM tokens{clause} ORDER BY created_at, id", params)
+    rows = await db.fetchall(f"SELECT * FROM tokens{clause} ORDER BY created_at, rowid", params)
     return [_token(row) for row in rows]
 
 
@@ -260,13 +260,15 @@ async def save_usage(db: Database, counters: Iterable[tuple[int, int, int, int, 
 
 
 async def project_usage(db: Database, project_id: str, since: str | None, until: str | None) -> list[dict[str, Any]]:
-    """Return a project's daily totals, oldest first, for days in [since, until)."""
+    """Return a project's daily totals, oldest first, for the days that overlap [since, until)."""
     where, params = ["project_id = ?"], [project_id]
     if since is not None:
         where.append("day >= ?")
         params.append(since[:10])
     if until is not None:
-        where.append("day < ?")
+        # Days are whole: an `until` within a day (not at its midnight) keeps that day, since part of
+        # it is before `until`; at midnight the day starts there and is left out.
+        where.append("day < ?" if until.endswith("T00:00:00Z") else "day <= ?")
         params.append(until[:10])
     rows = await db.fetchall(
         "SELECT day, requests, prompt_tokens, completion_tokens, total_tokens FROM usage_daily"
