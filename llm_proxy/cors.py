@@ -72,8 +72,9 @@ def cors_preflight(allowed_origins: tuple[str, ...]) -> Callable[[web.Request], 
             return None
         allow_origin = policy.allow_origin(headers[hdrs.ORIGIN])
         if allow_origin is None:
+            # Vary: a cache must not serve this refusal to a preflight from an allowed origin.
             return _PreflightResponse(
-                status=403, content_type="application/json",
+                status=403, content_type="application/json", headers={hdrs.VARY: hdrs.ORIGIN},
                 body=error_body("origin is not allowed", PermissionDenied.type, "cors_origin_not_allowed"))
         answer = CIMultiDict({
             hdrs.ACCESS_CONTROL_ALLOW_ORIGIN: allow_origin,

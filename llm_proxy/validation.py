@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -38,7 +39,19 @@ def parse_json_object(raw: bytes) -> dict[str, Any]:
         raise BadRequest("request body is not valid JSON") from None
     if not isinstance(document, dict):
         raise BadRequest("request body must be a JSON object")
+    # orjson keeps the last of repeated keys; other parsers keep the first. `{"is_active": false,
+    # "is_active": true}` must not mean one thing to a proxy in front and another here.
+    json.loads(raw, object_pairs_hook=_refuse_repeated_keys)
     return document
+
+
+def _refuse_repeated_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    seen: dict[str, Any] = {}
+    for key, value in pairs:
+        if key in seen:
+            raise BadRequest(f"`{key}` is given more than once", param=key)
+        seen[key] = value
+    return seen
 
 
 def validate(document: Mapping[str, Any], fields: Mapping[str, Field], *, require_any: bool = False) -> dict[str, Any]:

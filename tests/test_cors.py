@@ -209,6 +209,7 @@ async def test_preflight_from_other_origin_is_403_without_cors_headers(aiohttp_c
     assert await response.json() == {"error": {"message": "origin is not allowed", "type": "permission_error",
                                                "code": "cors_origin_not_allowed"}}
     assert _cors_headers(response) == {}
+    assert "origin" in _vary(response)  # a cache must not hand this refusal to an allowed origin
 
 
 async def test_options_that_is_not_a_preflight_goes_to_the_router(aiohttp_client: Any) -> None:

@@ -289,3 +289,15 @@ async def test_an_oversized_management_body_is_413_request_too_large_and_audited
     assert [(e["result"], e["details"]["status"], e["details"]["error_code"]) for e in events] == [
         ("failure", 413, "request_too_large")]
     assert api_key[3:40] not in str(events)
+
+
+@pytest.mark.parametrize("raw", [b'{"name": "a", "name": "b", "api_key": "sk-0123456789abcdef0123"}',
+                                 b'{"name": "a", "api_key": "sk-0123456789abcdef0123", "api_key": "sk-x"}'])
+async def test_a_key_given_twice_is_refused(gateway: Gateway, raw: bytes) -> None:
+    """Parsers disagree on which of two repeated keys wins; a proxy in front may read the other one."""
+    response = await gateway.client.post("/manage/projects", data=raw,
+                                         headers={**gateway.auth, "Content-Type": "application/json"})
+    body = await response.json()
+    assert response.status == 400 and body["error"]["param"] in ("name", "api_key")
+    assert "more than once" in body["error"]["message"]
+    assert (await gateway.manage("GET", "/projects", expect=200))["data"] == []
