@@ -20,7 +20,14 @@ from typing import Any
 import aiosqlite
 import orjson
 
-from .auditchain import HEAD_QUERIES, TIMESTAMP_FORMAT, canonical, chain_head, last_event_in_file
+from .auditchain import (
+    HEAD_QUERIES,
+    TIMESTAMP_FORMAT,
+    canonical,
+    chain_head,
+    last_event_in_file,
+    newest_head,
+)
 from .database import Database
 from .obfuscation import mask_request_id, mask_secrets_cached
 
@@ -490,16 +497,12 @@ class AuditWriter:
 
         async def work(conn: aiosqlite.Connection) -> _Chained:
             seq, prev = self._seq, self._hash
-            row = None
-            for sql in HEAD_QUERIES:  # on the writer, inside the transaction
-                cursor = await conn.execute(sql)
-                found = await cursor.fetchone()
-                if found is not None and found[0] > (row[0] if row else seq):
-                    row = found
-            if row is not None:
+            heads = [await (await conn.execute(sql)).fetchone() for sql in HEAD_QUERIES]  # inside the transaction
+            stored = newest_head(heads, (seq, prev))
+            if stored[0] > seq:
                 log.warning("audit chain was extended by another process (seq %d..%d); continuing after it",
-                            seq + 1, row[0])
-                seq, prev = row[0], row[1]
+                            seq + 1, stored[0])
+                seq, prev = stored
                 if self._unsaved:
                     log.error("audit events %d..%d collide with that process's events and are not stored "
                               "in the database", self._unsaved[0][0], self._unsaved[-1][0])

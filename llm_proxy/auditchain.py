@@ -8,7 +8,7 @@ import os
 import re
 import sqlite3
 import zlib
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -325,14 +325,17 @@ HEAD_QUERIES = ("SELECT seq, hash FROM audit_chain WHERE id = 1",
                 "SELECT seq, hash FROM audit_events ORDER BY seq DESC LIMIT 1")
 
 
-async def chain_head(db: Database) -> tuple[int, str]:
-    """Return the (seq, hash) the next event chains from: (0, 64 zeros) before the first event."""
-    head = (0, ZERO_HASH)
-    for sql in HEAD_QUERIES:
-        row = await db.fetchone(sql)
+def newest_head(rows: Iterable[Sequence[Any] | None], head: tuple[int, str]) -> tuple[int, str]:
+    """Return the (seq, hash) of the HEAD_QUERIES answer with the highest seq above `head`'s, else `head`."""
+    for row in rows:
         if row is not None and row[0] > head[0]:
             head = (row[0], row[1])
     return head
+
+
+async def chain_head(db: Database) -> tuple[int, str]:
+    """Return the (seq, hash) the next event chains from: (0, 64 zeros) before the first event."""
+    return newest_head([await db.fetchone(sql) for sql in HEAD_QUERIES], (0, ZERO_HASH))
 
 
 def stored_chain_head(database: Path) -> tuple[int, str] | None:
@@ -342,19 +345,14 @@ def stored_chain_head(database: Path) -> tuple[int, str] | None:
     """
     conn = sqlite3.connect(database.absolute().as_uri() + "?mode=ro", uri=True, timeout=10)
     try:
-        found: tuple[int, str] | None = None
+        rows = []
         for sql in HEAD_QUERIES:
             try:
-                row = conn.execute(sql).fetchone()
+                rows.append(conn.execute(sql).fetchone())
             except sqlite3.OperationalError as exc:
-                if "no such table" in str(exc):
-                    continue
-                raise
-            if found is None:
-                found = (0, ZERO_HASH)
-            if row is not None and row[0] > found[0]:
-                found = (row[0], row[1])
-        return found
+                if "no such table" not in str(exc):
+                    raise
+        return newest_head(rows, (0, ZERO_HASH)) if rows else None
     finally:
         conn.close()
 

@@ -66,7 +66,7 @@ class ManagementAuth:
 
     def check_ip(self, request: web.Request) -> None:
         """Raise IPNotAllowed (403, audited) when MANAGEMENT_ALLOWED_IPS is set and lacks the client IP."""
-        if self._allowed_ips and not ip_in(request[CLIENT_IP], self._allowed_ips):
+        if self._allowed_ips and not self.ip_listed(request):
             self._audit.emit("auth.failure", actor="management", result="denied", request_id=request[REQUEST_ID],
                              client_ip=request[CLIENT_IP], details=_rejection_details(request, "ip_not_allowed", None))
             raise IPNotAllowed()

@@ -55,9 +55,9 @@ class SecretMaskingFilter(logging.Filter):
         return True
 
 
-def _mask_value(value: Any, *, long_runs: bool = True) -> Any:
+def _mask_value(value: Any) -> Any:
     if isinstance(value, str):
-        return mask_secrets(value, long_runs=long_runs)
+        return mask_secrets(value)
     if isinstance(value, dict):
         return {key: _mask_value(item) for key, item in value.items()}
     if isinstance(value, list | tuple | set):

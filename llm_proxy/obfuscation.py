@@ -53,12 +53,12 @@ def _mask_run(match: re.Match[str]) -> str:
     return value
 
 
-def mask_secrets(text: str, *, long_runs: bool = True) -> str:
+def mask_secrets(text: str) -> str:
     """Replace every token- or key-shaped part of `text` by its obfuscated form."""
     text = _AUTH_SCHEME.sub(_mask_auth, text)
     text = _QUERY_SECRET.sub(_mask_query, text)
     text = _PREFIXED.sub(lambda match: obfuscate(match.group(0)), text)
-    return _LONG_RUN.sub(_mask_run, text) if long_runs else text
+    return _LONG_RUN.sub(_mask_run, text)
 
 
 # Texts mask_secrets() left unchanged: paths, User-Agents and model names repeat, and their next

@@ -19,6 +19,7 @@ _MAX_JSON_BODY = 16 * 1024 * 1024  # answers larger than this are relayed but no
 # The atomic groups keep a CRLF from being read as CR + LF, an empty line that is not there.
 _EVENT_END = re.compile(rb"(?>\r\n|\n|\r)(?>\r\n|\n|\r)")
 _USAGE_REQUESTED = b'"stream_options":{"include_usage":true}'
+_ABSENT = object()  # a key not in the request at all (not even as null)
 _MAX_PENDING = 64 * 1024  # an unterminated event held back past this is relayed (or, read-along, dropped)
 _NOT_PROMPT_TEXT = frozenset({"role", "type", "name", "tool_call_id", "id"})
 
@@ -230,6 +231,3 @@ def prepare(path: str, body: bytes, document: dict[str, Any] | None) -> tuple[by
             hide = True
         # stream_options of another type is sent as it came: the upstream answers what it makes of it.
     return body, UsageTap(document, len(body), hide)
-
-
-_ABSENT = object()
