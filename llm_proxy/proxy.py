@@ -5,12 +5,18 @@ from __future__ import annotations
 from aiohttp import web
 
 from .auth import ClientAuth
-from .errors import Overloaded
+from .errors import MethodNotAllowed, Overloaded
 from .forwarder import Forwarder
 from .keys import CREDENTIAL, RATE_DECISION
 from .limits import Admission, IpBlock
 from .metrics import Metrics
 from .ratelimit import ConcurrencyLimiter
+
+# The methods the OpenAI API uses (GET, POST, DELETE), and HEAD and OPTIONS as HTTP requires. Anything
+# else is refused here: an upstream that echoes TRACE (Apache's default) would hand the token holder
+# the project's key, which the forwarded request carries in its Authorization header.
+FORWARDED_METHODS = frozenset({"GET", "POST", "DELETE", "HEAD", "OPTIONS"})
+ALLOW = "GET, POST, DELETE, HEAD, OPTIONS"
 
 
 class ProxyRoute:
@@ -18,10 +24,11 @@ class ProxyRoute:
 
     1. an IP that failed authentication too often is refused before its credential is looked at;
     2. the client token (401/403);
-    3. capacity (503), before anything is counted: a request turned away for capacity costs the
+    3. the method (405): only those the OpenAI API uses are forwarded, never TRACE and the like;
+    4. capacity (503), before anything is counted: a request turned away for capacity costs the
        token neither quota nor rate (it is audited like the other limit refusals);
-    4. quota, budget, the token's and the global rate (429);
-    5. the forwarder, which streams the exchange and audits it as token.access.
+    5. quota, budget, the token's and the global rate (429);
+    6. the forwarder, which streams the exchange and audits it as token.access.
 
     Straight-line calls rather than a middleware per step: on the hot path each layer is one more
     coroutine per request. The edge middleware around it has already set the request context and
@@ -41,6 +48,11 @@ class ProxyRoute:
         """Answer one /v1 request."""
         self._ip_block.check(request, "client")
         request[CREDENTIAL] = credential = await self._auth.authenticate(request)
+        if request.method not in FORWARDED_METHODS:
+            refusal = MethodNotAllowed(f"{request.method} is not forwarded; the gateway forwards {ALLOW}",
+                                       headers={"Allow": ALLOW})
+            self._admission.audit_refusal(request, credential, refusal)
+            raise refusal
         concurrency = self._concurrency
         if not concurrency.try_acquire():
             self._metrics.count_denial("overloaded")

@@ -8,9 +8,18 @@ import time
 
 import aiohttp
 import openai
+import orjson
 import pytest
 
+from llm_proxy.keys import AUDIT
 from tests.fakes import UPSTREAM_KEY, Gateway
+
+
+async def _last_event(gateway: Gateway) -> dict:  # type: ignore[type-arg]
+    await gateway.app[AUDIT].flush()
+    path = gateway.settings.audit_log_file
+    assert path is not None
+    return orjson.loads(path.read_bytes().splitlines()[-1])
 
 
 async def test_chat_completion_through_openai_sdk_uses_project_key(gateway: Gateway) -> None:
@@ -130,6 +139,45 @@ async def test_paths_outside_allowed_endpoints_are_404_and_never_forwarded(gatew
     body = await response.json()
     assert set(body["error"]) >= {"message", "type", "code"}
     assert gateway.upstream.requests == []
+
+
+@pytest.mark.parametrize("method", ["TRACE", "PUT", "PATCH", "PROPFIND"])
+async def test_methods_the_openai_api_does_not_use_are_405_and_never_forwarded(gateway: Gateway, method: str) -> None:
+    """An upstream that echoes TRACE (Apache's default) would hand the project's key to the token holder."""
+    token = await gateway.token()
+
+    response = await gateway.client.request(method, "/v1/models",
+                                            headers={"Authorization": f"Bearer {token['token']}"})
+
+    assert response.status == 405
+    assert response.headers["Allow"] == "GET, POST, DELETE, HEAD, OPTIONS"
+    assert (await response.json())["error"]["code"] == "method_not_allowed"
+    assert gateway.upstream.requests == []
+    event = await _last_event(gateway)
+    assert (event["action"], event["result"]) == ("token.access", "denied")
+    assert event["details"]["status"] == 405 and event["details"]["reason"] == "method_not_allowed"
+    assert event["details"]["http_method"] == method
+    listed = await gateway.manage("GET", f"/tokens/{token['id']}", expect=200)
+    assert listed["request_count"] == 0  # refused before admission: no quota spent
+
+
+async def test_a_405_method_without_a_token_is_still_401(gateway: Gateway) -> None:
+    response = await gateway.client.request("TRACE", "/v1/models")
+    assert response.status == 401
+    assert gateway.upstream.requests == []
+
+
+@pytest.mark.parametrize(("method", "path"), [("GET", "/v1/models"), ("POST", "/v1/embeddings"),
+                                              ("DELETE", "/v1/models/ft-1"), ("HEAD", "/v1/models"),
+                                              ("OPTIONS", "/v1/models")])
+async def test_the_methods_the_openai_api_uses_are_forwarded(gateway: Gateway, method: str, path: str) -> None:
+    token = await gateway.token()
+
+    response = await gateway.client.request(method, path, json={"model": "m", "input": "x"} if method == "POST"
+                                            else None, headers={"Authorization": f"Bearer {token['token']}"})
+
+    assert response.status == 200
+    assert [(seen.method, seen.path_qs) for seen in gateway.upstream.requests] == [(method, path)]
 
 
 async def test_upstream_errors_pass_through_unchanged(gateway: Gateway) -> None:
