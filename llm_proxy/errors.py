@@ -22,6 +22,7 @@
     │   ├── QuotaExceeded                                  quota_exceeded
     │   └── BudgetExceeded                                 budget_exceeded
     ├── UpstreamUnavailable        502 upstream_error         upstream_unavailable
+    │   └── UpstreamAuthFailed                             upstream_auth_failed
     ├── Overloaded                 503 server_error           overloaded
     └── UpstreamTimeout            504 upstream_error         upstream_timeout
 """
@@ -136,6 +137,16 @@ class BudgetExceeded(TooManyRequests):
 
 class UpstreamUnavailable(ApiError):
     status, type, code, message = 502, "upstream_error", "upstream_unavailable", "upstream unreachable"
+
+
+class UpstreamAuthFailed(UpstreamUnavailable):
+    code = "upstream_auth_failed"
+
+    def __init__(self, upstream_status: int, *, headers: Mapping[str, str] | None = None) -> None:
+        super().__init__(f"the upstream refused the gateway's credentials for this token's project (upstream "
+                         f"status {upstream_status}); the gateway's operator must replace the project's API key",
+                         headers=headers)
+        self.upstream_status = upstream_status
 
 
 class Overloaded(ApiError):

@@ -27,6 +27,7 @@ from .errors import (
     ModelNotAllowed,
     PayloadTooLarge,
     RequestTimeout,
+    UpstreamAuthFailed,
     UpstreamTimeout,
     UpstreamUnavailable,
 )
@@ -55,6 +56,10 @@ _URL_CACHE_SIZE = 4096
 # write: cheaper than relaying it piecewise, and a body that breaks off can still be answered
 # with a clean 502/504. A client cannot use half a JSON document, so nothing useful is held back.
 WHOLE_BODY_LIMIT = 256 * 1024
+# The upstream refusing the project's key: its answer is about the operator's credentials, not the
+# client's token, and OpenAI's own message shows part of the key ("Incorrect API key provided: sk-…").
+CREDENTIALS_REFUSED = frozenset({401, 403})
+_REFUSAL_LOG_INTERVAL = 60.0  # per project: one line a minute says it all, a line per request floods
 _UNSAFE_PATH = re.compile(r"%2e|%2f|%5c|\\|//|/\.\.?(/|$)", re.IGNORECASE)
 
 
@@ -74,6 +79,7 @@ class Forwarder:
         self._request_timeout = settings.request_timeout
         self._idle = settings.stream_idle_timeout
         self._urls: dict[str, URL] = {}
+        self._refusals_logged: dict[str, float] = {}  # project id -> when its key's refusal was last logged
         self._timeout = aiohttp.ClientTimeout(total=None, sock_connect=settings.request_timeout,
                                               sock_read=settings.stream_idle_timeout)
 
@@ -108,7 +114,7 @@ class Forwarder:
         """Forward the request; charge its usage and audit it as token.access whatever happens."""
         started = time.perf_counter()
         credential = request[CREDENTIAL]
-        status, result, model, tap = 0, "error", None, None
+        status, result, model, tap, reason, upstream_status = 0, "error", None, None, None, None
         try:
             url = self.upstream_url(request.raw_path)
             body, document, model = await self._body(request)
@@ -121,7 +127,9 @@ class Forwarder:
                 result = "error"
             return response
         except ApiError as exc:
-            status = exc.status
+            status, reason = exc.status, exc.code
+            if isinstance(exc, UpstreamAuthFailed):
+                upstream_status = exc.upstream_status
             result = "error" if status >= 500 else "denied" if status in (403, 404) else "failure"
             raise
         except web.HTTPException as exc:
@@ -134,7 +142,8 @@ class Forwarder:
             details: dict[str, object] = {
                 "http_method": request.method, "endpoint": request.path, "status": status,
                 "duration_ms": round((time.perf_counter() - started) * 1000, 2), "model": model,
-                "token_id": credential.hint, "user_agent": request.headers.get("User-Agent")}
+                "token_id": credential.hint, "user_agent": request.headers.get("User-Agent"), "reason": reason,
+                "upstream_status": upstream_status}
             spent = tap.result() if tap is not None and status in (200, 499) else None
             if spent is not None:
                 self._store.add_usage(credential, spent.prompt_tokens, spent.completion_tokens, spent.total_tokens)
@@ -205,12 +214,26 @@ class Forwarder:
         answered = time.perf_counter()
         self._metrics.upstream_latency.observe(answered - sent)
         try:
+            if upstream.status in CREDENTIALS_REFUSED:
+                raise self._credentials_refused(request, upstream.status)
             if tap is not None and (upstream.status != 200 or not tap.begin(upstream.content_type)):
                 tap.stop()  # errors and answers of other types are relayed untouched and not metered
                 tap = None
             return await self._relay(request, upstream, sent, answered, tap)
         finally:
             upstream.close()
+
+    def _credentials_refused(self, request: web.Request, status: int) -> UpstreamAuthFailed:
+        """Say (to the operator, once a minute per project) that the upstream refused a project's key."""
+        project_id = request[CREDENTIAL].project.id
+        now = self._loop.time()
+        if now >= self._refusals_logged.get(project_id, 0.0):
+            self._refusals_logged[project_id] = now + _REFUSAL_LOG_INTERVAL
+            log.error("the upstream refused the API key of project %s (status %d): its requests fail with 502 "
+                      "upstream_auth_failed until the key is replaced (PATCH /manage/projects/%s api_key)",
+                      project_id, status, project_id)
+        # The upstream's body is never relayed: it may quote part of the key.
+        return UpstreamAuthFailed(status, headers={"x-should-retry": "false"})
 
     @staticmethod
     def _timed_out(body: bytes | _CappedBody | None) -> ApiError:

@@ -53,6 +53,7 @@ class UpstreamState:
     chunks: int = 3
     status: int | None = None            # answer every request with this status
     status_headers: dict[str, str] = field(default_factory=dict)
+    status_message: str = "upstream says no"  # the error message sent with `status`
     hang: bool = False                   # accept and never answer
     break_after_chunks: int | None = None  # cut the connection mid-stream
     stream_started: asyncio.Event = field(default_factory=asyncio.Event)
@@ -88,7 +89,7 @@ def make_upstream(state: UpstreamState) -> web.Application:
         if state.hang:
             await asyncio.Event().wait()
         if state.status is not None:
-            return web.json_response({"error": {"message": "upstream says no", "type": "server_error",
+            return web.json_response({"error": {"message": state.status_message, "type": "server_error",
                                                 "code": "upstream_code"}}, status=state.status,
                                      headers=state.status_headers)
         model = body.get("model", "gpt-4o-mini")

@@ -194,6 +194,45 @@ async def test_upstream_errors_pass_through_unchanged(gateway: Gateway) -> None:
     assert (await response.json())["error"]["code"] == "upstream_code"
 
 
+@pytest.mark.parametrize("upstream_status", [401, 403])
+@pytest.mark.parametrize("stream", [False, True])
+async def test_the_upstream_refusing_the_project_key_is_502_without_any_of_the_key(
+        gateway: Gateway, caplog: pytest.LogCaptureFixture, upstream_status: int, stream: bool) -> None:
+    """OpenAI's 401 quotes the key's last characters; the client must see neither them nor an auth error."""
+    gateway.upstream.status = upstream_status
+    gateway.upstream.status_message = "Incorrect API key provided: sk-upstr****cdef. You can find your API key at …"
+    project = await gateway.project()
+    token = await gateway.token(project["id"])
+
+    with pytest.raises(openai.APIStatusError) as caught:
+        await gateway.openai(token["token"]).chat.completions.create(model="m", messages=[], stream=stream)
+
+    assert not isinstance(caught.value, openai.AuthenticationError | openai.PermissionDeniedError)
+    assert caught.value.status_code == 502
+    assert caught.value.response.headers["x-should-retry"] == "false"
+    error = caught.value.response.json()["error"]
+    assert error["code"] == "upstream_auth_failed" and f"upstream status {upstream_status}" in error["message"]
+    assert "cdef" not in caught.value.response.text and "sk-" not in caught.value.response.text
+    assert len(gateway.upstream.requests) == 1  # sent once: the SDK was told not to retry
+    event = await _last_event(gateway)
+    assert (event["action"], event["result"], event["project_id"]) == ("token.access", "error", project["id"])
+    assert event["details"]["reason"] == "upstream_auth_failed"
+    assert event["details"]["upstream_status"] == upstream_status and event["details"]["status"] == 502
+    refused = [record.getMessage() for record in caplog.records if "refused the API key" in record.getMessage()]
+    assert len(refused) == 1 and project["id"] in refused[0]
+
+
+async def test_a_refused_project_key_is_logged_once_a_minute_not_per_request(
+        gateway: Gateway, caplog: pytest.LogCaptureFixture) -> None:
+    gateway.upstream.status = 401
+    token = await gateway.token()
+    for _ in range(3):
+        response = await gateway.client.post("/v1/chat/completions", json={"model": "m", "messages": []},
+                                             headers={"Authorization": f"Bearer {token['token']}"})
+        assert response.status == 502
+    assert sum("refused the API key" in record.getMessage() for record in caplog.records) == 1
+
+
 async def test_upstream_5xx_reaches_sdk_as_api_error(gateway: Gateway) -> None:
     gateway.upstream.status = 503
     token = await gateway.token()
