@@ -55,6 +55,16 @@ def resolve_client_ip(peer: str, forwarded_for: str | None, trusted: tuple[IPNet
     return str(ipaddress.ip_address(hops[0])) if hops else peer
 
 
+def forwarded_for(request: web.BaseRequest) -> str | None:
+    """Return every X-Forwarded-For line of a request as one list, in order (None when there is none).
+
+    HTTP lets a proxy add its own header line instead of extending the client's (HAProxy does):
+    reading only the first line would take the hops the client wrote itself as the truth.
+    """
+    lines = request.headers.getall("X-Forwarded-For", ())
+    return ",".join(lines) if lines else None
+
+
 def ip_in(peer: str, networks: tuple[IPNetwork, ...]) -> bool:
     """Tell whether an address lies in any of the networks (False for anything unparsable)."""
     try:
@@ -73,7 +83,7 @@ def request_context(trusted_proxies: tuple[IPNetwork, ...]) -> Callable[[web.Req
         presented = request.headers.get("X-Request-ID")
         request[REQUEST_ID] = presented if presented and _SANE_ID.fullmatch(presented) else new_id()
         peer = request.remote or ""
-        request[CLIENT_IP] = (resolve_client_ip(peer, request.headers.get("X-Forwarded-For"), trusted_proxies)
+        request[CLIENT_IP] = (resolve_client_ip(peer, forwarded_for(request), trusted_proxies)
                               if trusted_proxies else peer)
 
     return set_context

@@ -4,11 +4,15 @@ from __future__ import annotations
 
 import ipaddress
 import re
+from typing import Any
 
+import orjson
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
+from multidict import CIMultiDict
 
+from llm_proxy.keys import AUDIT
 from llm_proxy.request_context import RequestIds, ip_in, resolve_client_ip
 from llm_proxy.settings import IPNetwork
 
@@ -117,3 +121,34 @@ def test_request_ids_are_32_hex_digits_and_unique_across_refills() -> None:
     assert all(re.fullmatch(r"[0-9a-f]{32}", value) for value in drawn)
     assert len(set(drawn)) == len(drawn)
     assert len(set(RequestIds().new() for _ in range(50))) == 50  # each instance draws its own
+
+
+# ---- through real HTTP: X-Forwarded-For given on several header lines ----
+
+_SPOOFED_FIRST_LINE = [("X-Forwarded-For", "10.9.9.9"), ("X-Forwarded-For", "203.0.113.7")]
+
+
+async def test_every_x_forwarded_for_line_is_read_so_a_client_cannot_choose_its_ip(make_gateway: Any) -> None:
+    """A proxy that adds its own line (HAProxy does) must not leave the client's line as the answer:
+    here the client wrote 10.9.9.9, which MANAGEMENT_ALLOWED_IPS lets read /metrics without a token."""
+    gateway = await make_gateway(TRUSTED_PROXIES="127.0.0.1/32", MANAGEMENT_ALLOWED_IPS="10.9.9.9/32")
+
+    spoofed = await gateway.client.get("/metrics", headers=CIMultiDict(_SPOOFED_FIRST_LINE))
+    honest = await gateway.client.get("/metrics", headers={"X-Forwarded-For": "10.9.9.9"})
+
+    assert spoofed.status in (401, 403)
+    assert honest.status == 200  # the one-line case still works as before
+    await gateway.app[AUDIT].flush()
+    events = [orjson.loads(line) for line in gateway.settings.audit_log_file.read_bytes().splitlines()]
+    assert events[0]["client_ip"] == "203.0.113.7"
+
+
+async def test_the_failure_throttle_counts_the_address_the_proxy_saw_whatever_the_client_wrote(
+        make_gateway: Any) -> None:
+    gateway = await make_gateway(TRUSTED_PROXIES="127.0.0.1/32", IP_RATE_LIMIT="2")
+    statuses = []
+    for n in range(4):
+        headers = CIMultiDict([("X-Forwarded-For", f"198.51.100.{n}"), ("X-Forwarded-For", "203.0.113.7"),
+                               ("Authorization", "Bearer tok-" + "x" * 43)])
+        statuses.append((await gateway.client.get("/v1/models", headers=headers)).status)
+    assert statuses == [401, 401, 429, 429]
