@@ -20,6 +20,7 @@ import orjson
 from aiohttp.abc import AbstractAccessLogger
 from aiohttp.web import BaseRequest, StreamResponse
 
+from .control_characters import escape_controls
 from .keys import CLIENT_IP, CREDENTIAL, REQUEST_ID, REQUEST_STARTED
 from .obfuscation import mask_request_id, mask_secrets, mask_secrets_cached
 from .settings import ConfigError, Settings
@@ -102,7 +103,12 @@ class JsonFormatter(logging.Formatter):
 
 
 class TextFormatter(logging.Formatter):
-    """`time LEVEL logger: message key=value …` for people reading a terminal."""
+    """`time LEVEL logger: message key=value …` for people reading a terminal; one line per record.
+
+    Control characters are escaped in the whole line, traceback included (its newlines show as
+    `\\n`): a message or extra carrying a client's text could otherwise forge a second line or
+    send escape sequences to the terminal reading the log.
+    """
 
     # The access line already says these in its message.
     _IN_MESSAGE = frozenset({"method", "path", "status"})
@@ -118,6 +124,9 @@ class TextFormatter(logging.Formatter):
         extras = " ".join(f"{key}={value}" for key, value in _extras(record).items()
                           if key not in self._IN_MESSAGE and value is not None)
         return f"{line} {extras}" if extras else line
+
+    def format(self, record: logging.LogRecord) -> str:
+        return escape_controls(super().format(record))
 
 
 LOG_FILE_MODE = 0o640  # as the audit file, and as logrotate.conf's `create 0640` makes them after a rotation
@@ -205,7 +214,8 @@ class AccessSink:
                                  "message": message, **dict(zip(_ACCESS_FIELDS, values, strict=True))}).decode()
         extras = " ".join(f"{key}={value}" for key, value in zip(_ACCESS_FIELDS, values, strict=True)
                           if key not in ("method", "path", "status") and value is not None)
-        return f"{_utc(created)} INFO {self._logger_name}: {message} {extras}"
+        # The path is the decoded one: `%0a` in a request would otherwise start a forged line.
+        return escape_controls(f"{_utc(created)} INFO {self._logger_name}: {message} {extras}")
 
     def start(self) -> None:
         """Start the writer thread."""

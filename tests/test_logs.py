@@ -8,6 +8,7 @@ import logging
 import os
 import re
 import stat
+import unicodedata
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -18,6 +19,7 @@ from aiohttp import web
 from aiohttp.test_utils import TestClient, TestServer
 
 from llm_proxy.app import create_app
+from llm_proxy.control_characters import escape_controls
 from llm_proxy.logs import ACCESS_LOGGER, AccessLogger, AccessSink, LogListener, configure_logging, mask_secrets
 from llm_proxy.settings import ConfigError
 from tests.fakes import MANAGEMENT_TOKEN, UPSTREAM_KEY, UpstreamState, make_settings
@@ -276,3 +278,64 @@ def test_a_client_request_id_is_masked_and_the_gateways_own_kept_whole(log_forma
 
     assert MANAGEMENT_TOKEN not in secret_line and MANAGEMENT_TOKEN[:2] in secret_line
     assert own in own_line
+
+
+# Decoded, `%0a` is a newline: written as it came, the path would end this request's line and
+# start one the client wrote (review: log forging in LOG_FORMAT=text). C1 controls (U+0085 is a
+# newline to some readers, U+009B a terminal's CSI) and U+2028 split lines too.
+FORGING_PATHS = ("/v1/models%0aFORGED%20INFO%20llm_proxy.access:%20x",
+                 "/v1/models%0d%0aFORGED%20INFO%20llm_proxy.access:%20x",
+                 "/v1/models%C2%85FORGED%20INFO%20llm_proxy.access:%20x",
+                 "/v1/models%E2%80%A8FORGED%20INFO%20llm_proxy.access:%20x",
+                 "/v1/models%C2%9B2J%1b[31mFORGED")
+
+
+async def test_a_path_cannot_forge_a_text_log_line(configure: Configure, tmp_path: Path,
+                                                   upstream: tuple[UpstreamState, TestServer]) -> None:
+    listener, path = configure(LOG_FORMAT="text")
+    _, upstream_server = upstream
+    server = TestServer(create_app(make_settings(tmp_path, str(upstream_server.make_url("")).rstrip("/"))))
+    await server.start_server(access_log_class=AccessLogger, access_log=logging.getLogger(ACCESS_LOGGER))
+    async with TestClient(server) as client:
+        assert listener.flush()
+        before = len(path.read_text().splitlines())
+        for forging in FORGING_PATHS:
+            await client.get(forging)  # unauthenticated, as the review's was
+    listener.stop()
+
+    # str.splitlines() splits at every line boundary a reader might honour: \r, \x85, \u2028 ...
+    lines = path.read_text(encoding="utf-8").splitlines()[before:]
+    assert len(lines) == len(FORGING_PATHS), lines
+    assert all(line.isprintable() for line in lines), lines  # no control character left at all
+    assert not any(line.startswith("FORGED") for line in lines)
+    assert [line.split(": ", 1)[1].split(" request_id=")[0].rsplit(" ", 1)[0] for line in lines] == [
+        "GET /v1/models\\nFORGED INFO llm_proxy.access: x", "GET /v1/models\\x0d\\nFORGED INFO llm_proxy.access: x",
+        "GET /v1/models\\x85FORGED INFO llm_proxy.access: x", "GET /v1/models\\u2028FORGED INFO llm_proxy.access: x",
+        "GET /v1/models\\x9b2J\\x1b[31mFORGED"]
+
+
+def test_a_text_record_is_one_line_whatever_its_message_extras_and_traceback_hold(configure: Configure) -> None:
+    listener, path = configure(LOG_FORMAT="text")
+    try:
+        raise ValueError("bad\ninput\x1b[2J")
+    except ValueError:
+        logging.getLogger("llm_proxy.test").exception("first line\nFORGED INFO llm_proxy.access: x",
+                                                      extra={"model": "gpt\u2028FORGED\x9b"})
+    listener.stop()
+
+    (line,) = path.read_text(encoding="utf-8").splitlines()
+    assert line.isprintable()
+    assert "ERROR llm_proxy.test: first line\\nFORGED INFO llm_proxy.access: x model=gpt\\u2028FORGED\\x9b" in line
+    assert "\\nTraceback (most recent call last):\\n" in line and "ValueError: bad\\ninput\\x1b[2J" in line
+
+
+def test_every_control_character_is_escaped_and_nothing_else() -> None:
+    controls = [chr(code) for code in range(0x110000)
+                if unicodedata.category(chr(code)) == "Cc" or code in (0x2028, 0x2029)]
+    assert len(controls) == 67
+    for char in controls:
+        escaped = escape_controls(f"a{char}b")
+        assert escaped.isascii() and escaped.isprintable() and escaped.startswith("a\\") and escaped.endswith("b")
+    assert escape_controls("\n\t\x7f\x9b\u2029") == "\\n\\x09\\x7f\\x9b\\u2029"
+    ordinary = "GET /v1/models/café-ü 200 request_id=req-1 \\n stays as typed \u00a0\u200b"
+    assert escape_controls(ordinary) == ordinary
