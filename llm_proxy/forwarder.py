@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import email.policy
 import fnmatch
+import json
 import logging
 import re
 import time
@@ -35,7 +36,7 @@ from .keys import CLIENT_IP, CREDENTIAL, REQUEST_ID, REQUEST_STARTED, UPSTREAM_B
 from .metrics import Metrics
 from .settings import Settings
 from .tokenstore import TokenStore
-from .validation import read_body
+from .validation import read_body, refusing_deep_nesting
 
 log = logging.getLogger(__name__)
 
@@ -116,10 +117,16 @@ class Forwarder:
         credential = request[CREDENTIAL]
         status, result, model, tap, reason, upstream_status = 0, "error", None, None, None, None
         try:
-            url = self.upstream_url(request.raw_path)
-            body, document, model = await self._body(request)
-            if isinstance(body, bytes):
-                body, tap = usage.prepare(request.path, body, document)
+            try:
+                url = self.upstream_url(request.raw_path)
+                body, document, model = await self._body(request)
+                if isinstance(body, bytes):
+                    body, tap = usage.prepare(request.path, body, document)
+            except ApiError:
+                # Refused by the gateway's own checks before anything went upstream: no quota spent.
+                # The rate allowance stays spent: it bounds how often a token makes the gateway read a body.
+                self._store.refund(credential)
+                raise
             response = await self._forward(request, url, body, tap)
             status = response.status
             result = "success" if status < 400 else ("error" if status >= 500 else "failure")
@@ -173,6 +180,8 @@ class Forwarder:
             model = _multipart_model(request.headers.get("Content-Type", ""), body)
         else:
             document = _json_object(body)
+            if document is not None:
+                _refuse_repeated_decided_keys(body)
             model = document.get("model") if document is not None else None
             model = model if isinstance(model, str) else None
         if self._allowed_models:
@@ -441,15 +450,43 @@ def _json_object(body: bytes) -> dict[str, Any] | None:
     return document if isinstance(document, dict) else None
 
 
+# Keys whose values the gateway acts on: the model policy, metering and the usage event it hides.
+_DECIDED_KEYS = ("model", "stream", "stream_options")
+_DECIDED_KEY_TEXTS = tuple(f'"{key}"'.encode() for key in (*_DECIDED_KEYS, "include_usage"))
+
+
+def _refuse_repeated_decided_keys(body: bytes) -> None:
+    """Refuse a JSON object that gives `model`, `stream` or `stream_options` (or its `include_usage`) twice.
+
+    orjson keeps the last of repeated keys, an upstream's parser may keep the first: `{"model":
+    "o1-pro", "model": "gpt-4o-mini"}` would pass ALLOWED_MODELS here and run o1-pro there.
+    """
+    # Each of these keys, unless spelt with \u escapes, is its literal quoted text in the body; when
+    # every one appears at most once and nothing is escaped, none can be repeated (the usual body:
+    # a few byte scans, not a second parse).
+    if b"\\u" not in body and all(body.count(text) <= 1 for text in _DECIDED_KEY_TEXTS):
+        return
+    with refusing_deep_nesting():
+        pairs = json.loads(body, object_pairs_hook=list)  # every object as its (key, value) pairs, in order
+    keys = [key for key, _ in pairs]
+    for key in _DECIDED_KEYS:
+        if keys.count(key) > 1:
+            raise BadRequest(f"`{key}` is given more than once in the request body", param=key)
+    options = dict(pairs).get("stream_options")
+    if isinstance(options, list) and all(type(pair) is tuple for pair in options):  # an object, not an array
+        if [key for key, _ in options].count("include_usage") > 1:
+            raise BadRequest("`stream_options.include_usage` is given more than once in the request body",
+                             param="stream_options")
+
+
 def _multipart_model(content_type: str, body: bytes) -> str | None:
     """Return the `model` field of a multipart/form-data body (audio and image uploads)."""
     message = BytesParser(policy=email.policy.HTTP).parsebytes(
         b"Content-Type: " + content_type.encode("latin-1", "replace") + b"\r\n\r\n" + body)
     if not message.is_multipart():
         return None
-    for part in message.iter_parts():
-        if part.get_param("name", header="content-disposition") == "model":
-            payload = part.get_payload(decode=True)
-            if isinstance(payload, bytes):
-                return payload.decode("utf-8", "replace").strip() or None
-    return None
+    parts = [part for part in message.iter_parts() if part.get_param("name", header="content-disposition") == "model"]
+    if len(parts) > 1:  # as with a JSON key given twice: which one the upstream reads is not ours to guess
+        raise BadRequest("`model` is given more than once in the request body", param="model")
+    payload = parts[0].get_payload(decode=True) if parts else None
+    return payload.decode("utf-8", "replace").strip() or None if isinstance(payload, bytes) else None

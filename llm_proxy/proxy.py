@@ -49,10 +49,10 @@ class ProxyRoute:
         self._ip_block.check(request, "client")
         request[CREDENTIAL] = credential = await self._auth.authenticate(request)
         if request.method not in FORWARDED_METHODS:
-            refusal = MethodNotAllowed(f"{request.method} is not forwarded; the gateway forwards {ALLOW}",
-                                       headers={"Allow": ALLOW})
-            self._admission.audit_refusal(request, credential, refusal)
-            raise refusal
+            wrong = MethodNotAllowed(f"{request.method} is not forwarded; the gateway forwards {ALLOW}",
+                                     headers={"Allow": ALLOW})
+            self._admission.audit_refusal(request, credential, wrong)
+            raise wrong
         concurrency = self._concurrency
         if not concurrency.try_acquire():
             self._metrics.count_denial("overloaded")

@@ -140,6 +140,12 @@ class TokenStore:
         self._dirty[credential.id] = credential
         self._day_totals(credential.project.id, now)[0] += 1
 
+    def refund(self, credential: Credential) -> None:
+        """Give back the quota consume() took, for a request the gateway refused before it went upstream."""
+        credential.request_count -= 1
+        self._dirty[credential.id] = credential
+        self._day_totals(credential.project.id, self._clock())[0] -= 1
+
     def add_usage(self, credential: Credential, prompt: int, completion: int, total: int) -> None:
         """Charge a request's token usage to its token and its project's day."""
         credential.prompt_tokens += prompt

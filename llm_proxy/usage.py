@@ -10,6 +10,8 @@ from typing import Any
 
 import orjson
 
+from .validation import refusing_deep_nesting
+
 # Endpoints whose answers carry a `usage` object.
 USAGE_ENDPOINTS = ("/v1/chat/completions", "/v1/completions", "/v1/embeddings", "/v1/responses")
 # Streams that only report usage when asked with stream_options.include_usage.
@@ -225,9 +227,10 @@ def prepare(path: str, body: bytes, document: dict[str, Any] | None) -> tuple[by
         elif options is None or (isinstance(options, dict) and options.get("include_usage") is not True):
             # Set that one field. The body is re-encoded with the standard library, which keeps
             # integers of any size exact (orjson reads those past 64 bits as floats).
-            exact = json.loads(body)
-            exact["stream_options"] = {**(exact.get("stream_options") or {}), "include_usage": True}
-            body = json.dumps(exact, ensure_ascii=False, separators=(",", ":")).encode()
+            with refusing_deep_nesting():
+                exact = json.loads(body)
+                exact["stream_options"] = {**(exact.get("stream_options") or {}), "include_usage": True}
+                body = json.dumps(exact, ensure_ascii=False, separators=(",", ":")).encode()
             hide = True
         # stream_options of another type is sent as it came: the upstream answers what it makes of it.
     return body, UsageTap(document, len(body), hide)

@@ -301,3 +301,16 @@ async def test_a_key_given_twice_is_refused(gateway: Gateway, raw: bytes) -> Non
     assert response.status == 400 and body["error"]["param"] in ("name", "api_key")
     assert "more than once" in body["error"]["message"]
     assert (await gateway.manage("GET", "/projects", expect=200))["data"] == []
+
+
+@pytest.mark.parametrize("depth", [1000, 1023])
+async def test_a_body_nested_too_deeply_is_400_not_a_500(
+        gateway: Gateway, caplog: pytest.LogCaptureFixture, depth: int) -> None:
+    """orjson reads 1,000 levels; the repeated-key check (the standard library) recursed past Python's limit."""
+    raw = b'{"name": "deep", "api_key": "sk-0123456789abcdef0123", "x": ' + b"[" * depth + b"]" * depth + b"}"
+    response = await gateway.client.post("/manage/projects", data=raw,
+                                         headers={**gateway.auth, "Content-Type": "application/json"})
+    assert response.status == 400
+    assert (await response.json())["error"]["message"] == "request body is nested too deeply"
+    assert not [record for record in caplog.records if record.levelname in ("ERROR", "CRITICAL")]
+    assert (await gateway.manage("GET", "/projects", expect=200))["data"] == []
