@@ -48,15 +48,21 @@ class UsageError(CommandError):
 
 
 def _fail(message: str, code: int = EXIT_FAILED) -> int:
-    print(f"llm-proxy: {message}", file=sys.stderr)
+    for line in message.split("\n"):
+        print(f"llm-proxy: {line}", file=sys.stderr)
     return code
+
+
+def _configuration_error(exc: ConfigError) -> UsageError:
+    """Return the failure that shows each of the error's problems as its own `configuration error:` line."""
+    return UsageError("\n".join(f"configuration error: {variable}: {problem}" for variable, problem in exc.problems))
 
 
 def _settings() -> Settings:
     try:
         return load_settings()
     except ConfigError as exc:
-        raise UsageError(f"configuration error: {exc}") from None
+        raise _configuration_error(exc) from None
 
 
 # ---- output ----
@@ -533,7 +539,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     try:
         listener = configure_logging(settings)
     except ConfigError as exc:
-        raise UsageError(f"configuration error: {exc}") from None
+        raise _configuration_error(exc) from None
     try:
         try:
             import uvloop
@@ -565,7 +571,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         except sqlite3.Error as exc:
             raise CommandError(f"DATABASE_PATH: cannot use {settings.database_path} ({exc})") from None
         except ConfigError as exc:  # found at startup, e.g. an ENCRYPTION_KEY that opens no stored key
-            raise UsageError(f"configuration error: {exc}") from None
+            raise _configuration_error(exc) from None
         log.info("llm-proxy stopped")
     finally:
         listener.stop()

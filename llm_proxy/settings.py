@@ -31,10 +31,15 @@ LOG_LEVELS = ("debug", "info", "warning", "error")
 
 
 class ConfigError(Exception):
-    """A configuration variable is missing or invalid; str() is the one line shown to the operator."""
+    """One or more configuration variables are missing or invalid.
 
-    def __init__(self, variable: str, problem: str) -> None:
-        super().__init__(f"{variable}: {problem}")
+    `problems` holds each (variable, problem) pair, `variable` names the first; str() is one
+    `VARIABLE: problem` line per pair, what the operator is shown.
+    """
+
+    def __init__(self, variable: str, problem: str, *more: tuple[str, str]) -> None:
+        self.problems = ((variable, problem), *more)
+        super().__init__("\n".join(f"{name}: {text}" for name, text in self.problems))
         self.variable = variable
 
 
@@ -218,9 +223,14 @@ def _parse_url(raw: str) -> str:
 
 def _parse_listen(raw: str) -> tuple[str, int]:
     host, sep, port_text = raw.strip().rpartition(":")
-    if not sep or not port_text.isdigit() or not 0 < int(port_text) < 65536:
+    if not sep or not (port_text.isascii() and port_text.isdigit()):
         raise ValueError("must be host:port, e.g. :8080 or 127.0.0.1:8080")
-    return host.strip("[]"), int(port_text)
+    port = int(port_text)
+    if port == 0:  # the system would pick a port, and no client could know which
+        raise ValueError("port 0 is not allowed: give a port from 1 to 65535")
+    if port > 65535:
+        raise ValueError(f"port {port} is out of range: the port must be 1-65535")
+    return host.strip("[]"), port
 
 
 def _parse_choice(choices: tuple[str, ...]) -> Callable[[str], str]:
@@ -255,31 +265,36 @@ def _parse_origins(raw: str) -> tuple[str, ...]:
 
 
 def load_settings(environ: Mapping[str, str] | None = None, env_file: str | Path | None = ".env") -> Settings:
-    """Read every variable (process environment first, then `.env`) and validate it."""
+    """Read every variable (process environment first, then `.env`) and validate it.
+
+    Raises one ConfigError listing every invalid variable, so that one restart can fix them all.
+    """
     source: dict[str, str] = {}
     if env_file is not None and Path(env_file).is_file():
         source.update({k: v for k, v in dotenv_values(env_file).items() if v is not None})
     source.update(os.environ if environ is None else environ)
+    problems: list[tuple[str, str]] = []
+
+    def parsed(name: str, parse: Callable[[str], T], raw: str, stand_in: T) -> T:
+        try:
+            return parse(raw)
+        except ValueError as exc:
+            problems.append((name, str(exc)))
+            return stand_in  # only lets the other variables be read: a problem stops the load
 
     def get(name: str, parse: Callable[[str], T], default: T) -> T:
         raw = source.get(name)
         if raw is None or (raw.strip() == "" and default is not None):
             return default
-        try:
-            return parse(raw)
-        except ValueError as exc:
-            raise ConfigError(name, str(exc)) from None
+        return parsed(name, parse, raw, default)
 
-    def required(name: str, parse: Callable[[str], T]) -> T:
-        try:
-            return parse(source.get(name, ""))
-        except ValueError as exc:
-            raise ConfigError(name, str(exc)) from None
+    def required(name: str, parse: Callable[[str], T], stand_in: T) -> T:
+        return parsed(name, parse, source.get(name, ""), stand_in)
 
     host, port = get("LISTEN_ADDR", _parse_listen, ("", 8080))
     settings = Settings(
-        management_tokens=required("MANAGEMENT_TOKEN", _parse_management_tokens),
-        encryption_key=required("ENCRYPTION_KEY", _parse_encryption_key),
+        management_tokens=required("MANAGEMENT_TOKEN", _parse_management_tokens, ()),
+        encryption_key=required("ENCRYPTION_KEY", _parse_encryption_key, b""),
         encryption_keys_previous=get("ENCRYPTION_KEY_PREVIOUS", _parse_previous_keys, ()),
         management_allowed_ips=get("MANAGEMENT_ALLOWED_IPS", _parse_networks, ()),
         openai_api_url=get("OPENAI_API_URL", _parse_url, "https://api.openai.com"),
@@ -319,11 +334,17 @@ def load_settings(environ: Mapping[str, str] | None = None, env_file: str | Path
         anomaly_rate_factor=get("ANOMALY_RATE_FACTOR", _parse_positive_float, 10.0),
         anomaly_auto_suspend=get("ANOMALY_AUTO_SUSPEND", _parse_bool, False),
     )
-    if settings.default_token_duration_minutes > settings.max_token_duration_minutes:
-        raise ConfigError("DEFAULT_TOKEN_DURATION_MINUTES", "must not exceed MAX_TOKEN_DURATION_MINUTES")
+    invalid = {name for name, _ in problems}
+    # Checks across variables, made only on values that parsed (a stand-in would give a false one).
+    if (not invalid & {"DEFAULT_TOKEN_DURATION_MINUTES", "MAX_TOKEN_DURATION_MINUTES"}
+            and settings.default_token_duration_minutes > settings.max_token_duration_minutes):
+        problems.append(("DEFAULT_TOKEN_DURATION_MINUTES", "must not exceed MAX_TOKEN_DURATION_MINUTES"))
     if (settings.tls_cert_file is None) != (settings.tls_key_file is None):
-        raise ConfigError("TLS_CERT_FILE" if settings.tls_cert_file is None else "TLS_KEY_FILE",
-                          "TLS_CERT_FILE and TLS_KEY_FILE must be set together")
+        problems.append(("TLS_CERT_FILE" if settings.tls_cert_file is None else "TLS_KEY_FILE",
+                         "TLS_CERT_FILE and TLS_KEY_FILE must be set together"))
+    if problems:
+        problems.sort(key=lambda problem: VARIABLES.index(problem[0]))  # the README table's order
+        raise ConfigError(*problems[0], *problems[1:])
     return settings
 
 

@@ -112,6 +112,39 @@ def test_invalid_values_name_the_variable(overrides: dict[str, str], variable: s
             assert value not in str(caught.value)  # secrets are never echoed
 
 
+def test_every_invalid_variable_is_reported_at_once() -> None:
+    """Review: with three invalid variables only the first was named, so the operator restarted three times."""
+    with pytest.raises(ConfigError) as caught:
+        load_settings({**BASE, "REQUEST_TIMEOUT": "soon", "MANAGEMENT_TOKEN": "short-secret-value",
+                       "LISTEN_ADDR": "127.0.0.1:0", "TLS_KEY_FILE": "/tmp/key.pem",
+                       "DEFAULT_TOKEN_DURATION_MINUTES": "100", "MAX_TOKEN_DURATION_MINUTES": "10"}, env_file=None)
+
+    # In the README table's order, the checks across variables included.
+    assert [variable for variable, _ in caught.value.problems] == [
+        "MANAGEMENT_TOKEN", "LISTEN_ADDR", "DEFAULT_TOKEN_DURATION_MINUTES", "REQUEST_TIMEOUT", "TLS_CERT_FILE"]
+    assert caught.value.variable == "MANAGEMENT_TOKEN"
+    assert str(caught.value).splitlines() == [f"{variable}: {problem}" for variable, problem in caught.value.problems]
+    assert "short-secret-value" not in str(caught.value)
+
+
+def test_a_check_across_variables_is_left_out_when_one_of_them_is_invalid() -> None:
+    with pytest.raises(ConfigError) as caught:
+        load_settings({**BASE, "DEFAULT_TOKEN_DURATION_MINUTES": "100", "MAX_TOKEN_DURATION_MINUTES": "ten"},
+                      env_file=None)
+    assert caught.value.problems == (("MAX_TOKEN_DURATION_MINUTES", "must be a whole number"),)
+
+
+@pytest.mark.parametrize(("listen", "problem"), [
+    ("127.0.0.1:0", "port 0 is not allowed"),
+    (":65536", "port 65536 is out of range: the port must be 1-65535"),
+    ("127.0.0.1", "must be host:port"),
+    (":²", "must be host:port"),  # a digit to str.isdigit(), not to int()
+])
+def test_listen_addr_says_what_is_wrong_with_the_port(listen: str, problem: str) -> None:
+    with pytest.raises(ConfigError, match=f"^LISTEN_ADDR: {problem}"):
+        load_settings({**BASE, "LISTEN_ADDR": listen}, env_file=None)
+
+
 def test_settings_repr_hides_secrets() -> None:
     text = repr(load_settings(BASE, env_file=None))
     assert MANAGEMENT_TOKEN not in text and "encryption_key" not in text
@@ -126,3 +159,17 @@ def test_serve_with_bad_config_prints_one_line_and_exits_nonzero(tmp_path: Path)
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and "MANAGEMENT_TOKEN" in lines[0]
     assert "Traceback" not in result.stderr and secret not in result.stderr
+
+
+def test_serve_names_every_invalid_variable_on_its_own_line(tmp_path: Path) -> None:
+    secret = "too-short-but-secret"
+    result = subprocess.run([sys.executable, "-m", "llm_proxy", "serve"], cwd=tmp_path, capture_output=True,
+                            text=True, timeout=60, env={"MANAGEMENT_TOKEN": secret, "ENCRYPTION_KEY": ENCRYPTION_KEY,
+                                                        "LISTEN_ADDR": "127.0.0.1:0", "LOG_LEVEL": "loud",
+                                                        "PATH": "/usr/bin:/bin"})
+    assert result.returncode == 2
+    assert result.stderr.splitlines() == [
+        "llm-proxy: configuration error: MANAGEMENT_TOKEN: token #1 is shorter than 32 characters",
+        "llm-proxy: configuration error: LISTEN_ADDR: port 0 is not allowed: give a port from 1 to 65535",
+        "llm-proxy: configuration error: LOG_LEVEL: must be one of debug, info, warning, error"]
+    assert "Traceback" not in result.stderr and secret not in result.stderr and result.stdout == ""
