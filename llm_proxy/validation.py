@@ -28,6 +28,11 @@ class Field:
 
 
 _KIND_NAMES = {str: "a string", int: "an integer", bool: "a boolean"}
+# What must never be in a name or key a person will read in a terminal, a table or a log: Unicode's
+# control characters (C0, DEL and C1: U+009B is the 8-bit CSI, a terminal escape in one character),
+# line and paragraph separators, and the bidirectional marks, embeddings, overrides and isolates
+# that make text display in another order than it is stored ("Trojan Source").
+_UNPRINTABLE = re.compile(r"[\x00-\x1f\x7f-\x9f\u2028\u2029\u061c\u200e\u200f\u202a-\u202e\u2066-\u2069]")
 
 
 def parse_json_object(raw: bytes) -> dict[str, Any]:
@@ -102,8 +107,9 @@ def _check(name: str, value: Any, spec: Field) -> Any:
             raise BadRequest(f"`{name}` must not be empty", param=name)
         if spec.max_length is not None and len(value) > spec.max_length:
             raise BadRequest(f"`{name}` must be at most {spec.max_length} characters", param=name)
-        if any(ord(ch) < 32 or ord(ch) == 127 for ch in value):
-            raise BadRequest(f"`{name}` must not contain control characters", param=name)
+        if _UNPRINTABLE.search(value):
+            raise BadRequest(f"`{name}` must not contain control characters, line separators or "
+                             "bidirectional overrides", param=name)
     if isinstance(value, int):
         if spec.minimum is not None and value < spec.minimum:
             raise BadRequest(f"`{name}` must be at least {spec.minimum}", param=name)

@@ -314,3 +314,23 @@ async def test_a_body_nested_too_deeply_is_400_not_a_500(
     assert (await response.json())["error"]["message"] == "request body is nested too deeply"
     assert not [record for record in caplog.records if record.levelname in ("ERROR", "CRITICAL")]
     assert (await gateway.manage("GET", "/projects", expect=200))["data"] == []
+
+
+@pytest.mark.parametrize("name", ["ops\u009b2Jteam", "ops\x85team", "ops\x9fteam", "ops\u202eteam", "ops\u2066team",
+                                  "ops\u200fteam", "ops\u2028team", "ops\x1b[31mteam"])
+async def test_control_characters_and_bidi_overrides_in_a_name_are_refused(gateway: Gateway, name: str) -> None:
+    """U+009B is the 8-bit CSI: accepted, it made the CLI's table print a terminal escape."""
+    response = await gateway.client.post("/manage/projects", json={"name": name, "api_key": "sk-" + "k" * 20},
+                                         headers=gateway.auth)
+    error = (await response.json())["error"]
+    assert response.status == 400 and error["param"] == "name" and "control characters" in error["message"]
+    project = await gateway.project("ops")
+    response = await gateway.client.patch(f"/manage/projects/{project['id']}", json={"name": name},
+                                          headers=gateway.auth)
+    assert response.status == 400 and (await response.json())["error"]["param"] == "name"
+    assert [p["name"] for p in (await gateway.manage("GET", "/projects", expect=200))["data"]] == ["ops"]
+
+
+async def test_names_in_any_script_with_marks_and_emoji_are_kept(gateway: Gateway) -> None:
+    for name in ("Zoë ✓ 漢字", "عربي", "עברית", "नमस्ते", "👩‍💻 team"):  # RTL scripts need no override
+        assert (await gateway.project(name))["name"] == name
