@@ -16,6 +16,7 @@
     ├── MethodNotAllowed           405 invalid_request_error  method_not_allowed (sets Allow)
     ├── RequestTimeout             408 invalid_request_error  request_timeout
     ├── Conflict                   409 invalid_request_error  conflict
+    │   └── ExpiredTokenConflict                           token_expired
     ├── PayloadTooLarge            413 invalid_request_error  request_too_large
     ├── TooManyRequests            429 rate_limit_error       (sets Retry-After)
     │   ├── RateLimited                                    rate_limited
@@ -113,6 +114,10 @@ class RequestTimeout(ApiError):
 
 class Conflict(ApiError):
     status, type, code, message = 409, "invalid_request_error", "conflict", "conflict"
+
+
+class ExpiredTokenConflict(Conflict):
+    code, message = "token_expired", "an expired token cannot be refreshed; create a new token instead"
 
 
 class PayloadTooLarge(ApiError):

@@ -249,7 +249,7 @@ class Management:
             "duration_minutes": self._duration, "grace_seconds": Field(int, minimum=0, maximum=MAX_GRACE_SECONDS)})
         old = await repo.get_token(self.db, request.match_info["id"])
         details.update(project_id=old.project_id, old_token_id=old.token_hint)
-        repo.check_refreshable(old)
+        repo.check_refreshable(old, self.clock())
         project = await repo.get_project(self.db, old.project_id)
         if not project.is_active:
             raise ProjectInactive("cannot refresh a token of an inactive project")

@@ -14,7 +14,7 @@ import aiosqlite
 from .auditchain import COLUMNS, event_from_row
 from .crypto import KeyRing
 from .database import Database
-from .errors import Conflict, NotFound
+from .errors import Conflict, ExpiredTokenConflict, NotFound
 from .obfuscation import obfuscate
 
 _ISO = "%Y-%m-%dT%H:%M:%SZ"
@@ -277,10 +277,16 @@ async def project_usage(db: Database, project_id: str, since: str | None, until:
              "total_tokens": row[4]} for row in rows]
 
 
-def check_refreshable(token: TokenRecord) -> None:
-    """Raise Conflict unless the token may be refreshed: not already replaced, not revoked, active."""
+def check_refreshable(token: TokenRecord, now: float) -> None:
+    """Raise Conflict unless the token may be refreshed: not already replaced, not expired, not revoked, active.
+
+    Expiry is decided by expires_at, not by whether the housekeeping job has marked the token yet:
+    a stolen token past its expiry must be worth nothing, not a minute's chance of a fresh one.
+    """
     if token.replaced_by is not None:
         raise Conflict("this token was already refreshed; refresh its successor instead")
+    if epoch(token.expires_at) <= now:
+        raise ExpiredTokenConflict()
     if token.revoked_at is not None or not token.is_active:
         raise Conflict("a revoked or inactive token cannot be refreshed")
 
@@ -301,7 +307,7 @@ async def refresh_token(db: Database, token_id: str, *, token_hash: str, token_h
         if row is None:
             raise NotFound("token not found")
         old = _token(row)
-        check_refreshable(old)
+        check_refreshable(old, now)
         await conn.execute(
             "INSERT INTO tokens (id, token_hash, token_hint, project_id, expires_at, is_active, max_requests,"
             " rate_limit_per_minute, max_tokens_total, created_at) VALUES (?, ?, ?, ?, ?, 1, ?, ?, ?, ?)",

@@ -8,6 +8,7 @@ from typing import Any
 import pytest
 
 from llm_proxy import repository as repo
+from llm_proxy.keys import EXPIRY_JOB
 from tests.fakes import FakeClock, Gateway
 
 
@@ -112,3 +113,34 @@ async def test_a_refresh_that_lands_during_another_is_refused_inside_the_write(
     assert stored["replaced_by"] == inner[0][1]["id"]
     listed = await gateway.manage("GET", f"/tokens?project_id={old['project_id']}", expect=200)
     assert len(listed["data"]) == 2
+
+
+# ---- an expired token: decided by expires_at, not by when the expiry job last ran ----
+
+@pytest.mark.parametrize("job_ran", [False, True])
+async def test_an_expired_token_cannot_be_refreshed_before_or_after_the_expiry_job(
+        make_gateway: Any, job_ran: bool) -> None:
+    """Before the fix, the minute before the job ran gave a stolen expired token a fresh live successor."""
+    clock = FakeClock()
+    gateway = await make_gateway(clock=clock)
+    token = await gateway.token(duration_minutes=1)
+    clock.advance(61)
+    if job_ran:
+        await gateway.app[EXPIRY_JOB].run_once()
+
+    status, body = await _refresh(gateway, token["id"], grace_seconds=0)
+
+    assert status == 409 and body["error"]["code"] == "token_expired"
+    tokens = (await gateway.manage("GET", "/tokens", expect=200))["data"]
+    assert [t["id"] for t in tokens] == [token["id"]] and tokens[0]["replaced_by"] is None
+    events = (await gateway.manage("GET", "/audit?action=token.refresh", expect=200))["data"]
+    assert [(e["result"], e["details"]["error_code"]) for e in events] == [("failure", "token_expired")]
+
+
+async def test_a_token_one_second_before_its_expiry_can_still_be_refreshed(make_gateway: Any) -> None:
+    clock = FakeClock()
+    gateway = await make_gateway(clock=clock)
+    token = await gateway.token(duration_minutes=1)
+    clock.advance(59)
+    status, body = await _refresh(gateway, token["id"], grace_seconds=0)
+    assert status == 201 and (await _v1_models(gateway, body["token"]))[0] == 200
