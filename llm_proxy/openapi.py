@@ -142,7 +142,7 @@ def build_document(settings: Settings | None = None) -> dict[str, Any]:
                             "grace_seconds": {"type": "integer", "minimum": 0, "maximum": MAX_GRACE_SECONDS}}),
                 ok={201: _json("The new token, with its plaintext.", "TokenWithSecret")},
                 errors=(*_BODY_ERRORS, 404, 409), error_codes={403: ("ip_not_allowed", "project_inactive"),
-                                                               409: ("conflict",)}),
+                                                               409: ("conflict", "token_expired")}),
         },
         "/manage/audit": {
             "get": _operation(
