@@ -23,6 +23,7 @@ from aiohttp import web
 from . import __version__, auditchain, repository
 from .app import CONNECTION_IDLE_TIMEOUT, create_app
 from .audit import AuditWriter
+from .control_characters import escape_controls
 from .credentials import generate_encryption_key, generate_secret
 from .crypto import DecryptionError, KeyRing
 from .database import Database
@@ -48,8 +49,8 @@ class UsageError(CommandError):
 
 
 def _fail(message: str, code: int = EXIT_FAILED) -> int:
-    for line in message.split("\n"):
-        print(f"llm-proxy: {line}", file=sys.stderr)
+    for line in message.split("\n"):  # a message may quote the gateway's answer: it must not drive the terminal
+        print(f"llm-proxy: {escape_controls(line)}", file=sys.stderr)
     return code
 
 
@@ -72,11 +73,12 @@ def _cell(value: Any) -> str:
         return "-"
     if isinstance(value, bool):
         return "yes" if value else "no"
-    return str(value)
+    # A stored name may hold ESC or U+009B (CSI): printed raw, it would drive the operator's terminal.
+    return escape_controls(str(value))
 
 
 def format_table(headers: Sequence[str], rows: Iterable[Sequence[Any]]) -> str:
-    """Return rows as left-aligned columns under upper-case headers, two spaces apart."""
+    """Return rows as left-aligned columns under upper-case headers, two spaces apart, controls escaped."""
     cells = [[header.upper() for header in headers], *([_cell(value) for value in row] for row in rows)]
     widths = [max(len(row[column]) for row in cells) for column in range(len(headers))]
     return "\n".join("  ".join(value.ljust(width) for value, width in zip(row, widths, strict=True)).rstrip()
@@ -84,7 +86,7 @@ def format_table(headers: Sequence[str], rows: Iterable[Sequence[Any]]) -> str:
 
 
 def format_record(document: dict[str, Any], fields: Sequence[str]) -> str:
-    """Return one object as aligned `field  value` lines."""
+    """Return one object as aligned `field  value` lines, controls escaped."""
     width = max(len(field) for field in fields)
     return "\n".join(f"{field.ljust(width)}  {_cell(document.get(field))}".rstrip() for field in fields)
 
@@ -122,7 +124,7 @@ def _show_new_token(args: argparse.Namespace, document: dict[str, Any]) -> None:
         _print_json(document)
         return
     print(format_record(document, TOKEN_FIELDS))
-    print(f"\ntoken: {document.get('token')}")
+    print(f"\ntoken: {escape_controls(str(document.get('token')))}")
     print("This is the only time the token is shown; store it now.", file=sys.stderr)
 
 

@@ -24,7 +24,7 @@ from aiohttp import web
 from aiohttp.test_utils import TestServer
 
 from llm_proxy.audit import AuditWriter
-from llm_proxy.cli import format_table, main
+from llm_proxy.cli import format_record, format_table, main
 from llm_proxy.crypto import KeyRing
 from llm_proxy.database import Database
 from llm_proxy.keys import AUDIT
@@ -201,6 +201,56 @@ async def test_serve_with_invalid_config_as_a_process() -> None:
 def test_format_table_aligns_columns() -> None:
     table = format_table(["id", "name", "is_active"], [["1", "a-long-name", True], ["22", None, False]])
     assert table.splitlines() == ["ID  NAME         IS_ACTIVE", "1   a-long-name  yes", "22  -            no"]
+
+
+# A name stored before names were checked at input (review: U+009B, the 8-bit CSI, in a project
+# name made `project list` clear the operator's screen).
+HOSTILE_NAMES = ("p\x9b2J", "\x1b[31mred", "two\nlines\u2028")
+
+
+def no_raw_control(text: str) -> bool:
+    return all(line.isprintable() for line in text.split("\n"))
+
+
+def test_format_table_and_record_escape_control_characters() -> None:
+    table = format_table(["id", "name"], [[str(n), name] for n, name in enumerate(HOSTILE_NAMES)])
+    record = format_record({"id": "1", "name": HOSTILE_NAMES[0], "note": HOSTILE_NAMES[1]}, ["id", "name", "note"])
+
+    assert no_raw_control(table) and no_raw_control(record)
+    assert table.splitlines() == ["ID  NAME",
+                                  "0   p\\x9b2J",
+                                  "1   \\x1b[31mred",
+                                  "2   two\\nlines\\u2028"]
+    assert record.splitlines() == ["id    1", "name  p\\x9b2J", "note  \\x1b[31mred"]
+
+
+async def test_rows_stored_earlier_and_error_messages_cannot_drive_the_terminal(
+        capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch) -> None:
+    async def projects(request: web.Request) -> web.Response:
+        return web.json_response({"data": [{"id": f"p-{n}", "name": name, "is_active": True}
+                                           for n, name in enumerate(HOSTILE_NAMES)]})
+
+    async def refused(request: web.Request) -> web.Response:
+        return web.json_response({"error": {"message": "no project \x1b]0;owned\x07\x9b2J", "code": "not_found"}},
+                                 status=404)
+
+    app = web.Application()
+    app.router.add_get("/manage/projects", projects)
+    app.router.add_get("/manage/projects/{id}", refused)
+    server = TestServer(app, host="127.0.0.1")
+    await server.start_server()
+    try:
+        monkeypatch.setenv("MANAGEMENT_TOKEN", MANAGEMENT_TOKEN)
+        url = str(server.make_url("")).rstrip("/")
+        listed = await run_async(capsys, "project", "list", "--url", url)
+        failed = await run_async(capsys, "project", "get", "p-0", "--url", url)
+    finally:
+        await server.close()
+
+    assert listed.code == 0 and no_raw_control(listed.out) and "p\\x9b2J" in listed.out
+    assert len(listed.out.splitlines()) == 1 + len(HOSTILE_NAMES)
+    assert_one_line_error(failed, 1, "HTTP 404 not_found: no project \\x1b]0;owned\\x07\\x9b2J")
+    assert no_raw_control(failed.err)
 
 
 # ---- against a live gateway, in-process ----
