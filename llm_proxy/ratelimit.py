@@ -57,8 +57,11 @@ class RateLimiter:
     exceeds `max_keys`: at the cap the least recently admitted key is forgotten, which can only
     let that key through sooner, never block anyone. Every operation is O(1).
 
-    When a key's limit changes, the share of its minute already used is kept, so the new limit
-    applies at once and no key ever waits more than a minute.
+    When a key's limit is raised, the requests it already made keep their number and are priced at
+    the new rate, so the raise is granted at once: 5 of 5 used, raised to 100, leaves 95. When it is
+    lowered, the share of its minute already used is kept (50 of 100 used, lowered to 10, leaves 5),
+    so no key ever waits more than a minute. Each key therefore also keeps the interval its TAT was
+    counted in.
     """
 
     __slots__ = ("_clock", "_max_keys", "_tats")
@@ -70,7 +73,8 @@ class RateLimiter:
         self._max_keys = max_keys
         # OrderedDict, not dict: popping the front of a plain dict degrades to a scan over the
         # deleted slots, while OrderedDict keeps it O(1). Order = least recently admitted first.
-        self._tats: OrderedDict[Hashable, int] = OrderedDict()
+        # Each key: (TAT, the emission interval it was counted in).
+        self._tats: OrderedDict[Hashable, tuple[int, int]] = OrderedDict()
 
     def __len__(self) -> int:
         return len(self._tats)
@@ -85,18 +89,18 @@ class RateLimiter:
         now = _now(self._clock)
         interval = _WINDOW // limit_per_minute or 1
         tats = self._tats
-        tat = tats.get(key)
-        if tat is None or tat <= now:
+        entry = tats.get(key)
+        if entry is None or entry[0] <= now:
             debt = interval  # fresh or idle key: always admitted, as interval <= window
         else:
-            debt = tat - now + interval  # how far ahead of its rate the key gets with this request
+            debt = _owed(entry, now, interval) + interval  # how far ahead of its rate the key gets with this request
             if debt > _CAPACITY:
                 return _new(Decision, (False, limit_per_minute, 0, (debt - _WINDOW) / _FS))
-        if tat is None:
+        if entry is None:
             self._make_room(now)
         else:
             tats.move_to_end(key)
-        tats[key] = now + debt
+        tats[key] = (now + debt, interval)
         return _new(Decision, (True, limit_per_minute, (_CAPACITY - debt) // interval, 0.0))
 
     def peek(self, key: Hashable, limit_per_minute: int) -> Decision:
@@ -104,11 +108,11 @@ class RateLimiter:
         if limit_per_minute <= 0:
             return _unlimited(limit_per_minute)
         now = _now(self._clock)
-        tat = self._tats.get(key)
-        if tat is None or tat <= now:
+        entry = self._tats.get(key)
+        if entry is None or entry[0] <= now:
             return _new(Decision, (True, limit_per_minute, limit_per_minute, 0.0))
         interval = _WINDOW // limit_per_minute or 1
-        debt = tat - now
+        debt = _owed(entry, now, interval)
         remaining = (_CAPACITY - debt) // interval
         if remaining:
             return _new(Decision, (True, limit_per_minute, remaining, 0.0))
@@ -120,11 +124,22 @@ class RateLimiter:
             if not tats:
                 return
             oldest = next(iter(tats))
-            if tats[oldest] > now:
+            if tats[oldest][0] > now:
                 break
             del tats[oldest]
         if len(tats) >= self._max_keys:
             tats.popitem(last=False)
+
+
+def _owed(entry: tuple[int, int], now: int, interval: int) -> int:
+    """Return how far ahead of its rate a key is, in the `interval` it is now limited by.
+
+    Counted under a longer interval (a lower limit, since raised), the time owed is re-priced: the
+    same number of requests at the new, faster rate.
+    """
+    tat, counted_in = entry
+    owed = tat - now
+    return owed * interval // counted_in if interval < counted_in else owed
 
 
 def _now(clock: Callable[[], float]) -> int:

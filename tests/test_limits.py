@@ -81,6 +81,30 @@ async def test_token_rate_limit_bursts_then_refills_continuously(make_gateway: A
     assert len(gateway.upstream.requests) == 4
 
 
+async def test_a_raised_rate_relieves_a_throttled_token_on_its_next_request(gateway_with_clock: Any) -> None:
+    """5 of 5 used, raised to 100: the next request is admitted with 94 left, not 429 with `Remaining: 0`."""
+    gateway, _ = gateway_with_clock
+    token = await gateway.token(rate_limit_per_minute=5)
+    assert [(await call(gateway, token))[0] for _ in range(6)] == [200] * 5 + [429]
+
+    await gateway.manage("PATCH", f"/tokens/{token['id']}", {"rate_limit_per_minute": 100}, expect=200)
+    status, _, headers = await call(gateway, token)
+
+    assert status == 200
+    assert (headers["X-RateLimit-Limit"], headers["X-RateLimit-Remaining"]) == ("100", "94")
+    assert [(await call(gateway, token))[0] for _ in range(95)] == [200] * 94 + [429]
+
+
+async def test_a_lowered_rate_keeps_the_share_of_the_minute_already_used(gateway_with_clock: Any) -> None:
+    gateway, _ = gateway_with_clock
+    token = await gateway.token(rate_limit_per_minute=10)
+    for _ in range(5):
+        await call(gateway, token)  # half the minute used
+
+    await gateway.manage("PATCH", f"/tokens/{token['id']}", {"rate_limit_per_minute": 4}, expect=200)
+    assert [(await call(gateway, token))[0] for _ in range(3)] == [200, 200, 429]
+
+
 async def test_streamed_response_carries_rate_limit_headers(gateway_with_clock: Any) -> None:
     gateway, _ = gateway_with_clock
     token = await gateway.token(rate_limit_per_minute=5)

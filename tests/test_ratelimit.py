@@ -154,10 +154,26 @@ def test_peek_reports_without_consuming(limiter: RateLimiter, clock: FakeClock) 
     assert limiter.peek("tok", 5).remaining == 1
 
 
-def test_raising_a_limit_applies_at_once_keeping_the_used_share(limiter: RateLimiter, clock: FakeClock) -> None:
-    burst(limiter, "tok", 10, 5)  # half the minute used
-    assert limiter.peek("tok", 100).remaining == 50
-    assert [d.allowed for d in burst(limiter, "tok", 100, 51)] == [True] * 50 + [False]
+def test_raising_a_limit_grants_the_difference_at_once(limiter: RateLimiter, clock: FakeClock) -> None:
+    """An operator who raises a throttled client's limit expects relief on the next request:
+    the requests already made keep their number, priced at the new rate."""
+    burst(limiter, "tok", 10, 5)  # 5 of 10 used
+    assert limiter.peek("tok", 100).remaining == 95
+    assert [d.allowed for d in burst(limiter, "tok", 100, 96)] == [True] * 95 + [False]
+
+
+def test_raising_the_limit_of_a_key_that_used_all_of_it(limiter: RateLimiter, clock: FakeClock) -> None:
+    assert [d.allowed for d in burst(limiter, "tok", 5, 6)] == [True] * 5 + [False]
+    first = limiter.hit("tok", 100)
+    assert (first.allowed, first.limit, first.remaining) == (True, 100, 94)
+    clock.advance(30)  # refills at the new rate: half a minute is 50 requests
+    assert limiter.peek("tok", 100).remaining == 100
+
+
+def test_raising_then_lowering_back_is_no_free_burst(limiter: RateLimiter) -> None:
+    burst(limiter, "tok", 5, 5)
+    burst(limiter, "tok", 100, 95)  # every request of the raised limit used
+    assert not limiter.hit("tok", 5).allowed
 
 
 def test_lowering_a_limit_never_makes_a_key_wait_over_a_minute(limiter: RateLimiter, clock: FakeClock) -> None:
