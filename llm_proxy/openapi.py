@@ -12,14 +12,15 @@ from aiohttp import web
 
 from . import __version__
 from .settings import Settings
+from .validation import UNPRINTABLE
 
 Schema = dict[str, Any]
 
 # A string field is stripped (str.strip) before it is checked for emptiness, length and control
-# characters (below U+0020, and U+007F), so its pattern lets whitespace surround a value whose own
+# characters (validation.UNPRINTABLE), so its pattern lets whitespace surround a value whose own
 # first and last characters are neither whitespace nor control characters, and counts only those
 # between them: a plain maxLength would refuse a padded value the gateway accepts.
-_CONTROL = r"\x00-\x1f\x7f"
+_CONTROL = UNPRINTABLE
 _BLANK = r"\x20\x85\xa0\u1680\u2000-\u200a\u2028\u2029\u202f\u205f\u3000"  # whitespace, not control
 _PADDING = rf"[\t-\r\x1c-\x1f{_BLANK}]*"
 _EDGE = rf"[^{_CONTROL}{_BLANK}]"
@@ -215,7 +216,8 @@ def _header(name: str | None) -> dict[str, Any]:
 
 def _text(max_length: int, description: str | None = None) -> Schema:
     pattern = rf"^{_PADDING}{_EDGE}(?:[^{_CONTROL}]{{0,{max_length - 2}}}{_EDGE})?{_PADDING}$"
-    rule = f"Surrounding whitespace is trimmed; then 1 to {max_length} characters, none a control character."
+    rule = (f"Surrounding whitespace is trimmed; then 1 to {max_length} characters, none a control character, "
+            "line separator or bidirectional override.")
     return {"type": "string", "pattern": pattern, "description": " ".join(filter(None, [description, rule]))}
 
 

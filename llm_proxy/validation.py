@@ -32,7 +32,9 @@ _KIND_NAMES = {str: "a string", int: "an integer", bool: "a boolean"}
 # control characters (C0, DEL and C1: U+009B is the 8-bit CSI, a terminal escape in one character),
 # line and paragraph separators, and the bidirectional marks, embeddings, overrides and isolates
 # that make text display in another order than it is stored ("Trojan Source").
-_UNPRINTABLE = re.compile(r"[\x00-\x1f\x7f-\x9f\u2028\u2029\u061c\u200e\u200f\u202a-\u202e\u2066-\u2069]")
+# (A regular-expression class, also the OpenAPI document's.)
+UNPRINTABLE = r"\x00-\x1f\x7f-\x9f\u2028\u2029\u061c\u200e\u200f\u202a-\u202e\u2066-\u2069"
+_UNPRINTABLE = re.compile(f"[{UNPRINTABLE}]")
 
 
 def parse_json_object(raw: bytes) -> dict[str, Any]:

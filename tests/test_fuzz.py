@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import re
+import unicodedata
 from collections import Counter
 from collections.abc import Callable
 from typing import Any
@@ -184,7 +185,8 @@ FIELDS = {
     "is_active": Field(bool),
 }
 # Characters the string rules turn on: whitespace str.strip() removes, controls, and ordinary text.
-TRICKY = st.sampled_from("\t\n\x0b\x1c\x1f \x85\xa0\u2000\u3000\x00\x01\x7f\x80\x9faZ\u00e9\U0001f600")
+TRICKY = st.sampled_from("\t\n\x0b\x1c\x1f \x85\xa0\u2000\u3000\x00\x01\x7f\x80\x9faZ\u00e9\U0001f600"
+                         "\u2028\u202e\u2066\u200f\u200d")
 TRICKY_TEXT = st.text(TRICKY, max_size=8)
 
 
@@ -205,16 +207,24 @@ def near_bounds(spec: Field) -> st.SearchStrategy[Any]:
                      st.sampled_from(["", " ", "\t\u3000"]), TRICKY_TEXT)
 
 
+def _unprintable(ch: str) -> bool:
+    """The README's list: control characters (C0, DEL, C1), line separators, bidi overrides and isolates."""
+    return (unicodedata.category(ch) == "Cc" or ch in "\u2028\u2029\u061c\u200e\u200f"
+            or "\u202a" <= ch <= "\u202e" or "\u2066" <= ch <= "\u2069")
+
+
 def expected(value: Any, spec: Field) -> tuple[bool, Any]:
     """The rule as the README states it: (accepted, the value kept)."""
     if value is None:
         return spec.nullable, None
+    if spec.kind is int and type(value) is float and value.is_integer():
+        value = int(value)  # JSON has one number type: 60.0 is the integer 60, as JSON Schema says
     if type(value) is not spec.kind:
         return False, None
     if isinstance(value, str):
         kept = value.strip()
         fits = spec.max_length is None or len(kept) <= spec.max_length
-        return bool(kept) and fits and not any(ord(ch) < 32 or ord(ch) == 127 for ch in kept), kept
+        return bool(kept) and fits and not any(_unprintable(ch) for ch in kept), kept
     if isinstance(value, int) and not isinstance(value, bool):
         low, high = spec.minimum, spec.maximum
         return (low is None or value >= low) and (high is None or value <= high), value
