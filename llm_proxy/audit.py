@@ -11,6 +11,7 @@ import logging
 import os
 import sqlite3
 import time
+import zlib
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -23,9 +24,14 @@ import orjson
 from .auditchain import (
     HEAD_QUERIES,
     TIMESTAMP_FORMAT,
+    ZERO_HASH,
+    ChainWalk,
+    VerifyResult,
     canonical,
     chain_head,
-    last_event_in_file,
+    chained_events,
+    lines_after,
+    newest_event,
     newest_head,
 )
 from .database import Database
@@ -53,6 +59,9 @@ _INSERT_HEAD = ("INSERT INTO audit_events (seq, timestamp, action, actor, projec
 _ROW = "(" + ", ".join("?" * _COLUMNS) + ")"
 _SET_HEAD = ("INSERT INTO audit_chain (id, seq, hash) VALUES (1, ?, ?)"
              " ON CONFLICT (id) DO UPDATE SET seq = excluded.seq, hash = excluded.hash")
+# Lines read and stored at a time when restoring events the database lost: bounds the memory a
+# long stretch of them (a database put back from an old backup) takes.
+RESTORE_CHUNK = 2000
 
 
 @functools.lru_cache(maxsize=4096)
@@ -156,6 +165,28 @@ class _Chained:
     rows: list[tuple[Any, ...]]
     seq: int
     hash: str
+
+
+def _row(event: dict[str, Any]) -> tuple[Any, ...]:
+    """Return the audit_events row (_INSERT_HEAD's columns) of an event that has its seq and hash."""
+    details = event.get("details")
+    return (event["seq"], event["timestamp"], event["action"], event["actor"], event.get("project_id"),
+            event.get("request_id"), event.get("client_ip"), event["result"],
+            None if details is None else orjson.dumps(details, default=str).decode(), event["hash"])
+
+
+async def _insert_rows(conn: aiosqlite.Connection, rows: list[tuple[Any, ...]]) -> None:
+    for first in range(0, len(rows), INSERT_ROWS):
+        chunk = rows[first:first + INSERT_ROWS]
+        await conn.execute(_INSERT_HEAD + ", ".join([_ROW] * len(chunk)), [value for row in chunk for value in row])
+
+
+class _Unchained(Exception):
+    """The file's events past the database's head do not chain from it (raised to roll the restore back)."""
+
+    def __init__(self, result: VerifyResult) -> None:
+        super().__init__(result.describe())
+        self.result = result
 
 
 def _sanitized(event: dict[str, Any]) -> dict[str, Any]:
@@ -290,20 +321,78 @@ class AuditWriter:
     # ---- lifecycle ----
 
     async def start(self) -> None:
-        """Load the chain head, open the file (raising OSError if it cannot be) and start the writer task."""
+        """Load the chain head, open the file (raising OSError if it cannot be) and start the writer task.
+
+        Events the file holds past the database's head (a crash between the append and the COMMIT)
+        are first put into the database, if their hashes chain from its head.
+        """
         if not self.enabled or self._task is not None:
             return
         self._seq, self._hash = await chain_head(self._db)
         if self._file is not None:
-            file_head = await asyncio.to_thread(last_event_in_file, self._file.path)
-            if file_head is not None and file_head[0] > self._seq:
-                # The file got a batch the database never committed (crash, outage, restored
-                # backup): continue after it, so no seq is ever written twice to the file.
-                log.warning("audit file %s is ahead of the database (seq %d > %d); continuing its chain",
-                            self._file.path, file_head[0], self._seq)
-                self._seq, self._hash = file_head
+            await self._catch_up_with_file(self._file.path)
             await asyncio.to_thread(self._file.open)
         self._task = asyncio.create_task(self._run(), name="audit-writer")
+
+    async def _catch_up_with_file(self, path: Path) -> None:
+        """Continue the chain after the file's last event, restoring to the database the events it lacks."""
+        file_head = await asyncio.to_thread(newest_event, path)
+        if file_head is None or file_head[0] <= self._seq:
+            return
+        # The file got events the database never committed: a crash between the append and the
+        # COMMIT, an outage, a database put back from a backup.
+        await self._restore_from_file(path)
+        self._seq, self._hash = await chain_head(self._db)
+        if file_head[0] > self._seq:
+            # They could not be restored: continue after them all the same, so that no seq is ever
+            # written twice to the file.
+            log.warning("audit file %s is ahead of the database (seq %d > %d); continuing its chain",
+                        path, file_head[0], self._seq)
+            self._seq, self._hash = file_head
+
+    async def _restore_from_file(self, path: Path) -> None:
+        """Put the events the file holds past the database's chain head into it, if their hashes chain from it."""
+        try:
+            result, sources = await self._db.write(functools.partial(self._restore, path))
+        except _Unchained as exc:
+            problem = exc.result.problem
+            assert problem is not None
+            log.error("audit file %s has events past the database's chain head that do not chain from it "
+                      "(%s at seq %s: %s); none restored, `llm-proxy audit verify` names the line",
+                      path, problem.kind, problem.seq or problem.expected_seq, problem.message)
+            return
+        except (sqlite3.Error, OSError, EOFError, zlib.error, ValueError, RuntimeError) as exc:
+            log.error("audit file %s: events past the database's chain head could not be restored: %s", path, exc)
+            return
+        if not result.events:
+            return
+        if self._store_in_db:
+            log.warning("restored %d audit events (seq %d..%d) from %s into the database", result.events,
+                        result.first_seq, result.last_seq, " and ".join(sources))
+        else:
+            log.warning("audit chain head advanced to seq %d after %d events in %s that the database had not "
+                        "recorded (AUDIT_STORE_IN_DB is off: no rows)", result.last_seq, result.events,
+                        " and ".join(sources))
+
+    async def _restore(self, path: Path, conn: aiosqlite.Connection) -> tuple[VerifyResult, list[str]]:
+        """In the caller's transaction, store the file's events past the stored head; return them and their files.
+
+        Raises _Unchained, rolling every row back, unless they form one chain from the head.
+        """
+        head = newest_head([await (await conn.execute(sql)).fetchone() for sql in HEAD_QUERIES], (0, ZERO_HASH))
+        walk = ChainWalk(anchor=head)
+        sources: dict[str, None] = {}  # an ordered set
+        lines = lines_after(path, head[0])
+        while events := await asyncio.to_thread(chained_events, lines, walk, RESTORE_CHUNK):
+            sources.update(dict.fromkeys(source for source, _ in events))
+            if self._store_in_db:
+                await _insert_rows(conn, [_row(event) for _, event in events])
+        result = walk.finish()
+        if not result.ok:
+            raise _Unchained(result)
+        if result.events:
+            await conn.execute(_SET_HEAD, (result.last_seq, result.last_hash))
+        return result, list(sources)
 
     async def flush(self) -> None:
         """Wait until every event emitted so far has been written (no-op when the writer is not running)."""
@@ -475,12 +564,7 @@ class AuditWriter:
             prev = event["hash"] = _sha256_hex(prev, body)
             chained.lines.append(orjson.dumps(event, default=str))
             if self._store_in_db:
-                details = event.get("details")
-                chained.rows.append((seq, event["timestamp"], event["action"], event["actor"],
-                                     event.get("project_id"), event.get("request_id"), event.get("client_ip"),
-                                     event["result"],
-                                     None if details is None else orjson.dumps(details, default=str).decode(),
-                                     prev))
+                chained.rows.append(_row(event))
         chained.seq, chained.hash = seq, prev
         return chained
 
@@ -508,11 +592,7 @@ class AuditWriter:
                               "in the database", self._unsaved[0][0], self._unsaved[-1][0])
                     self._unsaved = []
             chained = self._chain(batch, seq, prev)
-            rows = self._unsaved + chained.rows
-            for first in range(0, len(rows), INSERT_ROWS):
-                chunk = rows[first:first + INSERT_ROWS]
-                await conn.execute(_INSERT_HEAD + ", ".join([_ROW] * len(chunk)),
-                                   [value for row in chunk for value in row])
+            await _insert_rows(conn, self._unsaved + chained.rows)
             await conn.execute(_SET_HEAD, (chained.seq, chained.hash))
             if self._file is not None and chained.lines:
                 await self._append_lines(chained)

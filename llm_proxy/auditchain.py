@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import gzip
 import hashlib
+import io
+import math
 import os
 import re
 import sqlite3
 import zlib
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -295,6 +297,21 @@ def rotation_order(paths: Iterable[Path]) -> list[Path]:
     return sorted(paths, key=key)
 
 
+def audit_files(current: Path) -> list[Path]:
+    """Return the audit file and logrotate's siblings of it (name.N, name-DATE, optionally .gz)."""
+    # Only regular files: /dev/full or a FIFO would read forever or block.
+    pattern = re.compile(re.escape(current.name) + r"(?:\.\d+|-\d{8,14})?(?:\.gz)?")
+    try:
+        return sorted(path for path in current.parent.iterdir() if pattern.fullmatch(path.name) and path.is_file())
+    except OSError:
+        return []
+
+
+def _open(path: Path) -> io.BufferedIOBase:
+    """Open an audit file for reading, decompressing a rotated .gz."""
+    return gzip.open(path, "rb") if path.name.endswith(".gz") else open(path, "rb")
+
+
 def verify_files(paths: Iterable[Path], *, anchor: tuple[int, str] | None = None,
                  head: tuple[int, str] | None = None, growing: bool = False) -> VerifyResult:
     """Walk rotated (plain or .gz) and current audit files as one chain, oldest first.
@@ -308,8 +325,7 @@ def verify_files(paths: Iterable[Path], *, anchor: tuple[int, str] | None = None
     for path in rotation_order(paths):
         number = 0
         try:
-            opener = gzip.open if path.name.endswith(".gz") else open
-            with opener(path, "rb") as handle:
+            with _open(path) as handle:
                 for number, raw in enumerate(handle, 1):
                     if not walk.feed_text(str(path), number, raw):
                         return walk.finish()
@@ -357,26 +373,111 @@ def stored_chain_head(database: Path) -> tuple[int, str] | None:
         conn.close()
 
 
-def last_event_in_file(path: Path) -> tuple[int, str] | None:
-    """Return (seq, hash) of the last complete event in a regular file, or None."""
-    # Only regular files: /dev/full or a FIFO would read forever or block.
-    if not os.path.isfile(path):
-        return None
+# ---- reading files from their end ----
+
+def _event_of(raw: bytes) -> dict[str, Any] | None:
+    """Parse a line as an audit event (a JSON object with an integer seq and a hash), else None."""
     try:
-        with open(path, "rb") as handle:
-            size = handle.seek(0, os.SEEK_END)
-            handle.seek(max(0, size - _TAIL_BYTES))
-            tail = handle.read()
-    except OSError:
+        event = orjson.loads(raw)
+    except orjson.JSONDecodeError:
         return None
-    for raw in reversed(tail.split(b"\n")):
+    if isinstance(event, dict) and type(event.get("seq")) is int and isinstance(event.get("hash"), str):
+        return event
+    return None
+
+
+def _lines_backwards(handle: io.BufferedIOBase) -> Iterator[tuple[int, bytes]]:
+    """Yield (where the next line starts, line) from a file's last line to its first, one block at a time."""
+    end = handle.seek(0, os.SEEK_END)
+    carry = b""  # the start of a line that began in the block before
+    while end > 0:
+        start = max(0, end - _TAIL_BYTES)
+        handle.seek(start)
+        block = handle.read(end - start) + carry
+        pieces = block.split(b"\n")
+        carry = pieces.pop(0) if start > 0 else b""
+        position = start + len(block)
+        for piece in reversed(pieces):
+            yield position + 1, piece
+            position -= len(piece) + 1
+        end = start
+
+
+def _lines_forwards(handle: io.BufferedIOBase) -> Iterator[tuple[int, bytes]]:
+    """Yield (where the next line starts, line) from first to last, for files that cannot seek back cheaply."""
+    position = 0
+    for raw in handle:
+        position += len(raw)
+        yield position, raw
+
+
+def _last_event(path: Path, at_most: float = math.inf) -> tuple[int, dict[str, Any]] | None:
+    """Return (where the next line starts, event) for the last event in a file with seq <= at_most, or None."""
+    found = None
+    with _open(path) as handle:
+        backwards = not path.name.endswith(".gz")  # a .gz is read through, keeping the last match
+        for after, raw in (_lines_backwards if backwards else _lines_forwards)(handle):
+            event = _event_of(raw)
+            if event is not None and event["seq"] <= at_most:
+                found = after, event
+                if backwards:
+                    break
+    return found
+
+
+def newest_event(current: Path) -> tuple[int, str] | None:
+    """Return (seq, hash) of the audit file's last event or, while it has none, of its newest rotated sibling's."""
+    for path in reversed(rotation_order(audit_files(current))):
+        try:
+            found = _last_event(path)
+        except (OSError, EOFError, zlib.error):
+            continue
+        if found is not None:
+            return found[1]["seq"], found[1]["hash"]
+    return None
+
+
+def lines_after(current: Path, seq: int) -> Iterator[tuple[str, bytes]]:
+    """Yield (file, line) for every line after the last event with seq <= `seq`, oldest first.
+
+    The audit file is read from its end backwards a block at a time; only if no event in it is that
+    old are its rotated siblings read too (newest first, plain or .gz), so a file is never read
+    whole to find its last few lines. Raises OSError (or a gzip error) if a file cannot be read.
+    """
+    starts: list[tuple[Path, int]] = []
+    for path in reversed(rotation_order(audit_files(current))):
+        found = _last_event(path, at_most=seq)
+        starts.append((path, 0 if found is None else found[0]))
+        if found is not None:
+            break
+    for path, offset in reversed(starts):
+        with _open(path) as handle:
+            handle.seek(offset)
+            for raw in handle:
+                yield str(path), raw
+
+
+def chained_events(lines: Iterator[tuple[str, bytes]], walk: ChainWalk,
+                   count: int) -> list[tuple[str, dict[str, Any]]]:
+    """Feed lines to the walk until it has taken `count` events; return them with their file.
+
+    Fewer (none at the end) when the lines run out or the chain breaks.
+    """
+    events: list[tuple[str, dict[str, Any]]] = []
+    for source, raw in lines:
+        if not raw.strip():
+            continue  # blank lines carry no event
         try:
             event = orjson.loads(raw)
         except orjson.JSONDecodeError:
-            continue
-        if isinstance(event, dict) and type(event.get("seq")) is int and isinstance(event.get("hash"), str):
-            return event["seq"], event["hash"]
-    return None
+            walk.feed_invalid(source, 0, "not valid JSON (torn or edited line)")
+            break
+        if not walk.feed_event(source, 0, event):
+            break
+        events.append((source, event))
+        if len(events) == count:
+            break
+    return events
 
 
 async def prune_anchor(db: Database) -> tuple[int, str] | None:

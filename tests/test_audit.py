@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import gzip
 import logging
 import os
 import re
@@ -275,27 +276,123 @@ async def test_chain_continues_when_database_only_mode_restarts(make_writer: Wri
     assert verify_files([audit_path]).ok
 
 
-async def test_restart_continues_after_file_that_is_ahead_of_database(
-        make_writer: WriterFactory, db: Database, audit_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+async def lose_from_database(db: Database, events: list[dict[str, Any]], kept: int) -> None:
+    """Leave the database as a crash between file append and COMMIT does: events after `kept` only in the file."""
+    await db.execute("DELETE FROM audit_events WHERE seq > ?", (kept,))
+    await db.execute("UPDATE audit_chain SET seq = ?, hash = ?", (kept, events[kept - 1]["hash"]))
+
+
+async def test_restart_restores_the_events_the_database_lost(
+        make_writer: WriterFactory, db: Database, audit_path: Path, caplog: pytest.LogCaptureFixture,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr("llm_proxy.audit.RESTORE_CHUNK", 2)  # several chunks in one transaction
+    monkeypatch.setattr("llm_proxy.auditchain._TAIL_BYTES", 64)  # read back in blocks shorter than a line
     first = make_writer()
     await first.start()
-    emit_numbered(first, 3)
+    emit_numbered(first, 6)
     await first.close()
-    # As if the process died after the file got seq 2..3 but before the database committed them.
-    first_hash = file_events(audit_path)[0]["hash"]
-    await db.execute("DELETE FROM audit_events WHERE seq > 1")
-    await db.execute("UPDATE audit_chain SET seq = 1, hash = ?", (first_hash,))
+    await lose_from_database(db, file_events(audit_path), kept=1)
 
     second = make_writer()
     await second.start()
-    emit_numbered(second, 1)
+    assert await table_events(db) == file_events(audit_path)
+    emit_numbered(second, 1, start=6)
     await second.close()
 
-    assert "ahead of the database" in caplog.text
+    events = file_events(audit_path)
+    assert [event["seq"] for event in events] == [1, 2, 3, 4, 5, 6, 7]
+    assert await table_events(db) == events
+    assert await head(db) == (7, events[-1]["hash"])
+    assert verify_files([audit_path]).ok and (await verify_table(db)).ok
+    assert f"restored 5 audit events (seq 2..6) from {audit_path} into the database" in caplog.messages
+    assert "ahead of the database" not in caplog.text
+
+
+@pytest.mark.parametrize(("tamper", "kind"), [
+    (lambda lines: lines.__setitem__(3, lines[3].replace(b"req-3", b"req-X")), "altered"),
+    (lambda lines: lines.pop(2), "removed"),
+])
+async def test_events_that_do_not_chain_from_the_database_head_are_not_restored(
+        make_writer: WriterFactory, db: Database, audit_path: Path, caplog: pytest.LogCaptureFixture,
+        tamper: Callable[[list[bytes]], Any], kind: str) -> None:
+    first = make_writer()
+    await first.start()
+    emit_numbered(first, 5)
+    await first.close()
+    events = file_events(audit_path)
+    await lose_from_database(db, events, kept=1)
+    lines = audit_path.read_bytes().splitlines()
+    tamper(lines)
+    audit_path.write_bytes(b"\n".join(lines) + b"\n")
+
+    second = make_writer()
+    await second.start()
+    emit_numbered(second, 1, start=5)
+    await second.close()
+
+    errors = [record.getMessage() for record in caplog.records if record.levelno == logging.ERROR]
+    assert len(errors) == 1 and "do not chain from it" in errors[0] and f"({kind} at seq " in errors[0]
+    assert [event["seq"] for event in await table_events(db)] == [1, 6]  # nothing restored
+    seqs = [event["seq"] for event in file_events(audit_path)]
+    assert seqs[-2:] == [5, 6] and len(seqs) == len(set(seqs))  # continued after the file: no seq twice
+    problem = verify_files([audit_path]).problem
+    assert problem is not None and problem.kind == kind  # the file is what `audit verify` flags
+
+
+async def test_with_store_in_db_off_a_restart_advances_only_the_head(
+        make_writer: WriterFactory, db: Database, audit_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    first = make_writer(store_in_db=False)
+    await first.start()
+    emit_numbered(first, 3)
+    await first.close()
+    events = file_events(audit_path)
+    await db.execute("UPDATE audit_chain SET seq = 1, hash = ?", (events[0]["hash"],))
+
+    second = make_writer(store_in_db=False)
+    await second.start()
+
+    assert await head(db) == (3, events[-1]["hash"])
+    assert await table_events(db) == []
+    assert any("advanced to seq 3 after 2 events" in message for message in caplog.messages)
+    emit_numbered(second, 1, start=3)
+    await second.close()
     assert [event["seq"] for event in file_events(audit_path)] == [1, 2, 3, 4]
-    assert verify_files([audit_path]).ok
-    result = await verify_table(db)
-    assert result.problem is not None and result.problem.kind == "removed" and result.problem.seq == 4
+
+
+@pytest.mark.parametrize("layout", ["rotated while writing", "rotated and compressed", "rotated while down"])
+async def test_restore_reads_the_rotated_file_when_the_current_one_starts_past_the_head(
+        make_writer: WriterFactory, db: Database, audit_path: Path, caplog: pytest.LogCaptureFixture,
+        layout: str) -> None:
+    rotated = audit_path.with_name("audit.log.1")
+    first = make_writer()
+    await first.start()
+    emit_numbered(first, 3)
+    await first.flush()
+    if layout != "rotated while down":
+        audit_path.rename(rotated)  # as logrotate does: the writer opens a new file
+        emit_numbered(first, 2, start=3)
+    await first.close()
+    events = file_events(*[path for path in (rotated, audit_path) if path.exists()])
+    await lose_from_database(db, events, kept=2)
+    if layout == "rotated while down":
+        audit_path.rename(rotated)
+        audit_path.touch()  # `create`: the new file is empty
+    if layout == "rotated and compressed":
+        rotated.with_name("audit.log.1.gz").write_bytes(gzip.compress(rotated.read_bytes()))
+        rotated.unlink()
+        rotated = rotated.with_name("audit.log.1.gz")
+
+    second = make_writer()
+    await second.start()
+    emit_numbered(second, 1, start=len(events))
+    await second.close()
+
+    files = [rotated, audit_path]
+    assert await table_events(db) == (events + file_events(audit_path)[-1:])
+    assert verify_files(files).ok and (await verify_table(db)).ok
+    sources = f"{rotated} and {audit_path}" if layout != "rotated while down" else f"{rotated}"
+    assert (f"restored {len(events) - 2} audit events (seq 3..{len(events)}) from {sources} into the database"
+            in caplog.messages)
 
 
 async def test_events_from_another_process_are_chained_after(

@@ -20,6 +20,8 @@ from llm_proxy.auditchain import (
     ZERO_HASH,
     canonical,
     chain_hash,
+    lines_after,
+    newest_event,
     prune,
     rotation_order,
     verify_files,
@@ -190,6 +192,27 @@ def test_corrupt_gzip_is_unreadable(tmp_path: Path) -> None:
     (tmp_path / "audit.log.2.gz").write_bytes(b"\x1f\x8b\x08 definitely not gzip")
     problem = verify_files(paths).problem
     assert problem is not None and (problem.kind, problem.source) == ("unreadable", str(tmp_path / "audit.log.2.gz"))
+
+
+# ---- reading back what the file holds past a head ----
+
+@pytest.mark.parametrize("block", [16, 1 << 16])
+@pytest.mark.parametrize("last_newline", [True, False])
+def test_lines_after_reads_from_the_end_across_blocks_and_rotated_files(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, block: int, last_newline: bool) -> None:
+    monkeypatch.setattr("llm_proxy.auditchain._TAIL_BYTES", block)  # 16: every line spans blocks
+    events = build_chain(30)
+    write_rotated(tmp_path, events)
+    current = tmp_path / "audit.log"
+    if not last_newline:
+        current.write_bytes(current.read_bytes().rstrip(b"\n"))
+
+    for seq in range(31):
+        after = [orjson.loads(raw)["seq"] for _, raw in lines_after(current, seq) if raw.strip()]
+        assert after == list(range(seq + 1, 31)), seq
+    assert newest_event(current) == (30, events[-1]["hash"])
+    current.write_bytes(b"")  # just rotated: the newest event is in the newest rotated file
+    assert newest_event(current) == (20, events[19]["hash"])
 
 
 # ---- the table and pruning ----
