@@ -387,15 +387,6 @@ def cmd_audit_prune(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
-def audit_files(current: Path) -> list[Path]:
-    """Return the audit file and logrotate's siblings of it (name.N, name-DATE, optionally .gz)."""
-    pattern = re.compile(re.escape(current.name) + r"(?:\.\d+|-\d{8,14})?(?:\.gz)?")
-    try:
-        return sorted(path for path in current.parent.iterdir() if pattern.fullmatch(path.name) and path.is_file())
-    except OSError:
-        return []
-
-
 def _result_document(result: auditchain.VerifyResult) -> dict[str, Any]:
     problem = result.problem
     return {"ok": result.ok, "events": result.events, "start": result.start, "first_seq": result.first_seq,
@@ -454,7 +445,7 @@ def cmd_audit_verify(args: argparse.Namespace) -> int:
         settings = _settings()
         if settings.audit_log_file is None:
             raise UsageError("AUDIT_LOG_FILE is empty: there are no audit files (use --db)")
-        paths = audit_files(settings.audit_log_file)
+        paths = auditchain.audit_files(settings.audit_log_file)
         if not paths:
             raise CommandError(f"no audit files at {settings.audit_log_file}")
         # Read before the files, so a gateway writing meanwhile only adds lines past it.
