@@ -10,9 +10,8 @@
 FROM python:3.11.11-slim-bookworm AS build
 ENV PIP_NO_CACHE_DIR=1 PIP_DISABLE_PIP_VERSION_CHECK=1
 WORKDIR /src
-COPY pyproject.toml setup.cfg README.md schema.sql ./
+COPY pyproject.toml setup.cfg README.md ./
 COPY llm_proxy ./llm_proxy
-# llm_proxy/schema.sql links to ../schema.sql; the wheel build stores its content.
 RUN python -m venv /opt/venv \
  && /opt/venv/bin/pip install --no-compile ".[fast]" \
  && find /opt/venv -name '__pycache__' -prune -exec rm -rf {} +

@@ -1,7 +1,7 @@
 """Price features and patches: several llm-proxy variants side by side, measured in shuffled rounds against the floor.
 
     python bench/ablate.py --variant audit-off:AUDIT_ENABLED=false --variant access-log-off:LOG_LEVEL=warning
-    cp -rL llm_proxy /tmp/try/ && $EDITOR /tmp/try/llm_proxy/forwarder.py   # -L: schema.sql is a symlink
+    cp -r llm_proxy /tmp/try/ && $EDITOR /tmp/try/llm_proxy/gateway/forwarder.py
     python bench/ablate.py --variant patched@/tmp/try                        # imports /tmp/try/llm_proxy
 
 Every variant runs at once in its own process (with the bench's every-feature-on settings plus its

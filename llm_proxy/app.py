@@ -9,26 +9,26 @@ from collections.abc import AsyncIterator, Callable
 
 from aiohttp import web
 
-from .anomaly import AnomalyDetector
-from .audit import AuditWriter
-from .auth import ClientAuth, ManagementAuth, ManagementTokens, management_auth_middleware
-from .cors import cors_headers
-from .crypto import DecryptionError, KeyRing
-from .database import Database
-from .edge import edge_middleware
-from .forwarder import Forwarder
-from .health import health_routes
-from .housekeeping import ExpiryJob
-from .keys import ANOMALIES, AUDIT, DATABASE, EXPIRY_JOB, KEYRING, SETTINGS, TOKEN_STORE
-from .limits import Admission, IpBlock, add_rate_limit_headers, ip_block_middleware
-from .management import Management
-from .metrics import Metrics, metrics_route
-from .proxy import ProxyRoute
-from .ratelimit import ConcurrencyLimiter, FailureCounter, RateLimiter
-from .request_context import add_request_id_header
-from .security_headers import response_hook, security_headers
-from .settings import ConfigError, Settings
-from .tokenstore import TokenStore
+from llm_proxy.audit.writer import AuditWriter
+from llm_proxy.crypto import DecryptionError, KeyRing
+from llm_proxy.gateway.admission import Admission, IpBlock, add_rate_limit_headers, ip_block_middleware
+from llm_proxy.gateway.auth import ClientAuth, ManagementAuth, ManagementTokens, management_auth_middleware
+from llm_proxy.gateway.context import add_request_id_header
+from llm_proxy.gateway.cors import cors_headers
+from llm_proxy.gateway.edge import edge_middleware
+from llm_proxy.gateway.forwarder import Forwarder
+from llm_proxy.gateway.proxy import ProxyRoute
+from llm_proxy.gateway.security_headers import response_hook, security_headers
+from llm_proxy.keys import ANOMALIES, AUDIT, DATABASE, EXPIRY_JOB, KEYRING, SETTINGS, TOKEN_STORE
+from llm_proxy.limiting.memory import ConcurrencyLimiter, FailureCounter, RateLimiter
+from llm_proxy.manage.api import Management
+from llm_proxy.ops.health import health_routes
+from llm_proxy.ops.metrics import Metrics, metrics_route
+from llm_proxy.settings import ConfigError, Settings
+from llm_proxy.storage.sqlite.database import Database
+from llm_proxy.tokens.anomaly import AnomalyDetector
+from llm_proxy.tokens.cache import TokenStore
+from llm_proxy.tokens.expiry import ExpiryJob
 
 log = logging.getLogger(__name__)
 

@@ -37,7 +37,7 @@ from collections.abc import Mapping
 import orjson
 from aiohttp import web
 
-from .keys import REQUEST_ID
+from llm_proxy.keys import REQUEST_ID
 
 log = logging.getLogger(__name__)
 

@@ -7,14 +7,14 @@ from typing import TYPE_CHECKING
 from aiohttp import web
 
 if TYPE_CHECKING:
-    from .anomaly import AnomalyDetector
-    from .audit import AuditWriter
-    from .crypto import KeyRing
-    from .database import Database
-    from .housekeeping import ExpiryJob
-    from .ratelimit import Decision
-    from .settings import Settings
-    from .tokenstore import Credential, TokenStore
+    from llm_proxy.audit.writer import AuditWriter
+    from llm_proxy.crypto import KeyRing
+    from llm_proxy.limiting.memory import Decision
+    from llm_proxy.settings import Settings
+    from llm_proxy.storage.sqlite.database import Database
+    from llm_proxy.tokens.anomaly import AnomalyDetector
+    from llm_proxy.tokens.cache import Credential, TokenStore
+    from llm_proxy.tokens.expiry import ExpiryJob
 
 SETTINGS: web.AppKey[Settings] = web.AppKey("settings")
 KEYRING: web.AppKey[KeyRing] = web.AppKey("keyring")

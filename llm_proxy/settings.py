@@ -255,7 +255,7 @@ def _parse_endpoints(raw: str) -> tuple[str, ...]:
 
 
 def _parse_origins(raw: str) -> tuple[str, ...]:
-    from .cors import normalize_origin
+    from llm_proxy.gateway.cors import normalize_origin
 
     origins = tuple(_split(raw))
     for origin in origins:

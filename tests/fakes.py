@@ -13,11 +13,11 @@ import orjson
 from aiohttp import web
 from aiohttp.test_utils import TestClient
 
-from llm_proxy.audit import AuditWriter
-from llm_proxy.database import Database
-from llm_proxy.metrics import Metrics
-from llm_proxy.ratelimit import ConcurrencyLimiter
+from llm_proxy.audit.writer import AuditWriter
+from llm_proxy.limiting.memory import ConcurrencyLimiter
+from llm_proxy.ops.metrics import Metrics
 from llm_proxy.settings import Settings, load_settings
+from llm_proxy.storage.sqlite.database import Database
 
 MANAGEMENT_TOKEN = "mgmt-" + "A1b2C3d4" * 6
 UPSTREAM_KEY = "sk-upstream-REAL-secret-key-0123456789abcdef"

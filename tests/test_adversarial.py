@@ -191,7 +191,7 @@ async def test_client_host_and_odd_case_forwarding_headers_do_not_reach_the_upst
 
 
 async def test_client_controlled_text_cannot_forge_audit_lines_and_the_chain_verifies(gateway: Gateway) -> None:
-    from llm_proxy.auditchain import verify_files
+    from llm_proxy.audit.chain import verify_files
     token = (await gateway.token())["token"]
     forged_model = 'x"}\n{"action":"token.revoke","actor":"management","result":"success"}\r\n'
     await (await gateway.client.post("/v1/chat/completions", headers={**bearer(token), "User-Agent": 'ua","a":"b'},

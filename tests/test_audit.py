@@ -20,16 +20,9 @@ import aiosqlite
 import orjson
 import pytest
 
-from llm_proxy.audit import INSERT_ROWS, AuditWriter, _AppendFile, mask_ip
-from llm_proxy.auditchain import (
-    COLUMNS,
-    ZERO_HASH,
-    chain_hash,
-    event_from_row,
-    verify_files,
-    verify_table,
-)
-from llm_proxy.database import Database
+from llm_proxy.audit.chain import COLUMNS, ZERO_HASH, chain_hash, event_from_row, verify_files, verify_table
+from llm_proxy.audit.writer import INSERT_ROWS, AuditWriter, _AppendFile, mask_ip
+from llm_proxy.storage.sqlite.database import Database
 
 SPEC_DETAILS = {"http_method": "POST", "endpoint": "/manage/tokens", "duration_minutes": 60,
                 "token_id": "tok-1234****cdef", "user_agent": "curl/8.5.0"}
@@ -285,8 +278,8 @@ async def lose_from_database(db: Database, events: list[dict[str, Any]], kept: i
 async def test_restart_restores_the_events_the_database_lost(
         make_writer: WriterFactory, db: Database, audit_path: Path, caplog: pytest.LogCaptureFixture,
         monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr("llm_proxy.audit.RESTORE_CHUNK", 2)  # several chunks in one transaction
-    monkeypatch.setattr("llm_proxy.auditchain._TAIL_BYTES", 64)  # read back in blocks shorter than a line
+    monkeypatch.setattr("llm_proxy.audit.writer.RESTORE_CHUNK", 2)  # several chunks in one transaction
+    monkeypatch.setattr("llm_proxy.audit.chain._TAIL_BYTES", 64)  # read back in blocks shorter than a line
     first = make_writer()
     await first.start()
     emit_numbered(first, 6)

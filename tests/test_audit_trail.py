@@ -9,9 +9,9 @@ from typing import Any
 import orjson
 import pytest
 
-from llm_proxy.auditchain import verify_files
+from llm_proxy.audit.chain import verify_files
+from llm_proxy.audit.masking import obfuscate
 from llm_proxy.keys import AUDIT
-from llm_proxy.obfuscation import obfuscate
 from tests.fakes import ENCRYPTION_KEY, MANAGEMENT_TOKEN, UPSTREAM_KEY, Gateway, read_all_bytes
 
 

@@ -15,8 +15,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from llm_proxy.audit import AuditWriter
-from llm_proxy.auditchain import (
+from llm_proxy.audit.chain import (
     ZERO_HASH,
     canonical,
     chain_hash,
@@ -28,7 +27,8 @@ from llm_proxy.auditchain import (
     verify_lines,
     verify_table,
 )
-from llm_proxy.database import Database
+from llm_proxy.audit.writer import AuditWriter
+from llm_proxy.storage.sqlite.database import Database
 
 START = datetime(2024, 1, 1, tzinfo=UTC)
 
@@ -200,7 +200,7 @@ def test_corrupt_gzip_is_unreadable(tmp_path: Path) -> None:
 @pytest.mark.parametrize("last_newline", [True, False])
 def test_lines_after_reads_from_the_end_across_blocks_and_rotated_files(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch, block: int, last_newline: bool) -> None:
-    monkeypatch.setattr("llm_proxy.auditchain._TAIL_BYTES", block)  # 16: every line spans blocks
+    monkeypatch.setattr("llm_proxy.audit.chain._TAIL_BYTES", block)  # 16: every line spans blocks
     events = build_chain(30)
     write_rotated(tmp_path, events)
     current = tmp_path / "audit.log"

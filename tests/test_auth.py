@@ -7,8 +7,8 @@ from typing import Any
 import openai
 import pytest
 
-from llm_proxy.database import Database
 from llm_proxy.keys import DATABASE
+from llm_proxy.storage.sqlite.database import Database
 from tests.fakes import MANAGEMENT_TOKEN, FakeClock, Gateway
 
 

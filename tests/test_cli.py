@@ -23,12 +23,12 @@ import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestServer
 
-from llm_proxy.audit import AuditWriter
-from llm_proxy.cli import format_record, format_table, main
+from llm_proxy.audit.writer import AuditWriter
 from llm_proxy.crypto import KeyRing
-from llm_proxy.database import Database
 from llm_proxy.keys import AUDIT
+from llm_proxy.ops.cli import format_record, format_table, main
 from llm_proxy.settings import VARIABLES, load_settings
+from llm_proxy.storage.sqlite.database import Database
 from tests.fakes import ENCRYPTION_KEY, MANAGEMENT_TOKEN, UPSTREAM_KEY, Gateway
 
 REPO = Path(__file__).resolve().parents[1]

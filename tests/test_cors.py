@@ -8,10 +8,10 @@ import pytest
 from aiohttp import web
 from aiohttp.typedefs import Handler
 
-from llm_proxy.cors import EXPOSED_HEADERS, CorsPolicy, cors_headers, normalize_origin
-from llm_proxy.edge import edge_middleware
 from llm_proxy.errors import InvalidToken, RateLimited
-from llm_proxy.security_headers import response_hook
+from llm_proxy.gateway.cors import EXPOSED_HEADERS, CorsPolicy, cors_headers, normalize_origin
+from llm_proxy.gateway.edge import edge_middleware
+from llm_proxy.gateway.security_headers import response_hook
 from tests.fakes import bare_metrics
 
 APP_ORIGIN = "https://app.example.com"

@@ -9,7 +9,8 @@ from typing import Any
 import pytest
 from aiohttp.test_utils import TestServer
 
-from llm_proxy import repository, tokenstore
+from llm_proxy.storage.sqlite import repository
+from llm_proxy.tokens import cache as tokenstore
 from tests.fakes import Gateway, UpstreamState
 from tests.test_faults import bearer, eventually, locked, scalar, serving_like_serve
 

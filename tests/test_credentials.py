@@ -10,15 +10,15 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from llm_proxy.credentials import (
+from llm_proxy.audit.masking import KNOWN_PREFIXES, obfuscate
+from llm_proxy.crypto import DecryptionError, KeyRing
+from llm_proxy.tokens.credentials import (
     generate_encryption_key,
     generate_secret,
     generate_token,
     hash_token,
     is_token_shaped,
 )
-from llm_proxy.crypto import DecryptionError, KeyRing
-from llm_proxy.obfuscation import KNOWN_PREFIXES, obfuscate
 
 
 def test_tokens_are_tok_plus_43_base64url_of_32_random_bytes() -> None:

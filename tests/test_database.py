@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 from pathlib import Path
 
-from llm_proxy.database import Database
+from llm_proxy.storage.sqlite.database import Database
 
 
 async def test_a_read_after_a_write_sees_it_while_other_reads_are_in_flight(tmp_path: Path) -> None:

@@ -29,11 +29,11 @@ import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestClient, TestServer
 
-from llm_proxy import database
 from llm_proxy.app import create_app
-from llm_proxy.audit import AuditWriter
-from llm_proxy.forwarder import WHOLE_BODY_LIMIT
+from llm_proxy.audit.writer import AuditWriter
+from llm_proxy.gateway.forwarder import WHOLE_BODY_LIMIT
 from llm_proxy.keys import AUDIT
+from llm_proxy.storage.sqlite import database
 from tests.fakes import MANAGEMENT_TOKEN, Gateway, make_settings
 
 CHAT = {"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "hi"}]}
@@ -916,7 +916,7 @@ async def test_audit_file_on_a_full_disk_keeps_requests_and_events_in_the_databa
             assert response.status == 200
     await gateway.app[AUDIT].flush()
 
-    errors = [r for r in caplog.records if r.name == "llm_proxy.audit" and r.levelno >= logging.ERROR]
+    errors = [r for r in caplog.records if r.name == "llm_proxy.audit.writer" and r.levelno >= logging.ERROR]
     assert errors and "No space left on device" in errors[0].getMessage()
     async with gateway.client.get("/metrics", headers={"Authorization": f"Bearer {MANAGEMENT_TOKEN}"}) as metrics:
         text = await metrics.text()

@@ -30,10 +30,10 @@ from schemathesis.specs.openapi.checks import (
 )
 
 from llm_proxy.errors import BadRequest
-from llm_proxy.management import MAX_GRACE_SECONDS
-from llm_proxy.openapi import build_document
+from llm_proxy.manage.api import MAX_GRACE_SECONDS
+from llm_proxy.manage.openapi import build_document
+from llm_proxy.manage.validation import Field, query_int, query_timestamp, validate
 from llm_proxy.settings import Settings
-from llm_proxy.validation import Field, query_int, query_timestamp, validate
 from tests.fakes import Gateway
 from tests.test_openapi import app_routes, documented_routes
 

@@ -106,8 +106,10 @@ def installed(tmp_path_factory: pytest.TempPathFactory) -> Path:
     (wheel,) = wheels.glob("llm_proxy-*.whl")
     with zipfile.ZipFile(wheel) as archive:
         names = set(archive.namelist())
-        assert "llm_proxy/schema.sql" in names  # read at startup; the OpenAPI document is built in Python
-        assert archive.read("llm_proxy/schema.sql") == (ROOT / "schema.sql").read_bytes()  # content, not a link
+        # The schema is read at startup; the OpenAPI document is built in Python.
+        assert "llm_proxy/storage/sqlite/schema.sql" in names
+        assert archive.read("llm_proxy/storage/sqlite/schema.sql") == (
+            ROOT / "llm_proxy" / "storage" / "sqlite" / "schema.sql").read_bytes()
         (entry_points,) = [name for name in names if name.endswith(".dist-info/entry_points.txt")]
         assert "llm-proxy = " in archive.read(entry_points).decode()
     site = work / "site"

@@ -11,7 +11,7 @@ from typing import Any
 
 import orjson
 
-from llm_proxy.auditchain import verify_files
+from llm_proxy.audit.chain import verify_files
 from llm_proxy.keys import AUDIT
 
 RECIPE = Path(__file__).resolve().parent.parent / "logrotate.conf"

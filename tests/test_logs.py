@@ -19,8 +19,8 @@ from aiohttp import web
 from aiohttp.test_utils import TestClient, TestServer
 
 from llm_proxy.app import create_app
-from llm_proxy.control_characters import escape_controls
-from llm_proxy.logs import ACCESS_LOGGER, AccessLogger, AccessSink, LogListener, configure_logging, mask_secrets
+from llm_proxy.ops.control_characters import escape_controls
+from llm_proxy.ops.logs import ACCESS_LOGGER, AccessLogger, AccessSink, LogListener, configure_logging, mask_secrets
 from llm_proxy.settings import ConfigError
 from tests.fakes import MANAGEMENT_TOKEN, UPSTREAM_KEY, UpstreamState, make_settings
 
@@ -211,7 +211,7 @@ def test_access_logger_is_off_below_info() -> None:
 
 
 def test_the_masking_filter_also_works_without_the_queue() -> None:
-    from llm_proxy.logs import JsonFormatter, SecretMaskingFilter
+    from llm_proxy.ops.logs import JsonFormatter, SecretMaskingFilter
 
     stream = io.StringIO()
     handler = logging.StreamHandler(stream)
@@ -260,7 +260,7 @@ def test_an_entry_that_cannot_be_rendered_is_reported_and_the_rest_written(caplo
     sink.append((1_800_000_000.0, object(), "GET", "/v1/models", 200, 0.001, "127.0.0.1", None))  # type: ignore[arg-type]
     sink.append(good)
 
-    with caplog.at_level(logging.ERROR, logger="llm_proxy.logs"):
+    with caplog.at_level(logging.ERROR, logger="llm_proxy.ops.logs"):
         sink.flush()
 
     assert [orjson.loads(line)["request_id"] for line in stream.getvalue().splitlines()] == ["req-2"]

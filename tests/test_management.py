@@ -7,8 +7,8 @@ from typing import Any
 
 import pytest
 
-from llm_proxy import repository as repo
-from llm_proxy.credentials import hash_token
+from llm_proxy.storage.sqlite import repository as repo
+from llm_proxy.tokens.credentials import hash_token
 from tests.fakes import (
     ENCRYPTION_KEY,
     MANAGEMENT_TOKEN,

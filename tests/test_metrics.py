@@ -13,7 +13,7 @@ from prometheus_client import CollectorRegistry
 from prometheus_client import Histogram as PrometheusHistogram
 
 from llm_proxy.keys import AUDIT
-from llm_proxy.metrics import Histogram
+from llm_proxy.ops.metrics import Histogram
 from tests.fakes import MANAGEMENT_TOKEN, FakeClock, Gateway
 
 BOUNDS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from llm_proxy.obfuscation import KNOWN_PREFIXES, obfuscate
+from llm_proxy.audit.masking import KNOWN_PREFIXES, obfuscate
 
 
 @pytest.mark.parametrize(("value", "shown"), [

@@ -10,11 +10,11 @@ from aiohttp import web
 
 import llm_proxy
 from llm_proxy.app import create_app
-from llm_proxy.management import MAX_GRACE_SECONDS
-from llm_proxy.openapi import build_document, render
+from llm_proxy.manage.api import MAX_GRACE_SECONDS
+from llm_proxy.manage.openapi import build_document, render
 from tests.fakes import Gateway, make_settings
 
-COMMITTED = Path(llm_proxy.__file__).parent / "openapi.json"
+COMMITTED = Path(llm_proxy.__file__).parent / "manage" / "openapi.json"
 # The proxy's catch-all forwards whatever ALLOWED_ENDPOINTS admits; it is the upstream's API, not ours.
 UNDOCUMENTED_PREFIXES = ("/v1",)
 METHODS = ("get", "put", "post", "delete", "options", "head", "patch", "trace")
@@ -41,7 +41,8 @@ def documented_routes(document: dict[str, Any]) -> set[tuple[str, str]]:
 
 def test_committed_document_is_generated() -> None:
     assert COMMITTED.read_text() == render(build_document()), \
-        "llm_proxy/openapi.json is stale: run `python -m llm_proxy.openapi > llm_proxy/openapi.json`"
+        "llm_proxy/manage/openapi.json is stale: run " \
+        "`python -m llm_proxy.manage.openapi > llm_proxy/manage/openapi.json`"
 
 
 def test_every_route_is_documented(tmp_path: Path) -> None:

@@ -25,7 +25,7 @@ import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestServer
 
-from llm_proxy.cli import main
+from llm_proxy.ops.cli import main
 from llm_proxy.settings import VARIABLES
 from tests.fakes import ENCRYPTION_KEY, MANAGEMENT_TOKEN, UPSTREAM_KEY
 
@@ -101,8 +101,8 @@ def assert_one_line(result: Result, *fragments: str) -> None:
 
 async def test_audit_verify_gz_rotation_with_dateext_in_order(tmp_path: Path) -> None:
     """logrotate with dateext + compress: audit.log-YYYYMMDD.gz files and the current file verify as one chain."""
-    from llm_proxy.audit import AuditWriter
-    from llm_proxy.database import Database
+    from llm_proxy.audit.writer import AuditWriter
+    from llm_proxy.storage.sqlite.database import Database
 
     database, audit_file = tmp_path / "gw.db", tmp_path / "audit.log"
     db = await Database.open(database)

@@ -19,7 +19,7 @@ import orjson
 import pytest
 from aiohttp.test_utils import TestServer
 
-from llm_proxy.auditchain import verify_files
+from llm_proxy.audit.chain import verify_files
 from tests.fakes import ENCRYPTION_KEY, MANAGEMENT_TOKEN, UPSTREAM_KEY, UpstreamState
 
 CHAT = {"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "hi"}]}

@@ -10,13 +10,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from llm_proxy.ratelimit import (
-    UNLIMITED,
-    ConcurrencyLimiter,
-    Decision,
-    FailureCounter,
-    RateLimiter,
-)
+from llm_proxy.limiting.memory import UNLIMITED, ConcurrencyLimiter, Decision, FailureCounter, RateLimiter
 from tests.fakes import FakeClock
 
 

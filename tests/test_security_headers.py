@@ -9,9 +9,9 @@ import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestClient
 
-from llm_proxy.edge import edge_middleware
 from llm_proxy.errors import InvalidToken
-from llm_proxy.security_headers import is_management_path, response_hook, security_headers
+from llm_proxy.gateway.edge import edge_middleware
+from llm_proxy.gateway.security_headers import is_management_path, response_hook, security_headers
 from tests.fakes import bare_metrics
 
 MANAGEMENT_ONLY = ("X-Frame-Options", "Referrer-Policy")

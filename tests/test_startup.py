@@ -15,9 +15,9 @@ from typing import Any
 
 import pytest
 
-from llm_proxy import repository as repo
 from llm_proxy.crypto import KeyRing
-from llm_proxy.database import Database
+from llm_proxy.storage.sqlite import repository as repo
+from llm_proxy.storage.sqlite.database import Database
 from tests.fakes import ENCRYPTION_KEY, MANAGEMENT_TOKEN, UPSTREAM_KEY
 
 

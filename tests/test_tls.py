@@ -24,7 +24,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
 from llm_proxy.app import create_app
-from llm_proxy.cli import UsageError, build_ssl_context, main
+from llm_proxy.ops.cli import UsageError, build_ssl_context, main
 from tests.fakes import ENCRYPTION_KEY, MANAGEMENT_TOKEN, make_settings
 
 REPO = Path(__file__).resolve().parents[1]

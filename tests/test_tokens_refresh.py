@@ -7,8 +7,8 @@ from typing import Any
 
 import pytest
 
-from llm_proxy import repository as repo
 from llm_proxy.keys import EXPIRY_JOB
+from llm_proxy.storage.sqlite import repository as repo
 from tests.fakes import FakeClock, Gateway
 
 

@@ -12,8 +12,8 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
+from llm_proxy.gateway.metering import Usage, UsageTap, prepare
 from llm_proxy.keys import AUDIT, TOKEN_STORE
-from llm_proxy.usage import Usage, UsageTap, prepare
 from tests.fakes import Gateway
 
 CHAT = {"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "hello there"}]}

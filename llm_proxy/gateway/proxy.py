@@ -4,13 +4,13 @@ from __future__ import annotations
 
 from aiohttp import web
 
-from .auth import ClientAuth
-from .errors import MethodNotAllowed, Overloaded
-from .forwarder import Forwarder
-from .keys import CREDENTIAL, RATE_DECISION
-from .limits import Admission, IpBlock
-from .metrics import Metrics
-from .ratelimit import ConcurrencyLimiter
+from llm_proxy.errors import MethodNotAllowed, Overloaded
+from llm_proxy.gateway.admission import Admission, IpBlock
+from llm_proxy.gateway.auth import ClientAuth
+from llm_proxy.gateway.forwarder import Forwarder
+from llm_proxy.keys import CREDENTIAL, RATE_DECISION
+from llm_proxy.limiting.memory import ConcurrencyLimiter
+from llm_proxy.ops.metrics import Metrics
 
 # The methods the OpenAI API uses (GET, POST, DELETE), and HEAD and OPTIONS as HTTP requires. Anything
 # else is refused here: an upstream that echoes TRACE (Apache's default) would hand the token holder

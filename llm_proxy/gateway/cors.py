@@ -8,7 +8,7 @@ from collections.abc import Callable
 from aiohttp import hdrs, web
 from multidict import CIMultiDict
 
-from .errors import PermissionDenied, error_body
+from llm_proxy.errors import PermissionDenied, error_body
 
 ALLOWED_METHODS = "GET, POST, PATCH, DELETE, OPTIONS"
 EXPOSED_HEADERS = "X-Request-ID, X-RateLimit-Limit, X-RateLimit-Remaining, Retry-After, X-LLM-Proxy-Overhead-Ms"

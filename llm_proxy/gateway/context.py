@@ -10,8 +10,8 @@ from collections.abc import Callable
 
 from aiohttp import web
 
-from .keys import CLIENT_IP, REQUEST_ID, REQUEST_STARTED
-from .settings import IPNetwork
+from llm_proxy.keys import CLIENT_IP, REQUEST_ID, REQUEST_STARTED
+from llm_proxy.settings import IPNetwork
 
 _SANE_ID = re.compile(r"[A-Za-z0-9._-]{1,128}")
 _ID_BATCH = 256  # ids drawn from the OS's random source per read

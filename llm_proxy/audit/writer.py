@@ -21,7 +21,7 @@ from typing import Any
 import aiosqlite
 import orjson
 
-from .auditchain import (
+from llm_proxy.audit.chain import (
     HEAD_QUERIES,
     TIMESTAMP_FORMAT,
     ZERO_HASH,
@@ -34,8 +34,8 @@ from .auditchain import (
     newest_event,
     newest_head,
 )
-from .database import Database
-from .obfuscation import mask_request_id, mask_secrets_cached
+from llm_proxy.audit.masking import mask_request_id, mask_secrets_cached
+from llm_proxy.storage.sqlite.database import Database
 
 log = logging.getLogger(__name__)
 

@@ -14,7 +14,7 @@ from typing import Any
 import orjson
 from aiohttp import web
 
-from .errors import BadRequest, PayloadTooLarge, RequestTimeout
+from llm_proxy.errors import BadRequest, PayloadTooLarge, RequestTimeout
 
 
 @dataclass(frozen=True, slots=True)

@@ -11,18 +11,26 @@ from typing import Any
 import orjson
 from aiohttp import web
 
-from . import repository as repo
-from .audit import AuditWriter
-from .credentials import generate_token, hash_token
-from .crypto import KeyRing
-from .database import Database
-from .errors import ApiError, BadRequest, Conflict, MethodNotAllowed, ProjectInactive
-from .keys import CLIENT_IP, REQUEST_ID
-from .obfuscation import obfuscate
-from .openapi import openapi_handler
-from .settings import Settings
-from .tokenstore import TokenStore
-from .validation import Field, parse_json_object, query_bool, query_int, query_timestamp, read_body, validate
+from llm_proxy.audit.masking import obfuscate
+from llm_proxy.audit.writer import AuditWriter
+from llm_proxy.crypto import KeyRing
+from llm_proxy.errors import ApiError, BadRequest, Conflict, MethodNotAllowed, ProjectInactive
+from llm_proxy.keys import CLIENT_IP, REQUEST_ID
+from llm_proxy.manage.openapi import openapi_handler
+from llm_proxy.manage.validation import (
+    Field,
+    parse_json_object,
+    query_bool,
+    query_int,
+    query_timestamp,
+    read_body,
+    validate,
+)
+from llm_proxy.settings import Settings
+from llm_proxy.storage.sqlite import repository as repo
+from llm_proxy.storage.sqlite.database import Database
+from llm_proxy.tokens.cache import TokenStore
+from llm_proxy.tokens.credentials import generate_token, hash_token
 
 MAX_GRACE_SECONDS = 86_400
 # Bounds of the request bodies; the OpenAPI document (openapi.py) states the same ones from here.

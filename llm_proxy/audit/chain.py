@@ -19,7 +19,7 @@ from typing import Any
 import aiosqlite
 import orjson
 
-from .database import Database
+from llm_proxy.storage.sqlite.database import Database
 
 ZERO_HASH = "0" * 64
 TIMESTAMP_FORMAT = "%Y-%m-%dT%H:%M:%SZ"

@@ -20,7 +20,7 @@ BUSY_TIMEOUT_MS = 10_000
 
 
 def _schema_sql() -> str:
-    return resources.files("llm_proxy").joinpath("schema.sql").read_text(encoding="utf-8")
+    return resources.files(__package__).joinpath("schema.sql").read_text(encoding="utf-8")
 
 
 async def _connect(path: Path) -> aiosqlite.Connection:

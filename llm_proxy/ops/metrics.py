@@ -13,12 +13,14 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Histo
 from prometheus_client.registry import Collector
 from prometheus_client.utils import floatToGoString
 
-from .audit import AuditWriter
-from .auth import ManagementAuth
-from .ratelimit import ConcurrencyLimiter
+from llm_proxy.audit.writer import AuditWriter
+from llm_proxy.gateway.auth import ManagementAuth
+from llm_proxy.limiting.memory import ConcurrencyLimiter
 
 if TYPE_CHECKING:
-    from .limits import IpBlock  # limits counts denials in Metrics: a runtime import would be circular
+    from llm_proxy.gateway.admission import (
+        IpBlock,  # limits counts denials in Metrics: a runtime import would be circular
+    )
 
 _STATUS_CLASSES = ("1xx", "2xx", "3xx", "4xx", "5xx")
 _ROUTES = ("proxy", "manage", "other")

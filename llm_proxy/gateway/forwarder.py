@@ -19,9 +19,8 @@ from aiohttp import web
 from multidict import CIMultiDict
 from yarl import URL
 
-from . import usage
-from .audit import AuditWriter
-from .errors import (
+from llm_proxy.audit.writer import AuditWriter
+from llm_proxy.errors import (
     ApiError,
     BadRequest,
     EndpointNotAllowed,
@@ -32,11 +31,12 @@ from .errors import (
     UpstreamTimeout,
     UpstreamUnavailable,
 )
-from .keys import CLIENT_IP, CREDENTIAL, REQUEST_ID, REQUEST_STARTED, UPSTREAM_BROKEN
-from .metrics import Metrics
-from .settings import Settings
-from .tokenstore import TokenStore
-from .validation import read_body, refusing_deep_nesting
+from llm_proxy.gateway import metering as usage
+from llm_proxy.keys import CLIENT_IP, CREDENTIAL, REQUEST_ID, REQUEST_STARTED, UPSTREAM_BROKEN
+from llm_proxy.manage.validation import read_body, refusing_deep_nesting
+from llm_proxy.ops.metrics import Metrics
+from llm_proxy.settings import Settings
+from llm_proxy.tokens.cache import TokenStore
 
 log = logging.getLogger(__name__)
 

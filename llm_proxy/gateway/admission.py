@@ -7,13 +7,13 @@ import math
 from aiohttp import web
 from aiohttp.typedefs import Handler, Middleware
 
-from .anomaly import AnomalyDetector
-from .audit import AuditWriter
-from .errors import ApiError, RateLimited, TooManyRequests
-from .keys import CLIENT_IP, RATE_DECISION, REQUEST_ID
-from .metrics import Metrics
-from .ratelimit import Decision, FailureCounter, RateLimiter
-from .tokenstore import Credential, TokenStore
+from llm_proxy.audit.writer import AuditWriter
+from llm_proxy.errors import ApiError, RateLimited, TooManyRequests
+from llm_proxy.keys import CLIENT_IP, RATE_DECISION, REQUEST_ID
+from llm_proxy.limiting.memory import Decision, FailureCounter, RateLimiter
+from llm_proxy.ops.metrics import Metrics
+from llm_proxy.tokens.anomaly import AnomalyDetector
+from llm_proxy.tokens.cache import Credential, TokenStore
 
 _GLOBAL_KEY = "*"
 

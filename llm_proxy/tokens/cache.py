@@ -9,18 +9,11 @@ from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from . import repository as repo
-from .credentials import hash_token, is_token_shaped
-from .crypto import KeyRing
-from .database import Database
-from .errors import (
-    BudgetExceeded,
-    InvalidToken,
-    ProjectInactive,
-    QuotaExceeded,
-    TokenExpired,
-    TokenRevoked,
-)
+from llm_proxy.crypto import KeyRing
+from llm_proxy.errors import BudgetExceeded, InvalidToken, ProjectInactive, QuotaExceeded, TokenExpired, TokenRevoked
+from llm_proxy.storage.sqlite import repository as repo
+from llm_proxy.storage.sqlite.database import Database
+from llm_proxy.tokens.credentials import hash_token, is_token_shaped
 
 log = logging.getLogger(__name__)
 

@@ -20,10 +20,10 @@ import orjson
 from aiohttp.abc import AbstractAccessLogger
 from aiohttp.web import BaseRequest, StreamResponse
 
-from .control_characters import escape_controls
-from .keys import CLIENT_IP, CREDENTIAL, REQUEST_ID, REQUEST_STARTED
-from .obfuscation import mask_request_id, mask_secrets, mask_secrets_cached
-from .settings import ConfigError, Settings
+from llm_proxy.audit.masking import mask_request_id, mask_secrets, mask_secrets_cached
+from llm_proxy.keys import CLIENT_IP, CREDENTIAL, REQUEST_ID, REQUEST_STARTED
+from llm_proxy.ops.control_characters import escape_controls
+from llm_proxy.settings import ConfigError, Settings
 
 ACCESS_LOGGER = "llm_proxy.access"
 ACCESS_FLUSH_INTERVAL = 0.05

@@ -19,10 +19,10 @@ from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from . import repository as repo
-from .audit import AuditWriter
-from .database import Database
-from .tokenstore import Credential, TokenStore
+from llm_proxy.audit.writer import AuditWriter
+from llm_proxy.storage.sqlite import repository as repo
+from llm_proxy.storage.sqlite.database import Database
+from llm_proxy.tokens.cache import Credential, TokenStore
 
 log = logging.getLogger(__name__)
 

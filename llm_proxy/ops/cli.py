@@ -20,15 +20,17 @@ import aiohttp
 import orjson
 from aiohttp import web
 
-from . import __version__, auditchain, repository
-from .app import CONNECTION_IDLE_TIMEOUT, create_app
-from .audit import AuditWriter
-from .control_characters import escape_controls
-from .credentials import generate_encryption_key, generate_secret
-from .crypto import DecryptionError, KeyRing
-from .database import Database
-from .logs import ACCESS_LOGGER, AccessLogger, configure_logging, mask_secrets
-from .settings import ConfigError, Settings, load_settings, read_client_variable
+from llm_proxy import __version__
+from llm_proxy.app import CONNECTION_IDLE_TIMEOUT, create_app
+from llm_proxy.audit import chain as auditchain
+from llm_proxy.audit.writer import AuditWriter
+from llm_proxy.crypto import DecryptionError, KeyRing
+from llm_proxy.ops.control_characters import escape_controls
+from llm_proxy.ops.logs import ACCESS_LOGGER, AccessLogger, configure_logging, mask_secrets
+from llm_proxy.settings import ConfigError, Settings, load_settings, read_client_variable
+from llm_proxy.storage.sqlite import repository
+from llm_proxy.storage.sqlite.database import Database
+from llm_proxy.tokens.credentials import generate_encryption_key, generate_secret
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
 DEFAULT_URL = "http://127.0.0.1:8080"

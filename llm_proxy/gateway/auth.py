@@ -7,15 +7,15 @@ import hmac
 from aiohttp import web
 from aiohttp.typedefs import Handler, Middleware
 
-from .anomaly import AnomalyDetector
-from .audit import AuditWriter
-from .errors import ApiError, InvalidManagementToken, InvalidToken, IPNotAllowed
-from .keys import CLIENT_IP, REQUEST_ID
-from .obfuscation import obfuscate
-from .ratelimit import FailureCounter
-from .request_context import ip_in
-from .settings import IPNetwork
-from .tokenstore import Credential, TokenStore
+from llm_proxy.audit.masking import obfuscate
+from llm_proxy.audit.writer import AuditWriter
+from llm_proxy.errors import ApiError, InvalidManagementToken, InvalidToken, IPNotAllowed
+from llm_proxy.gateway.context import ip_in
+from llm_proxy.keys import CLIENT_IP, REQUEST_ID
+from llm_proxy.limiting.memory import FailureCounter
+from llm_proxy.settings import IPNetwork
+from llm_proxy.tokens.anomaly import AnomalyDetector
+from llm_proxy.tokens.cache import Credential, TokenStore
 
 
 def bearer(request: web.Request) -> str | None:

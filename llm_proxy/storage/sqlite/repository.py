@@ -11,11 +11,11 @@ from typing import Any
 
 import aiosqlite
 
-from .auditchain import COLUMNS, event_from_row
-from .crypto import KeyRing
-from .database import Database
-from .errors import Conflict, ExpiredTokenConflict, NotFound
-from .obfuscation import obfuscate
+from llm_proxy.audit.chain import COLUMNS, event_from_row
+from llm_proxy.audit.masking import obfuscate
+from llm_proxy.crypto import KeyRing
+from llm_proxy.errors import Conflict, ExpiredTokenConflict, NotFound
+from llm_proxy.storage.sqlite.database import Database
 
 _ISO = "%Y-%m-%dT%H:%M:%SZ"
 

@@ -5,11 +5,11 @@ from __future__ import annotations
 from aiohttp import web
 from aiohttp.typedefs import Handler, Middleware
 
-from .cors import cors_preflight
-from .errors import failure_response
-from .metrics import Metrics
-from .request_context import request_context
-from .settings import IPNetwork
+from llm_proxy.errors import failure_response
+from llm_proxy.gateway.context import request_context
+from llm_proxy.gateway.cors import cors_preflight
+from llm_proxy.ops.metrics import Metrics
+from llm_proxy.settings import IPNetwork
 
 
 def edge_middleware(*, trusted_proxies: tuple[IPNetwork, ...], cors_allowed_origins: tuple[str, ...],

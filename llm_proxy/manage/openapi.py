@@ -10,9 +10,9 @@ from typing import Any
 import orjson
 from aiohttp import web
 
-from . import __version__
-from .settings import Settings
-from .validation import UNPRINTABLE
+from llm_proxy import __version__
+from llm_proxy.manage.validation import UNPRINTABLE
+from llm_proxy.settings import Settings
 
 Schema = dict[str, Any]
 
@@ -58,7 +58,7 @@ _BODY_ERRORS = (400, 408, 413)
 def build_document(settings: Settings | None = None) -> dict[str, Any]:
     """Return the OpenAPI document, reflecting the token lifetime limits of `settings` (defaults when None)."""
     # Imported here: management serves this document, so it imports this module first.
-    from .management import API_KEY_MAX_LENGTH, LIMIT_MAX, MAX_GRACE_SECONDS, NAME_MAX_LENGTH
+    from llm_proxy.manage.api import API_KEY_MAX_LENGTH, LIMIT_MAX, MAX_GRACE_SECONDS, NAME_MAX_LENGTH
 
     if settings is None:
         settings = Settings(management_tokens=(), encryption_key=b"")
@@ -341,7 +341,7 @@ def render(document: dict[str, Any]) -> str:
 
 
 def main() -> None:
-    """Print the document with default settings (`python -m llm_proxy.openapi > llm_proxy/openapi.json`)."""
+    """Print the document with default settings (`python -m llm_proxy.manage.openapi > …/openapi.json`)."""
     sys.stdout.write(render(build_document()))
 
 

@@ -7,10 +7,10 @@ import logging
 import time
 from collections.abc import Callable
 
-from . import repository as repo
-from .audit import AuditWriter
-from .database import Database
-from .tokenstore import TokenStore
+from llm_proxy.audit.writer import AuditWriter
+from llm_proxy.storage.sqlite import repository as repo
+from llm_proxy.storage.sqlite.database import Database
+from llm_proxy.tokens.cache import TokenStore
 
 log = logging.getLogger(__name__)
 

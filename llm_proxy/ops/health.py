@@ -5,9 +5,9 @@ from __future__ import annotations
 import orjson
 from aiohttp import web
 
-from . import __version__
-from .database import Database
-from .errors import error_body
+from llm_proxy import __version__
+from llm_proxy.errors import error_body
+from llm_proxy.storage.sqlite.database import Database
 
 
 def health_routes(db: Database) -> list[web.RouteDef]:

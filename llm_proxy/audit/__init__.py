@@ -1,0 +1,1 @@
+"""The tamper-evident audit trail: the writer, the hash chain and its verification, masking."""

@@ -1,0 +1,1 @@
+"""Admission limits: rates, quotas, budgets, failed-authentication counts and the concurrency cap."""

@@ -1,0 +1,1 @@
+"""The management API under /manage: handlers, body bounds, the OpenAPI document."""

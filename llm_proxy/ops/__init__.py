@@ -1,0 +1,1 @@
+"""Running the gateway: the command line, logs, metrics, health endpoints, TLS."""

@@ -1,0 +1,1 @@
+"""Storage: the interfaces every backend implements, and the errors they raise."""
