@@ -10,10 +10,11 @@ if TYPE_CHECKING:
     from llm_proxy.audit.writer import AuditWriter
     from llm_proxy.crypto import KeyRing
     from llm_proxy.limiting.memory import Decision
+    from llm_proxy.models import Credential
     from llm_proxy.settings import Settings
     from llm_proxy.storage.sqlite.database import Database
     from llm_proxy.tokens.anomaly import AnomalyDetector
-    from llm_proxy.tokens.cache import Credential, TokenStore
+    from llm_proxy.tokens.cache import TokenStore
     from llm_proxy.tokens.expiry import ExpiryJob
 
 SETTINGS: web.AppKey[Settings] = web.AppKey("settings")

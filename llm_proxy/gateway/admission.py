@@ -11,9 +11,10 @@ from llm_proxy.audit.writer import AuditWriter
 from llm_proxy.errors import ApiError, RateLimited, TooManyRequests
 from llm_proxy.keys import CLIENT_IP, RATE_DECISION, REQUEST_ID
 from llm_proxy.limiting.memory import Decision, FailureCounter, RateLimiter
+from llm_proxy.models import Credential
 from llm_proxy.ops.metrics import Metrics
 from llm_proxy.tokens.anomaly import AnomalyDetector
-from llm_proxy.tokens.cache import Credential, TokenStore
+from llm_proxy.tokens.cache import TokenStore
 
 _GLOBAL_KEY = "*"
 

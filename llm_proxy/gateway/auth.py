@@ -13,9 +13,10 @@ from llm_proxy.errors import ApiError, InvalidManagementToken, InvalidToken, IPN
 from llm_proxy.gateway.context import ip_in
 from llm_proxy.keys import CLIENT_IP, REQUEST_ID
 from llm_proxy.limiting.memory import FailureCounter
+from llm_proxy.models import Credential
 from llm_proxy.settings import IPNetwork
 from llm_proxy.tokens.anomaly import AnomalyDetector
-from llm_proxy.tokens.cache import Credential, TokenStore
+from llm_proxy.tokens.cache import TokenStore
 
 
 def bearer(request: web.Request) -> str | None:

@@ -26,6 +26,7 @@ from llm_proxy.manage.validation import (
     read_body,
     validate,
 )
+from llm_proxy.models import TokenRecord, epoch
 from llm_proxy.settings import Settings
 from llm_proxy.storage.sqlite import repository as repo
 from llm_proxy.storage.sqlite.database import Database
@@ -114,19 +115,9 @@ class Management:
             web.get("/openapi.json", openapi_handler(self.settings), allow_head=False),
         ]
 
-    def token_public(self, token: repo.TokenRecord) -> dict[str, Any]:
+    def token_public(self, token: TokenRecord) -> dict[str, Any]:
         """Return the API representation of a token: never the plaintext, counters live."""
-        document = {
-            "id": token.id, "project_id": token.project_id, "token_hint": token.token_hint,
-            "expires_at": token.expires_at, "is_active": token.is_active and token.revoked_at is None,
-            "max_requests": token.max_requests, "rate_limit_per_minute": token.rate_limit_per_minute,
-            "max_tokens_total": token.max_tokens_total, "request_count": token.request_count,
-            "prompt_tokens": token.prompt_tokens, "completion_tokens": token.completion_tokens,
-            "total_tokens": token.total_tokens, "last_used_at": token.last_used_at,
-            "created_at": token.created_at, "revoked_at": token.revoked_at, "replaced_by": token.replaced_by,
-        }
-        document.update(self.store.overlay(token))
-        return document
+        return token.public(self.store.overlay(token))
 
     # ---- projects ----
 
@@ -220,7 +211,7 @@ class Management:
         tokens = await repo.list_tokens(self.db, project_id, bool(query_bool(request.query, "active_only")), now)
         expired = query_bool(request.query, "expired")
         if expired is not None:
-            tokens = [token for token in tokens if (repo.epoch(token.expires_at) <= now) == expired]
+            tokens = [token for token in tokens if (epoch(token.expires_at) <= now) == expired]
         details["count"] = len(tokens)
         return json_response({"data": [self.token_public(token) for token in tokens]})
 

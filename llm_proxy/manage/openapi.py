@@ -12,6 +12,7 @@ from aiohttp import web
 
 from llm_proxy import __version__
 from llm_proxy.manage.validation import UNPRINTABLE
+from llm_proxy.models import TOKEN_FIELDS
 from llm_proxy.settings import Settings
 
 Schema = dict[str, Any]
@@ -274,7 +275,7 @@ def _schemas() -> dict[str, Schema]:
     nullable_stamp: Schema = {**_STAMP, "type": ["string", "null"]}
     limit: Schema = {"type": ["integer", "null"], "minimum": 0,
                      "description": "null: no limit (for the rate: the server default)"}
-    token: dict[str, Schema] = {
+    types: dict[str, Schema] = {
         "id": {"type": "string"}, "project_id": {"type": "string"},
         "token_hint": {"type": "string", "description": "The token, obfuscated."},
         "expires_at": _STAMP, "is_active": {"type": "boolean"},
@@ -283,6 +284,7 @@ def _schemas() -> dict[str, Schema]:
         "last_used_at": nullable_stamp, "created_at": _STAMP, "revoked_at": nullable_stamp,
         "replaced_by": {"type": ["string", "null"], "description": "The id of the token that refreshed this one."},
     }
+    token = {name: types[name] for name in TOKEN_FIELDS}  # the answer's order
     totals = {name: _COUNT for name in ("requests", "prompt_tokens", "completion_tokens", "total_tokens")}
     return {
         "Error": _object({"error": _object({

@@ -25,6 +25,7 @@ from llm_proxy.app import CONNECTION_IDLE_TIMEOUT, create_app
 from llm_proxy.audit import chain as auditchain
 from llm_proxy.audit.writer import AuditWriter
 from llm_proxy.crypto import DecryptionError, KeyRing
+from llm_proxy.models import PROJECT_FIELDS, TOKEN_FIELDS
 from llm_proxy.ops.control_characters import escape_controls
 from llm_proxy.ops.logs import ACCESS_LOGGER, AccessLogger, configure_logging, mask_secrets
 from llm_proxy.settings import ConfigError, Settings, load_settings, read_client_variable
@@ -97,11 +98,7 @@ def _print_json(document: Any) -> None:
     print(orjson.dumps(document, option=orjson.OPT_INDENT_2).decode())
 
 
-PROJECT_FIELDS = ("id", "name", "api_key", "is_active", "created_at", "updated_at")
 PROJECT_COLUMNS = ("id", "name", "is_active", "api_key", "created_at")
-TOKEN_FIELDS = ("id", "project_id", "token_hint", "is_active", "expires_at", "max_requests",
-                "rate_limit_per_minute", "max_tokens_total", "request_count", "prompt_tokens",
-                "completion_tokens", "total_tokens", "last_used_at", "created_at", "revoked_at", "replaced_by")
 TOKEN_COLUMNS = ("id", "project_id", "token_hint", "is_active", "expires_at", "request_count", "max_requests",
                  "last_used_at")
 

@@ -20,9 +20,10 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from llm_proxy.audit.writer import AuditWriter
+from llm_proxy.models import Credential
 from llm_proxy.storage.sqlite import repository as repo
 from llm_proxy.storage.sqlite.database import Database
-from llm_proxy.tokens.cache import Credential, TokenStore
+from llm_proxy.tokens.cache import TokenStore
 
 log = logging.getLogger(__name__)
 

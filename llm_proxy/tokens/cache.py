@@ -7,10 +7,10 @@ import logging
 import time
 from collections import OrderedDict
 from collections.abc import Callable
-from dataclasses import dataclass
 
 from llm_proxy.crypto import KeyRing
 from llm_proxy.errors import BudgetExceeded, InvalidToken, ProjectInactive, QuotaExceeded, TokenExpired, TokenRevoked
+from llm_proxy.models import Credential, Project, ProjectState, TokenRecord, epoch, iso
 from llm_proxy.storage.sqlite import repository as repo
 from llm_proxy.storage.sqlite.database import Database
 from llm_proxy.tokens.credentials import hash_token, is_token_shaped
@@ -20,34 +20,6 @@ log = logging.getLogger(__name__)
 # Unknown digests remembered so that a flood of bad tokens costs no database reads.
 _UNKNOWN_CACHE_SIZE = 10_000
 FLUSH_INTERVAL = 1.0
-
-
-@dataclass(slots=True)
-class ProjectState:
-    """What the hot path needs of a project; shared by all of its cached tokens."""
-    id: str
-    is_active: bool
-    authorization: str  # "Bearer <upstream key>", decrypted once, kept only in memory
-
-
-@dataclass(slots=True)
-class Credential:
-    """A token as the hot path sees it; the in-memory counters are authoritative while it is cached."""
-    id: str
-    hint: str
-    project: ProjectState
-    expires_at: float
-    is_active: bool
-    revoked: bool
-    replaced: bool  # refreshed: a successor exists, and this token lives at most until its grace ends
-    max_requests: int | None
-    rate_limit_per_minute: int | None
-    max_tokens_total: int | None
-    request_count: int
-    prompt_tokens: int
-    completion_tokens: int
-    total_tokens: int
-    last_used_at: float | None
 
 
 class TokenStore:
@@ -188,7 +160,7 @@ class TokenStore:
         finally:
             del self._loading[digest]
 
-    def _project_state(self, project: repo.Project) -> ProjectState:
+    def _project_state(self, project: Project) -> ProjectState:
         """The cached state of a project, made from `project` only when there is none yet.
 
         The row may be stale: a token write reads its project before awaiting its own statement,
@@ -201,28 +173,28 @@ class TokenStore:
                 project.id, project.is_active, "Bearer " + self._keyring.decrypt(project.api_key_encrypted))
         return state
 
-    def _remember(self, token: repo.TokenRecord, project: repo.Project) -> Credential:
+    def _remember(self, token: TokenRecord, project: Project) -> Credential:
         existing = self._by_id.get(token.id)
         if existing is not None:
             self._apply(existing, token)
             return existing
         credential = Credential(
             id=token.id, hint=token.token_hint, project=self._project_state(project),
-            expires_at=repo.epoch(token.expires_at), is_active=token.is_active,
+            expires_at=epoch(token.expires_at), is_active=token.is_active,
             revoked=token.revoked_at is not None, replaced=token.replaced_by is not None,
             max_requests=token.max_requests,
             rate_limit_per_minute=token.rate_limit_per_minute, max_tokens_total=token.max_tokens_total,
             request_count=token.request_count, prompt_tokens=token.prompt_tokens,
             completion_tokens=token.completion_tokens, total_tokens=token.total_tokens,
-            last_used_at=repo.epoch(token.last_used_at) if token.last_used_at else None)
+            last_used_at=epoch(token.last_used_at) if token.last_used_at else None)
         self._by_hash[token.token_hash] = credential
         self._by_id[token.id] = credential
         self._unknown.pop(token.token_hash, None)
         return credential
 
     @staticmethod
-    def _apply(credential: Credential, token: repo.TokenRecord) -> None:
-        credential.expires_at = repo.epoch(token.expires_at)
+    def _apply(credential: Credential, token: TokenRecord) -> None:
+        credential.expires_at = epoch(token.expires_at)
         credential.is_active = token.is_active
         credential.revoked = token.revoked_at is not None
         credential.replaced = token.replaced_by is not None
@@ -230,7 +202,7 @@ class TokenStore:
         credential.rate_limit_per_minute = token.rate_limit_per_minute
         credential.max_tokens_total = token.max_tokens_total
 
-    def token_changed(self, token: repo.TokenRecord, project: repo.Project | None = None) -> None:
+    def token_changed(self, token: TokenRecord, project: Project | None = None) -> None:
         """Apply a token row the management API just wrote (creation caches the new token at once)."""
         self._generation += 1
         existing = self._by_id.get(token.id)
@@ -258,7 +230,7 @@ class TokenStore:
                 credential.revoked = True
                 credential.is_active = False
 
-    def project_changed(self, project: repo.Project) -> None:
+    def project_changed(self, project: Project) -> None:
         """Apply a project row the management API just wrote (activity and upstream key).
 
         The state is kept even for a project none of whose tokens is cached yet, so that a token
@@ -272,14 +244,10 @@ class TokenStore:
         else:
             state.is_active, state.authorization = project.is_active, authorization
 
-    def overlay(self, token: repo.TokenRecord) -> dict[str, int | str | None]:
+    def overlay(self, token: TokenRecord) -> dict[str, int | str | None]:
         """Return the live counters for a token row, which may be up to one flush behind."""
         credential = self._by_id.get(token.id)
-        if credential is None:
-            return {}
-        return {"request_count": credential.request_count, "prompt_tokens": credential.prompt_tokens,
-                "completion_tokens": credential.completion_tokens, "total_tokens": credential.total_tokens,
-                "last_used_at": repo.iso(credential.last_used_at) if credential.last_used_at else None}
+        return {} if credential is None else credential.counters()
 
     # ---- batched persistence ----
 
@@ -300,7 +268,7 @@ class TokenStore:
 
     async def _save(self, dirty: dict[str, Credential], daily: dict[tuple[str, str], list[int]]) -> None:
         rows = [(c.request_count, c.prompt_tokens, c.completion_tokens, c.total_tokens,
-                 repo.iso(c.last_used_at) if c.last_used_at else None, c.id) for c in dirty.values()]
+                 iso(c.last_used_at) if c.last_used_at else None, c.id) for c in dirty.values()]
         deltas = [(project_id, day, totals[0], totals[1], totals[2], totals[3])
                   for (project_id, day), totals in daily.items()]
         try:

@@ -5,7 +5,6 @@ from __future__ import annotations
 import sqlite3
 import uuid
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
@@ -15,56 +14,8 @@ from llm_proxy.audit.chain import COLUMNS, event_from_row
 from llm_proxy.audit.masking import obfuscate
 from llm_proxy.crypto import KeyRing
 from llm_proxy.errors import Conflict, ExpiredTokenConflict, NotFound
+from llm_proxy.models import Project, TokenRecord, epoch, iso
 from llm_proxy.storage.sqlite.database import Database
-
-_ISO = "%Y-%m-%dT%H:%M:%SZ"
-
-
-def iso(epoch: float) -> str:
-    """Format a Unix time as UTC ISO-8601 with `Z`, to the second."""
-    return datetime.fromtimestamp(epoch, UTC).strftime(_ISO)
-
-
-def epoch(text: str) -> float:
-    """Parse a UTC ISO-8601 `Z` timestamp written by iso()."""
-    return datetime.strptime(text, _ISO).replace(tzinfo=UTC).timestamp()
-
-
-@dataclass(frozen=True, slots=True)
-class Project:
-    id: str
-    name: str
-    api_key_encrypted: str
-    api_key_hint: str
-    is_active: bool
-    created_at: str
-    updated_at: str
-
-    def public(self) -> dict[str, Any]:
-        """Return the API representation: the upstream key only ever obfuscated."""
-        return {"id": self.id, "name": self.name, "api_key": self.api_key_hint, "is_active": self.is_active,
-                "created_at": self.created_at, "updated_at": self.updated_at}
-
-
-@dataclass(frozen=True, slots=True)
-class TokenRecord:
-    id: str
-    token_hash: str
-    token_hint: str
-    project_id: str
-    expires_at: str
-    is_active: bool
-    max_requests: int | None
-    rate_limit_per_minute: int | None
-    max_tokens_total: int | None
-    request_count: int
-    prompt_tokens: int
-    completion_tokens: int
-    total_tokens: int
-    last_used_at: str | None
-    created_at: str
-    revoked_at: str | None
-    replaced_by: str | None
 
 
 def _project(row: sqlite3.Row) -> Project:
