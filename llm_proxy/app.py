@@ -19,16 +19,19 @@ from llm_proxy.gateway.edge import edge_middleware
 from llm_proxy.gateway.forwarder import Forwarder
 from llm_proxy.gateway.proxy import ProxyRoute
 from llm_proxy.gateway.security_headers import response_hook, security_headers
-from llm_proxy.keys import ANOMALIES, AUDIT, DATABASE, EXPIRY_JOB, KEYRING, SETTINGS, TOKEN_STORE
+from llm_proxy.keys import ANOMALIES, AUDIT, EXPIRY_JOB, KEYRING, SETTINGS, STORE, TOKEN_CACHE, TOKEN_SERVICE
 from llm_proxy.limiting.memory import ConcurrencyLimiter, FailureCounter, RateLimiter
 from llm_proxy.manage.api import Management
 from llm_proxy.ops.health import health_routes
 from llm_proxy.ops.metrics import Metrics, metrics_route
 from llm_proxy.settings import ConfigError, Settings
-from llm_proxy.storage.sqlite.database import Database
+from llm_proxy.storage.base import Store
+from llm_proxy.storage.factory import open_store
 from llm_proxy.tokens.anomaly import AnomalyDetector
-from llm_proxy.tokens.cache import TokenStore
+from llm_proxy.tokens.cache import TokenCache
 from llm_proxy.tokens.expiry import ExpiryJob
+from llm_proxy.tokens.feed import LocalFeed
+from llm_proxy.tokens.service import TokenService
 
 log = logging.getLogger(__name__)
 
@@ -42,19 +45,21 @@ def create_app(settings: Settings, *, clock: Callable[[], float] = time.time,
                monotonic: Callable[[], float] = time.monotonic) -> web.Application:
     """Build the application; nothing is opened until it starts (clocks are injectable for tests)."""
     keyring = KeyRing(settings.encryption_key, settings.encryption_keys_previous)
-    db = Database(settings.database_path)
-    store = TokenStore(db, keyring, clock)
-    audit = AuditWriter(db, enabled=settings.audit_enabled, file_path=settings.audit_log_file,
+    store = open_store(settings)
+    feed = LocalFeed()
+    cache = TokenCache(store, keyring, feed, clock)
+    service = TokenService(store, keyring, feed, clock)
+    audit = AuditWriter(store.audit, enabled=settings.audit_enabled, file_path=settings.audit_log_file,
                         create_dir=settings.audit_create_dir, store_in_db=settings.audit_store_in_db,
                         mask_client_ip=settings.audit_mask_client_ip)
     concurrency = ConcurrencyLimiter(settings.max_concurrent_requests)
     metrics = Metrics(audit, concurrency)
-    forwarder = Forwarder(settings, store, audit, metrics)
-    management = Management(settings, db, keyring, store, audit, clock)
+    forwarder = Forwarder(settings, cache, audit, metrics)
+    management = Management(settings, service, store, cache, audit)
     anomalies = AnomalyDetector(max_ips_per_hour=settings.anomaly_max_ips_per_hour,
                                 rate_factor=settings.anomaly_rate_factor, auto_suspend=settings.anomaly_auto_suspend,
-                                db=db, store=store, audit=audit, clock=clock)
-    expiry = ExpiryJob(db, store, audit, clock)
+                                service=service, audit=audit, clock=clock)
+    expiry = ExpiryJob(service, audit)
 
     # Every request passes one middleware (request context, CORS preflight, error bodies, the
     # count; see edge.py for the order) and one response hook (request id, CORS, security and
@@ -63,7 +68,8 @@ def create_app(settings: Settings, *, clock: Callable[[], float] = time.time,
     app = web.Application(middlewares=[edge_middleware(trusted_proxies=settings.trusted_proxies,
                                                        cors_allowed_origins=cors, metrics=metrics)],
                           client_max_size=settings.max_request_size)
-    app[SETTINGS], app[KEYRING], app[DATABASE], app[TOKEN_STORE], app[AUDIT] = settings, keyring, db, store, audit
+    app[SETTINGS], app[KEYRING], app[STORE], app[AUDIT] = settings, keyring, store, audit
+    app[TOKEN_CACHE], app[TOKEN_SERVICE] = cache, service
     app[ANOMALIES], app[EXPIRY_JOB] = anomalies, expiry
     app.on_response_prepare.append(response_hook(
         add_request_id_header,
@@ -77,10 +83,10 @@ def create_app(settings: Settings, *, clock: Callable[[], float] = time.time,
     ip_block = IpBlock(failures, audit, metrics)
     management_auth = ManagementAuth(ManagementTokens(settings.management_tokens), settings.management_allowed_ips,
                                      audit, failures)
-    app.add_routes([*health_routes(db), metrics_route(metrics, ip_block, management_auth)])
+    app.add_routes([*health_routes(store), metrics_route(metrics, ip_block, management_auth)])
     proxy = ProxyRoute(
-        ip_block=ip_block, auth=ClientAuth(store, audit, failures, anomalies),
-        admission=Admission(store, audit, metrics, anomalies, default_rate=settings.rate_limit_per_minute,
+        ip_block=ip_block, auth=ClientAuth(cache, audit, failures, anomalies),
+        admission=Admission(cache, audit, metrics, anomalies, default_rate=settings.rate_limit_per_minute,
                             global_rate=settings.global_rate_limit, limiter=RateLimiter(clock=monotonic)),
         concurrency=concurrency, forwarder=forwarder, metrics=metrics)
     app.router.add_route("*", "/v1/{tail:.*}", proxy.handle)
@@ -90,12 +96,12 @@ def create_app(settings: Settings, *, clock: Callable[[], float] = time.time,
     manage.add_routes(management.routes())
     app.add_subapp("/manage", manage)
 
-    app.cleanup_ctx.append(_lifetime(db, keyring, audit, store, expiry, anomalies, forwarder,
+    app.cleanup_ctx.append(_lifetime(store, keyring, audit, cache, expiry, anomalies, forwarder,
                                      settings.max_concurrent_requests))
     return app
 
 
-def _lifetime(db: Database, keyring: KeyRing, audit: AuditWriter, store: TokenStore, expiry: ExpiryJob,
+def _lifetime(store: Store, keyring: KeyRing, audit: AuditWriter, cache: TokenCache, expiry: ExpiryJob,
               anomalies: AnomalyDetector, forwarder: Forwarder,
               max_connections: int) -> Callable[[web.Application], AsyncIterator[None]]:
     """Start the gateway's resources in order and tear them down in reverse: the upstream session
@@ -107,13 +113,13 @@ def _lifetime(db: Database, keyring: KeyRing, audit: AuditWriter, store: TokenSt
     """
     async def ctx(app: web.Application) -> AsyncIterator[None]:
         async with contextlib.AsyncExitStack() as started:
-            await db.connect()
-            started.push_async_callback(db.close)
-            await _check_stored_keys(db, keyring)
+            await store.open()
+            started.push_async_callback(store.close)
+            await _check_stored_keys(store, keyring)
             await audit.start()
             started.push_async_callback(audit.close)
-            store.start()
-            started.push_async_callback(store.close)
+            cache.start()
+            started.push_async_callback(cache.close)
             expiry.start()
             started.push_async_callback(anomalies.close)
             started.push_async_callback(expiry.close)
@@ -123,19 +129,19 @@ def _lifetime(db: Database, keyring: KeyRing, audit: AuditWriter, store: TokenSt
     return ctx
 
 
-async def _check_stored_keys(db: Database, keyring: KeyRing) -> None:
+async def _check_stored_keys(store: Store, keyring: KeyRing) -> None:
     """Refuse to start when ENCRYPTION_KEY opens none of the stored upstream keys (the wrong key, most
     likely), and log the projects whose keys it cannot open; otherwise every request of theirs would
     fail later with a 500 and nothing pointing at the cause."""
-    rows = await db.fetchall("SELECT id, api_key_encrypted FROM projects")
+    projects = await store.projects.all()
     unreadable = []
-    for project_id, stored in rows:
+    for project in projects:
         try:
-            keyring.decrypt(stored)
+            keyring.decrypt(project.api_key_encrypted)
         except (DecryptionError, ValueError):  # ValueError: a stored value too damaged for AES-GCM to try
-            unreadable.append(project_id)
-    if rows and len(unreadable) == len(rows):
-        raise ConfigError("ENCRYPTION_KEY", f"opens none of the {len(rows)} stored upstream key(s): is it the "
+            unreadable.append(project.id)
+    if projects and len(unreadable) == len(projects):
+        raise ConfigError("ENCRYPTION_KEY", f"opens none of the {len(projects)} stored upstream key(s): is it the "
                                             "key they were written with? (to change keys, set the old one as "
                                             "ENCRYPTION_KEY_PREVIOUS and run `llm-proxy rotate-key`)")
     if unreadable:

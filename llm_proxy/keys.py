@@ -12,15 +12,17 @@ if TYPE_CHECKING:
     from llm_proxy.limiting.memory import Decision
     from llm_proxy.models import Credential
     from llm_proxy.settings import Settings
-    from llm_proxy.storage.sqlite.database import Database
+    from llm_proxy.storage.base import Store
     from llm_proxy.tokens.anomaly import AnomalyDetector
-    from llm_proxy.tokens.cache import TokenStore
+    from llm_proxy.tokens.cache import TokenCache
     from llm_proxy.tokens.expiry import ExpiryJob
+    from llm_proxy.tokens.service import TokenService
 
 SETTINGS: web.AppKey[Settings] = web.AppKey("settings")
 KEYRING: web.AppKey[KeyRing] = web.AppKey("keyring")
-DATABASE: web.AppKey[Database] = web.AppKey("database")
-TOKEN_STORE: web.AppKey[TokenStore] = web.AppKey("token_store")
+STORE: web.AppKey[Store] = web.AppKey("store")
+TOKEN_CACHE: web.AppKey[TokenCache] = web.AppKey("token_cache")
+TOKEN_SERVICE: web.AppKey[TokenService] = web.AppKey("token_service")
 AUDIT: web.AppKey[AuditWriter] = web.AppKey("audit")
 ANOMALIES: web.AppKey[AnomalyDetector] = web.AppKey("anomalies")
 EXPIRY_JOB: web.AppKey[ExpiryJob] = web.AppKey("expiry_job")

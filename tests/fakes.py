@@ -17,6 +17,7 @@ from llm_proxy.audit.writer import AuditWriter
 from llm_proxy.limiting.memory import ConcurrencyLimiter
 from llm_proxy.ops.metrics import Metrics
 from llm_proxy.settings import Settings, load_settings
+from llm_proxy.storage.sqlite.audit import SqliteAudit
 from llm_proxy.storage.sqlite.database import Database
 
 MANAGEMENT_TOKEN = "mgmt-" + "A1b2C3d4" * 6
@@ -225,6 +226,6 @@ def read_all_bytes(path: Path) -> bytes:
 
 def bare_metrics() -> Metrics:
     """Metrics for a bare test app (the audit writer behind them is never started, its database never opened)."""
-    audit = AuditWriter(Database(Path("unused.db")), enabled=False, file_path=None, create_dir=False,
+    audit = AuditWriter(SqliteAudit(Database(Path("unused.db"))), enabled=False, file_path=None, create_dir=False,
                         store_in_db=False, mask_client_ip=False)
     return Metrics(audit, ConcurrencyLimiter(0))

@@ -20,8 +20,9 @@ import aiosqlite
 import orjson
 import pytest
 
-from llm_proxy.audit.chain import COLUMNS, ZERO_HASH, chain_hash, event_from_row, verify_files, verify_table
-from llm_proxy.audit.writer import INSERT_ROWS, AuditWriter, _AppendFile, mask_ip
+from llm_proxy.audit.chain import ZERO_HASH, chain_hash, verify_files, verify_table
+from llm_proxy.audit.writer import AuditWriter, _AppendFile, mask_ip
+from llm_proxy.storage.sqlite.audit import COLUMNS, INSERT_ROWS, SqliteAudit, event_from_row
 from llm_proxy.storage.sqlite.database import Database
 
 SPEC_DETAILS = {"http_method": "POST", "endpoint": "/manage/tokens", "duration_minutes": 60,
@@ -48,11 +49,11 @@ class FlakyDatabase(Database):
 
     failures = 0
 
-    async def write(self, work: Callable[[aiosqlite.Connection], Awaitable[Any]]) -> Any:
+    async def _write(self, work: Callable[[aiosqlite.Connection], Awaitable[Any]]) -> Any:
         if self.failures:
             self.failures -= 1
             raise sqlite3.OperationalError("database is locked")
-        return await super().write(work)
+        return await super()._write(work)
 
 
 @pytest.fixture
@@ -79,7 +80,7 @@ async def make_writer(db: Database, audit_path: Path) -> AsyncIterator[WriterFac
         options: dict[str, Any] = {"enabled": True, "file_path": audit_path, "create_dir": True,
                                    "store_in_db": True, "mask_client_ip": False, "clock": FakeClock()}
         options.update(overrides)
-        writer = AuditWriter(db, **options)
+        writer = AuditWriter(SqliteAudit(db), **options)
         made.append(writer)
         return writer
 
@@ -204,7 +205,7 @@ async def test_every_sink_combination_writes_the_same_chain(make_writer: WriterF
     assert await table_events(db) == (expected if use_db else [])
     if use_db:
         assert [list(event) for event in await table_events(db)] == [list(event) for event in expected]
-        assert (await verify_table(db)).ok
+        assert (await verify_table(SqliteAudit(db))).ok
 
 
 # ---- client IP masking ----
@@ -252,7 +253,7 @@ async def test_chain_continues_across_restart(make_writer: WriterFactory, db: Da
     assert [event["seq"] for event in events] == [1, 2, 3, 4, 5]
     assert events == await table_events(db)
     assert (await head(db)) == (5, events[-1]["hash"])
-    assert verify_files([audit_path]).ok and (await verify_table(db)).ok
+    assert verify_files([audit_path]).ok and (await verify_table(SqliteAudit(db))).ok
 
 
 async def test_chain_continues_when_database_only_mode_restarts(make_writer: WriterFactory, db: Database,
@@ -296,7 +297,7 @@ async def test_restart_restores_the_events_the_database_lost(
     assert [event["seq"] for event in events] == [1, 2, 3, 4, 5, 6, 7]
     assert await table_events(db) == events
     assert await head(db) == (7, events[-1]["hash"])
-    assert verify_files([audit_path]).ok and (await verify_table(db)).ok
+    assert verify_files([audit_path]).ok and (await verify_table(SqliteAudit(db))).ok
     assert f"restored 5 audit events (seq 2..6) from {audit_path} into the database" in caplog.messages
     assert "ahead of the database" not in caplog.text
 
@@ -382,7 +383,7 @@ async def test_restore_reads_the_rotated_file_when_the_current_one_starts_past_t
 
     files = [rotated, audit_path]
     assert await table_events(db) == (events + file_events(audit_path)[-1:])
-    assert verify_files(files).ok and (await verify_table(db)).ok
+    assert verify_files(files).ok and (await verify_table(SqliteAudit(db))).ok
     sources = f"{rotated} and {audit_path}" if layout != "rotated while down" else f"{rotated}"
     assert (f"restored {len(events) - 2} audit events (seq 3..{len(events)}) from {sources} into the database"
             in caplog.messages)
@@ -405,7 +406,7 @@ async def test_events_from_another_process_are_chained_after(
     assert [event["seq"] for event in events] == [1, 2, 3, 4, 5, 6]
     assert events[3]["action"] == "audit.prune"
     assert file_events(audit_path) == events
-    assert verify_files([audit_path]).ok and (await verify_table(db)).ok
+    assert verify_files([audit_path]).ok and (await verify_table(SqliteAudit(db))).ok
     assert "extended by another process" in caplog.text
 
 
@@ -455,8 +456,8 @@ async def test_a_cli_command_writing_during_a_batch_lands_after_it_in_the_file(
     async def cli_command() -> None:
         database = await Database.open(tmp_path / "llm-proxy.db")
         try:
-            cli = AuditWriter(database, enabled=True, file_path=audit_path, create_dir=True, store_in_db=True,
-                              mask_client_ip=False, batch_interval=0)
+            cli = AuditWriter(SqliteAudit(database), enabled=True, file_path=audit_path, create_dir=True,
+                              store_in_db=True, mask_client_ip=False, batch_interval=0)
             await cli.start()
             cli.emit("audit.prune", actor="system", result="success", details={"deleted": 0})
             await cli.close()
@@ -484,7 +485,7 @@ async def test_a_cli_command_writing_during_a_batch_lands_after_it_in_the_file(
     assert [event["seq"] for event in events] == [1, 2, 3, 4, 5]
     assert [event["action"] for event in events] == ["token.access"] * 3 + ["audit.prune", "token.access"]
     assert events == await table_events(db)
-    assert verify_files([audit_path]).ok and (await verify_table(db)).ok
+    assert verify_files([audit_path]).ok and (await verify_table(SqliteAudit(db))).ok
 
 
 async def test_a_commit_that_fails_after_the_append_writes_the_batch_to_the_file_once(
@@ -494,7 +495,7 @@ async def test_a_commit_that_fails_after_the_append_writes_the_batch_to_the_file
     emit_numbered(writer, 2)
     await writer.flush()
 
-    real_write = Database.write
+    real_write = Database._write
     failed = False
 
     async def commit_fails_once(self: Database, work: Callable[[aiosqlite.Connection], Awaitable[Any]]) -> Any:
@@ -508,7 +509,7 @@ async def test_a_commit_that_fails_after_the_append_writes_the_batch_to_the_file
             raise sqlite3.OperationalError("disk I/O error")  # as a COMMIT that fails would
         return await real_write(self, work_then_fail)
 
-    monkeypatch.setattr(Database, "write", commit_fails_once)
+    monkeypatch.setattr(Database, "_write", commit_fails_once)
     emit_numbered(writer, 2, start=2)
     await writer.flush()
     assert [event["seq"] for event in file_events(audit_path)] == [1, 2, 3, 4]
@@ -520,7 +521,7 @@ async def test_a_commit_that_fails_after_the_append_writes_the_batch_to_the_file
     events = file_events(audit_path)
     assert [event["seq"] for event in events] == [1, 2, 3, 4, 5]
     assert await table_events(db) == events
-    assert verify_files([audit_path]).ok and (await verify_table(db)).ok
+    assert verify_files([audit_path]).ok and (await verify_table(SqliteAudit(db))).ok
 
 
 async def test_rotation_while_writing_loses_and_tears_nothing(make_writer: WriterFactory, audit_path: Path) -> None:
@@ -618,7 +619,7 @@ async def test_disk_full_keeps_events_in_database(make_writer: WriterFactory, db
     await writer.flush()
     assert (writer.file_errors, writer.written) == (5, 5)
     assert [event["seq"] for event in await table_events(db)] == [1, 2, 3, 4, 5]
-    assert (await verify_table(db)).ok
+    assert (await verify_table(SqliteAudit(db))).ok
     assert "No space left on device" in caplog.text
 
 
@@ -640,7 +641,7 @@ async def test_unwritable_path_counts_errors_and_writer_recovers(make_writer: Wr
 
     assert [event["seq"] for event in file_events(rotated, audit_path)] == [1, 2, 5, 6]
     assert [event["seq"] for event in await table_events(db)] == [1, 2, 3, 4, 5, 6]
-    assert (await verify_table(db)).ok
+    assert (await verify_table(SqliteAudit(db))).ok
     problem = verify_files([rotated, audit_path]).problem
     assert problem is not None
     assert (problem.kind, problem.source, problem.line, problem.seq) == ("removed", str(audit_path), 1, 5)
@@ -671,7 +672,7 @@ async def test_database_outage_keeps_file_and_stores_rows_later(make_writer: Wri
     emit_numbered(writer, 2, start=3)
     await writer.flush()
     assert await table_events(db) == file_events(audit_path)
-    assert (await verify_table(db)).ok and (await head(db) or (0,))[0] == 5
+    assert (await verify_table(SqliteAudit(db))).ok and (await head(db) or (0,))[0] == 5
 
 
 async def test_close_drains_everything_emitted_before(make_writer: WriterFactory, db: Database,
@@ -726,7 +727,7 @@ async def test_bad_values_never_raise_and_still_chain(make_writer: WriterFactory
     assert events[3]["project_id"] == "42"
     assert events[4]["details"] == {"name": "Zoë ✓ 漢字"}
     assert events == await table_events(db)
-    assert verify_files([audit_path]).ok and (await verify_table(db)).ok
+    assert verify_files([audit_path]).ok and (await verify_table(SqliteAudit(db))).ok
 
 
 async def test_flush_and_close_without_start_return(make_writer: WriterFactory) -> None:

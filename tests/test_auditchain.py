@@ -28,6 +28,7 @@ from llm_proxy.audit.chain import (
     verify_table,
 )
 from llm_proxy.audit.writer import AuditWriter
+from llm_proxy.storage.sqlite.audit import SqliteAudit
 from llm_proxy.storage.sqlite.database import Database
 
 START = datetime(2024, 1, 1, tzinfo=UTC)
@@ -237,7 +238,7 @@ async def db(tmp_path: Path) -> AsyncIterator[Database]:
 
 @pytest.fixture
 async def writer(db: Database) -> AsyncIterator[AuditWriter]:
-    audit = AuditWriter(db, enabled=True, file_path=None, create_dir=False, store_in_db=True,
+    audit = AuditWriter(SqliteAudit(db), enabled=True, file_path=None, create_dir=False, store_in_db=True,
                         mask_client_ip=False, clock=HourClock())
     await audit.start()
     yield audit
@@ -252,19 +253,19 @@ def emit_hours(writer: AuditWriter, count: int) -> None:
 async def test_table_tampering_is_located(db: Database, writer: AuditWriter) -> None:
     emit_hours(writer, 10)
     await writer.flush()
-    assert (await verify_table(db)).ok
+    assert (await verify_table(SqliteAudit(db))).ok
 
     await db.execute("UPDATE audit_events SET details = '{\"n\":99}' WHERE seq = 3")
-    problem = (await verify_table(db)).problem
+    problem = (await verify_table(SqliteAudit(db))).problem
     assert problem is not None and (problem.kind, problem.line, problem.seq) == ("altered", 3, 3)
     assert problem.where == "audit_events row 3 (seq 3)"
 
     await db.execute("DELETE FROM audit_events WHERE seq = 3")
-    problem = (await verify_table(db)).problem
+    problem = (await verify_table(SqliteAudit(db))).problem
     assert problem is not None and (problem.kind, problem.line, problem.seq) == ("removed", 3, 4)
 
     await db.execute("UPDATE audit_events SET details = 'not json' WHERE seq = 2")
-    problem = (await verify_table(db)).problem
+    problem = (await verify_table(SqliteAudit(db))).problem
     assert problem is not None and (problem.kind, problem.line) == ("invalid", 2)
 
 
@@ -274,55 +275,56 @@ async def test_prune_deletes_old_rows_in_batches_and_chain_still_verifies(db: Da
     twelfth = await db.fetchone("SELECT seq, hash FROM audit_events WHERE timestamp = '2024-01-01T11:00:00Z'")
     assert twelfth is not None
 
-    result = await prune(db, older_than_days=1, batch_size=5, now=datetime(2024, 1, 2, 12, tzinfo=UTC))
+    result = await prune(SqliteAudit(db), older_than_days=1, batch_size=5, now=datetime(2024, 1, 2, 12, tzinfo=UTC))
     assert (result.deleted, result.batches) == (12, 3)
     assert (result.last_pruned_seq, result.last_pruned_hash) == (12, twelfth["hash"])
     first = await db.fetchone("SELECT min(seq), min(timestamp) FROM audit_events")
     assert first is not None and tuple(first) == (13, "2024-01-01T12:00:00Z")
 
-    before_event = await verify_table(db)
+    before_event = await verify_table(SqliteAudit(db))
     assert before_event.ok and before_event.start == "assumed"
 
     writer.emit("audit.prune", actor="system", result="success", details=result.details())
     await writer.flush()
-    after_event = await verify_table(db)
+    after_event = await verify_table(SqliteAudit(db))
     assert after_event.ok and after_event.start == "anchor" and after_event.anchor == (12, twelfth["hash"])
     assert after_event.events == 37
 
-    nothing = await prune(db, older_than_days=1, batch_size=5, now=datetime(2024, 1, 2, 12, tzinfo=UTC))
+    nothing = await prune(SqliteAudit(db), older_than_days=1, batch_size=5, now=datetime(2024, 1, 2, 12, tzinfo=UTC))
     assert (nothing.deleted, nothing.batches, nothing.last_pruned_seq) == (0, 0, None)
     writer.emit("audit.prune", actor="system", result="success", details=nothing.details())
     await writer.flush()
-    assert (await verify_table(db)).anchor == (12, twelfth["hash"])  # an empty prune does not move the anchor
+    # An empty prune does not move the anchor.
+    assert (await verify_table(SqliteAudit(db))).anchor == (12, twelfth["hash"])
 
     await db.execute("DELETE FROM audit_events WHERE seq = 13")
-    problem = (await verify_table(db)).problem
+    problem = (await verify_table(SqliteAudit(db))).problem
     assert problem is not None and (problem.kind, problem.seq, problem.expected_seq) == ("removed", 14, 13)
 
 
 async def test_prune_removes_only_a_prefix_when_the_clock_stepped_back(db: Database) -> None:
     stamps = iter([START, START + timedelta(days=30), START, START + timedelta(days=30)])
-    writer = AuditWriter(db, enabled=True, file_path=None, create_dir=False, store_in_db=True,
+    writer = AuditWriter(SqliteAudit(db), enabled=True, file_path=None, create_dir=False, store_in_db=True,
                          mask_client_ip=False, clock=lambda: next(stamps))
     await writer.start()
     emit_hours(writer, 4)
     await writer.close()
-    result = await prune(db, older_than_days=10, now=START + timedelta(days=31))
+    result = await prune(SqliteAudit(db), older_than_days=10, now=START + timedelta(days=31))
     assert (result.deleted, result.last_pruned_seq) == (1, 1)
     assert [row[0] for row in await db.fetchall("SELECT seq FROM audit_events ORDER BY seq")] == [2, 3, 4]
-    assert (await verify_table(db)).ok
+    assert (await verify_table(SqliteAudit(db))).ok
 
 
 async def test_prune_everything_and_bad_arguments(db: Database, writer: AuditWriter) -> None:
     emit_hours(writer, 3)
     await writer.flush()
-    result = await prune(db, older_than_days=0, now=START + timedelta(days=1))
+    result = await prune(SqliteAudit(db), older_than_days=0, now=START + timedelta(days=1))
     assert (result.deleted, result.batches, result.last_pruned_seq) == (3, 1, 3)
-    assert (await verify_table(db)).start == "empty"
+    assert (await verify_table(SqliteAudit(db))).start == "empty"
     with pytest.raises(ValueError, match="older_than_days"):
-        await prune(db, older_than_days=-1)
+        await prune(SqliteAudit(db), older_than_days=-1)
     with pytest.raises(ValueError, match="batch_size"):
-        await prune(db, older_than_days=1, batch_size=0)
+        await prune(SqliteAudit(db), older_than_days=1, batch_size=0)
 
 
 @settings(max_examples=200, deadline=None)

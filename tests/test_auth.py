@@ -7,8 +7,9 @@ from typing import Any
 import openai
 import pytest
 
-from llm_proxy.keys import DATABASE
+from llm_proxy.keys import STORE
 from llm_proxy.storage.sqlite.database import Database
+from llm_proxy.storage.sqlite.store import SqliteStore
 from tests.fakes import MANAGEMENT_TOKEN, FakeClock, Gateway
 
 
@@ -92,7 +93,9 @@ async def test_expiry_bites_at_the_expiry_instant(make_gateway: Any) -> None:
 async def test_warm_token_checks_read_nothing_from_the_database(gateway: Gateway, monkeypatch: Any) -> None:
     token = await gateway.token()
     assert (await _status_and_code(gateway, token["token"]))[0] == 200
-    db: Database = gateway.app[DATABASE]
+    store = gateway.app[STORE]
+    assert isinstance(store, SqliteStore)
+    db: Database = store.db
     reads: list[str] = []
     original_one, original_all = db.fetchone, db.fetchall
 

@@ -28,6 +28,7 @@ from llm_proxy.crypto import KeyRing
 from llm_proxy.keys import AUDIT
 from llm_proxy.ops.cli import format_record, format_table, main
 from llm_proxy.settings import VARIABLES, load_settings
+from llm_proxy.storage.sqlite.audit import SqliteAudit
 from llm_proxy.storage.sqlite.database import Database
 from tests.fakes import ENCRYPTION_KEY, MANAGEMENT_TOKEN, UPSTREAM_KEY, Gateway
 
@@ -474,7 +475,7 @@ async def test_rotate_key_while_serving(make_gateway: Callable[..., Any], capsys
 
 async def write_events(database: Path, audit_file: Path, count: int, when: datetime) -> None:
     db = await Database.open(database)
-    writer = AuditWriter(db, enabled=True, file_path=audit_file, create_dir=True, store_in_db=True,
+    writer = AuditWriter(SqliteAudit(db), enabled=True, file_path=audit_file, create_dir=True, store_in_db=True,
                          mask_client_ip=False, clock=lambda: when)
     await writer.start()
     for number in range(count):

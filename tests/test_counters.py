@@ -9,7 +9,7 @@ from typing import Any
 import pytest
 from aiohttp.test_utils import TestServer
 
-from llm_proxy.storage.sqlite import repository
+from llm_proxy.storage.sqlite.usage import SqliteUsage
 from llm_proxy.tokens import cache as tokenstore
 from tests.fakes import Gateway, UpstreamState
 from tests.test_faults import bearer, eventually, locked, scalar, serving_like_serve
@@ -33,13 +33,13 @@ async def test_counters_a_shutdown_takes_from_a_waiting_flush_are_still_written(
         make_gateway: Any, monkeypatch: pytest.MonkeyPatch) -> None:
     """SIGTERM while the once-a-second flush waits on another process's lock: its counters are written on close."""
     writing = asyncio.Event()
-    save_usage = repository.save_usage
+    save = SqliteUsage.save
 
-    async def noting_save_usage(*args: Any) -> None:
+    async def noting_save(self: SqliteUsage, *args: Any) -> None:
         writing.set()
-        await save_usage(*args)
+        await save(self, *args)
 
-    monkeypatch.setattr(repository, "save_usage", noting_save_usage)
+    monkeypatch.setattr(SqliteUsage, "save", noting_save)
     gateway = await make_gateway(RATE_LIMIT_PER_MINUTE="0")
     token = await gateway.token()
     flusher = next(task for task in asyncio.all_tasks() if task.get_name() == "token-counter-flusher")

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from llm_proxy import __version__
-from llm_proxy.keys import DATABASE
+from llm_proxy.keys import STORE
 from tests.fakes import Gateway
 
 
@@ -16,7 +16,7 @@ async def test_health_needs_no_auth_and_reports_version(gateway: Gateway) -> Non
 async def test_ready_follows_the_database(gateway: Gateway) -> None:
     assert (await gateway.client.get("/ready")).status == 200
 
-    await gateway.app[DATABASE].close()
+    await gateway.app[STORE].close()
     response = await gateway.client.get("/ready")
 
     assert response.status == 503

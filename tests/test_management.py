@@ -7,7 +7,7 @@ from typing import Any
 
 import pytest
 
-from llm_proxy.storage.sqlite import repository as repo
+from llm_proxy.keys import STORE
 from llm_proxy.tokens.credentials import hash_token
 from tests.fakes import (
     ENCRYPTION_KEY,
@@ -226,14 +226,15 @@ async def test_a_project_deactivated_during_a_token_write_stays_inactive(
     other = await gateway.token(project["id"])
     assert (await _v1_models(gateway, live["token"]))[0] == 200  # its project's state is cached
 
-    name = "create_token" if write == "create" else "refresh_token"
-    real = getattr(repo, name)
+    tokens = gateway.app[STORE].tokens
+    name = "create" if write == "create" else "refresh"
+    real = getattr(tokens, name)
 
     async def deactivated_meanwhile(*args: Any, **kwargs: Any) -> Any:
         await gateway.manage("PATCH", f"/projects/{project['id']}", {"is_active": False}, expect=200)
         return await real(*args, **kwargs)
 
-    monkeypatch.setattr(repo, name, deactivated_meanwhile)
+    monkeypatch.setattr(tokens, name, deactivated_meanwhile)
     if write == "create":
         new = await gateway.manage("POST", "/tokens", {"project_id": project["id"]}, expect=201)
     else:
@@ -249,13 +250,14 @@ async def test_an_upstream_key_changed_during_a_token_create_is_the_key_used(
     live = await gateway.token(project["id"])
     assert (await _v1_models(gateway, live["token"]))[0] == 200
     new_key = "sk-rotated-" + "k" * 32
-    real = repo.create_token
+    tokens = gateway.app[STORE].tokens
+    real = tokens.create
 
     async def rotated_meanwhile(*args: Any, **kwargs: Any) -> Any:
         await gateway.manage("PATCH", f"/projects/{project['id']}", {"api_key": new_key}, expect=200)
         return await real(*args, **kwargs)
 
-    monkeypatch.setattr(repo, "create_token", rotated_meanwhile)
+    monkeypatch.setattr(tokens, "create", rotated_meanwhile)
     new = await gateway.manage("POST", "/tokens", {"project_id": project["id"]}, expect=201)
 
     for token in (live["token"], new["token"]):

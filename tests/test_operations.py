@@ -102,11 +102,12 @@ def assert_one_line(result: Result, *fragments: str) -> None:
 async def test_audit_verify_gz_rotation_with_dateext_in_order(tmp_path: Path) -> None:
     """logrotate with dateext + compress: audit.log-YYYYMMDD.gz files and the current file verify as one chain."""
     from llm_proxy.audit.writer import AuditWriter
+    from llm_proxy.storage.sqlite.audit import SqliteAudit
     from llm_proxy.storage.sqlite.database import Database
 
     database, audit_file = tmp_path / "gw.db", tmp_path / "audit.log"
     db = await Database.open(database)
-    writer = AuditWriter(db, enabled=True, file_path=audit_file, create_dir=True, store_in_db=True,
+    writer = AuditWriter(SqliteAudit(db), enabled=True, file_path=audit_file, create_dir=True, store_in_db=True,
                          mask_client_ip=False)
     await writer.start()
     for day in ("20260101", "20260102"):

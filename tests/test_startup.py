@@ -16,8 +16,7 @@ from typing import Any
 import pytest
 
 from llm_proxy.crypto import KeyRing
-from llm_proxy.storage.sqlite import repository as repo
-from llm_proxy.storage.sqlite.database import Database
+from llm_proxy.storage.sqlite.store import SqliteStore
 from tests.fakes import ENCRYPTION_KEY, MANAGEMENT_TOKEN, UPSTREAM_KEY
 
 
@@ -55,13 +54,14 @@ OTHER_KEY = base64.b64encode(bytes(range(100, 132))).decode()
 
 async def _projects(database: Path, key: str, count: int) -> list[str]:
     """Store `count` projects with their upstream keys encrypted under `key`, as a gateway would."""
-    db = await Database.open(database)
+    store = SqliteStore(database)
+    await store.open()
     try:
         keyring = KeyRing(base64.b64decode(key), ())
-        return [(await repo.create_project(db, keyring, f"{key[:8]}-{n}", UPSTREAM_KEY, time.time())).id
-                for n in range(count)]
+        return [(await store.projects.create(f"{key[:8]}-{n}", keyring.encrypt(UPSTREAM_KEY), "sk-****",
+                                             time.time())).id for n in range(count)]
     finally:
-        await db.close()
+        await store.close()
 
 
 async def test_an_encryption_key_that_opens_no_stored_key_stops_the_start(tmp_path: Path) -> None:

@@ -24,7 +24,7 @@ import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestServer
 
-from llm_proxy.keys import AUDIT, TOKEN_STORE
+from llm_proxy.keys import AUDIT, TOKEN_CACHE
 from tests.fakes import MANAGEMENT_TOKEN, UPSTREAM_KEY, FakeClock, Gateway, UpstreamState
 from tests.test_faults import serving, serving_like_serve
 from tests.test_process import serving_process
@@ -405,7 +405,7 @@ async def test_daily_usage_rolls_over_at_utc_midnight(make_gateway: Any) -> None
     client = gateway.openai(token["token"])
 
     await client.chat.completions.create(**CHAT)
-    await gateway.app[TOKEN_STORE].flush()
+    await gateway.app[TOKEN_CACHE].flush()
     clock.advance(1.0)  # 23:59:59.5
     await client.chat.completions.create(**CHAT)
     clock.advance(1.0)  # 00:00:00.5 next day

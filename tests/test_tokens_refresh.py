@@ -7,8 +7,7 @@ from typing import Any
 
 import pytest
 
-from llm_proxy.keys import EXPIRY_JOB
-from llm_proxy.storage.sqlite import repository as repo
+from llm_proxy.keys import EXPIRY_JOB, STORE
 from tests.fakes import FakeClock, Gateway
 
 
@@ -94,7 +93,8 @@ async def test_a_refresh_that_lands_during_another_is_refused_inside_the_write(
         gateway: Gateway, monkeypatch: pytest.MonkeyPatch) -> None:
     """The second refresh passed the handler's own check before the first committed: the write refuses it."""
     old = await gateway.token(max_requests=1)
-    real = repo.refresh_token
+    tokens = gateway.app[STORE].tokens
+    real = tokens.refresh
     calls = 0
     inner: list[tuple[int, dict[str, Any]]] = []
 
@@ -105,7 +105,7 @@ async def test_a_refresh_that_lands_during_another_is_refused_inside_the_write(
             inner.append(await _refresh(gateway, old["id"]))
         return await real(*args, **kwargs)
 
-    monkeypatch.setattr(repo, "refresh_token", refreshed_meanwhile)
+    monkeypatch.setattr(tokens, "refresh", refreshed_meanwhile)
     status, body = await _refresh(gateway, old["id"])
     assert (status, body["error"]["code"]) == (409, "conflict"), body
     assert calls == 2 and inner[0][0] == 201, inner

@@ -13,7 +13,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from llm_proxy.gateway.metering import Usage, UsageTap, prepare
-from llm_proxy.keys import AUDIT, TOKEN_STORE
+from llm_proxy.keys import AUDIT, TOKEN_CACHE
 from tests.fakes import Gateway
 
 CHAT = {"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "hello there"}]}
@@ -148,7 +148,7 @@ async def test_daily_usage_survives_a_restart(make_gateway: Any) -> None:
 
     second = await make_gateway()
     await second.openai(token["token"]).chat.completions.create(**CHAT)
-    await second.app[TOKEN_STORE].flush()
+    await second.app[TOKEN_CACHE].flush()
     usage = await second.manage("GET", f"/projects/{token['project_id']}/usage", expect=200)
     assert usage["totals"] == {"requests": 2, "prompt_tokens": 10, "completion_tokens": 4, "total_tokens": 14}
     assert await _token_usage(second, token["id"]) == (10, 4, 14)

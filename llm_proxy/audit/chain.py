@@ -8,25 +8,20 @@ import io
 import math
 import os
 import re
-import sqlite3
 import zlib
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
-import aiosqlite
 import orjson
 
-from llm_proxy.storage.sqlite.database import Database
+from llm_proxy.storage.base import AuditStore, ChainHead, PruneResult
 
 ZERO_HASH = "0" * 64
 TIMESTAMP_FORMAT = "%Y-%m-%dT%H:%M:%SZ"
 TABLE = "audit_events"
-# Column order = key order of an event in the file; NULL columns are keys left out.
-COLUMNS = ("timestamp", "action", "actor", "project_id", "request_id", "client_ip", "result", "details", "seq", "hash")
-_SELECT_EVENTS = f"SELECT {', '.join(COLUMNS)} FROM audit_events"
 _PAGE = 2000
 _TAIL_BYTES = 1 << 16
 
@@ -42,16 +37,6 @@ def canonical(event: dict[str, Any]) -> bytes:
 def chain_hash(prev_hash: str, event_without_hash: dict[str, Any]) -> str:
     """Return hex SHA-256 of the previous hash (hex text) followed by the event's canonical JSON."""
     return hashlib.sha256(prev_hash.encode() + canonical(event_without_hash)).hexdigest()
-
-
-def event_from_row(row: sqlite3.Row | tuple[Any, ...]) -> dict[str, Any]:
-    """Rebuild the event of an audit_events row (COLUMNS order) with the file's key order and omissions."""
-    event: dict[str, Any] = {}
-    for key, value in zip(COLUMNS, row, strict=True):
-        if value is None:
-            continue
-        event[key] = orjson.loads(value) if key == "details" else value
-    return event
 
 
 # ---- verification ----
@@ -335,44 +320,6 @@ def verify_files(paths: Iterable[Path], *, anchor: tuple[int, str] | None = None
     return walk.finish(head, growing=growing)
 
 
-# Where the head of the chain is read from: both, in case rows were written past the recorded head
-# (the recorded head is normally the newer of the two).
-HEAD_QUERIES = ("SELECT seq, hash FROM audit_chain WHERE id = 1",
-                "SELECT seq, hash FROM audit_events ORDER BY seq DESC LIMIT 1")
-
-
-def newest_head(rows: Iterable[Sequence[Any] | None], head: tuple[int, str]) -> tuple[int, str]:
-    """Return the (seq, hash) of the HEAD_QUERIES answer with the highest seq above `head`'s, else `head`."""
-    for row in rows:
-        if row is not None and row[0] > head[0]:
-            head = (row[0], row[1])
-    return head
-
-
-async def chain_head(db: Database) -> tuple[int, str]:
-    """Return the (seq, hash) the next event chains from: (0, 64 zeros) before the first event."""
-    return newest_head([await db.fetchone(sql) for sql in HEAD_QUERIES], (0, ZERO_HASH))
-
-
-def stored_chain_head(database: Path) -> tuple[int, str] | None:
-    """Read the chain head from a database file, read-only; None if it holds no audit chain.
-
-    Raises sqlite3.Error if the file cannot be read as a database.
-    """
-    conn = sqlite3.connect(database.absolute().as_uri() + "?mode=ro", uri=True, timeout=10)
-    try:
-        rows = []
-        for sql in HEAD_QUERIES:
-            try:
-                rows.append(conn.execute(sql).fetchone())
-            except sqlite3.OperationalError as exc:
-                if "no such table" not in str(exc):
-                    raise
-        return newest_head(rows, (0, ZERO_HASH)) if rows else None
-    finally:
-        conn.close()
-
-
 # ---- reading files from their end ----
 
 def _event_of(raw: bytes) -> dict[str, Any] | None:
@@ -480,104 +427,45 @@ def chained_events(lines: Iterator[tuple[str, bytes]], walk: ChainWalk,
     return events
 
 
-async def prune_anchor(db: Database) -> tuple[int, str] | None:
-    """Return (last_pruned_seq, last_pruned_hash) of the newest audit.prune event that deleted rows."""
-    rows = await db.fetchall("SELECT details FROM audit_events WHERE action = 'audit.prune' ORDER BY seq DESC")
-    for row in rows:
-        try:
-            details = orjson.loads(row[0]) if row[0] else None
-        except orjson.JSONDecodeError:
-            continue
-        if isinstance(details, dict):
-            seq, digest = details.get("last_pruned_seq"), details.get("last_pruned_hash")
-            if type(seq) is int and isinstance(digest, str):
-                return seq, digest
-    return None
+async def verify_table(store: AuditStore, *, anchor: ChainHead | None = None,
+                       head: ChainHead | None = None, growing: bool = False) -> VerifyResult:
+    """Walk the stored events in seq order; after a prune, check from the newest audit.prune event's anchor.
 
-
-async def verify_table(db: Database, *, anchor: tuple[int, str] | None = None,
-                       head: tuple[int, str] | None = None) -> VerifyResult:
-    """Walk audit_events in seq order; after a prune, check from the newest audit.prune event's anchor.
-
-    Without any audit.prune event a first row with seq > 1 is accepted on trust. `line` in a
-    Break is the row's position in seq order.
+    Without any audit.prune event a first event with seq > 1 is accepted on trust. `line` in a
+    Break is the event's position in seq order. With `head` the events must reach it; `growing`:
+    the head was read before the walk and a writer may have appended since (accepted if they chain).
     """
     if anchor is None:
-        anchor = await prune_anchor(db)
+        anchor = await store.prune_anchor()
     walk = ChainWalk(anchor)
+    if head is not None and growing:
+        walk.watch_seq = head[0]
     position, after = 0, -1
     while True:
-        rows = await db.fetchall(f"{_SELECT_EVENTS} WHERE seq > ? ORDER BY seq LIMIT ?", (after, _PAGE))
-        for row in rows:
+        page = await store.walk(after, _PAGE)
+        for after, event in page:
             position += 1
-            after = row["seq"]
-            try:
-                event = event_from_row(row)
-            except orjson.JSONDecodeError:
+            if event is None:
                 walk.feed_invalid(TABLE, position, f"details of seq {after} is not valid JSON")
                 return walk.finish()
             if not walk.feed_event(TABLE, position, event):
                 return walk.finish()
-        if len(rows) < _PAGE:
-            return walk.finish(head)
+        if len(page) < _PAGE:
+            return walk.finish(head, growing=growing)
 
 
 # ---- retention ----
 
-@dataclass(frozen=True, slots=True)
-class PruneResult:
-    """What a prune deleted; `details()` is what the caller's audit.prune event carries."""
-
-    deleted: int
-    batches: int
-    last_pruned_seq: int | None
-    last_pruned_hash: str | None
-
-    def details(self) -> dict[str, Any]:
-        """Return the details of the audit.prune event that records this prune."""
-        return {"deleted": self.deleted, "last_pruned_seq": self.last_pruned_seq,
-                "last_pruned_hash": self.last_pruned_hash}
-
-
-async def prune(db: Database, older_than_days: int, batch_size: int = 1000,
+async def prune(store: AuditStore, older_than_days: int, batch_size: int = 1000,
                 now: datetime | None = None) -> PruneResult:
-    """Delete audit rows older than the cutoff, oldest first, one transaction per batch.
+    """Delete stored events older than the cutoff, oldest first, one transaction per batch.
 
-    Only a prefix of the chain is ever deleted: rows from the first one at or after the cutoff
-    onwards stay, even if a clock step gave a later row an older timestamp, so what remains is
-    one unbroken chain that verify_table checks from the last pruned hash.
+    Only a prefix of the chain is ever deleted, so what remains is one unbroken chain that
+    verify_table checks from the last pruned hash.
     """
     if older_than_days < 0:
         raise ValueError("older_than_days must not be negative")
     if batch_size < 1:
         raise ValueError("batch_size must be at least 1")
     cutoff = ((now or datetime.now(UTC)) - timedelta(days=older_than_days)).astimezone(UTC)
-    # "+timestamp" keeps SQLite on the primary key, so this reads only the rows about to go.
-    row = await db.fetchone("SELECT seq FROM audit_events WHERE +timestamp >= ? ORDER BY seq LIMIT 1",
-                            (cutoff.strftime(TIMESTAMP_FORMAT),))
-    if row is None:
-        # Every row is old; rows written while we prune get higher seqs and are kept.
-        top = await db.fetchone("SELECT max(seq) FROM audit_events")
-        boundary = (top[0] or 0) + 1 if top else 1
-    else:
-        boundary = row[0]
-
-    async def delete_batch(conn: aiosqlite.Connection) -> tuple[int, int, str] | None:
-        cursor = await conn.execute(
-            "SELECT seq, hash FROM audit_events WHERE seq = "
-            "(SELECT max(seq) FROM (SELECT seq FROM audit_events WHERE seq < ? ORDER BY seq LIMIT ?))",
-            (boundary, batch_size))
-        last = await cursor.fetchone()
-        if last is None:
-            return None
-        cursor = await conn.execute("DELETE FROM audit_events WHERE seq <= ?", (last[0],))
-        return cursor.rowcount, last[0], last[1]
-
-    deleted = batches = 0
-    last_seq: int | None = None
-    last_hash: str | None = None
-    while (done := await db.write(delete_batch)) is not None:
-        count, last_seq, last_hash = done
-        deleted += count
-        batches += 1
-    return PruneResult(deleted, batches, last_seq, last_hash)
+    return await store.prune(cutoff.strftime(TIMESTAMP_FORMAT), batch_size)

@@ -9,7 +9,6 @@ import hashlib
 import ipaddress
 import logging
 import os
-import sqlite3
 import time
 import zlib
 from collections.abc import Callable
@@ -18,24 +17,20 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-import aiosqlite
 import orjson
 
 from llm_proxy.audit.chain import (
-    HEAD_QUERIES,
     TIMESTAMP_FORMAT,
-    ZERO_HASH,
     ChainWalk,
     VerifyResult,
     canonical,
-    chain_head,
     chained_events,
     lines_after,
     newest_event,
-    newest_head,
 )
 from llm_proxy.audit.masking import mask_request_id, mask_secrets_cached
-from llm_proxy.storage.sqlite.database import Database
+from llm_proxy.storage.base import AuditStore, ChainHead, InsertEvents
+from llm_proxy.storage.errors import DuplicateKey, StorageError
 
 log = logging.getLogger(__name__)
 
@@ -47,18 +42,6 @@ BATCH_INTERVAL = 0.05
 UNSAVED_RETRY_INTERVAL = 1.0
 FILE_MODE = 0o640
 _TEXT_KEYS = ("timestamp", "action", "actor", "project_id", "request_id", "client_ip", "result")
-# A batch is inserted by multi-row INSERT statements (up to INSERT_ROWS rows each), not by
-# executemany(): executemany() takes the GIL back after every row's insert, and under load each of
-# those grabs preempts the event loop (bench/ablate.py: 49 µs of CPU per proxied request for the
-# table). One statement binds its parameters at once and inserts all its rows with the GIL released.
-# 99 rows × 10 columns stays within 999 parameters, the limit of SQLite builds older than 3.32.
-INSERT_ROWS = 99
-_COLUMNS = 10
-_INSERT_HEAD = ("INSERT INTO audit_events (seq, timestamp, action, actor, project_id, request_id, client_ip,"
-                " result, details, hash) VALUES ")
-_ROW = "(" + ", ".join("?" * _COLUMNS) + ")"
-_SET_HEAD = ("INSERT INTO audit_chain (id, seq, hash) VALUES (1, ?, ?)"
-             " ON CONFLICT (id) DO UPDATE SET seq = excluded.seq, hash = excluded.hash")
 # Lines read and stored at a time when restoring events the database lost: bounds the memory a
 # long stretch of them (a database put back from an old backup) takes.
 RESTORE_CHUNK = 2000
@@ -162,23 +145,9 @@ class _AppendFile:
 @dataclass(slots=True)
 class _Chained:
     lines: list[bytes]
-    rows: list[tuple[Any, ...]]
+    events: list[dict[str, Any]]  # to store in the database (none when AUDIT_STORE_IN_DB is off)
     seq: int
     hash: str
-
-
-def _row(event: dict[str, Any]) -> tuple[Any, ...]:
-    """Return the audit_events row (_INSERT_HEAD's columns) of an event that has its seq and hash."""
-    details = event.get("details")
-    return (event["seq"], event["timestamp"], event["action"], event["actor"], event.get("project_id"),
-            event.get("request_id"), event.get("client_ip"), event["result"],
-            None if details is None else orjson.dumps(details, default=str).decode(), event["hash"])
-
-
-async def _insert_rows(conn: aiosqlite.Connection, rows: list[tuple[Any, ...]]) -> None:
-    for first in range(0, len(rows), INSERT_ROWS):
-        chunk = rows[first:first + INSERT_ROWS]
-        await conn.execute(_INSERT_HEAD + ", ".join([_ROW] * len(chunk)), [value for row in chunk for value in row])
 
 
 class _Unchained(Exception):
@@ -262,10 +231,10 @@ class AuditWriter:
 
     DB_RETRY_DELAYS: tuple[float, ...] = (0.05, 0.2, 1.0)
 
-    def __init__(self, database: Database, *, enabled: bool, file_path: Path | None, create_dir: bool,
+    def __init__(self, store: AuditStore, *, enabled: bool, file_path: Path | None, create_dir: bool,
                  store_in_db: bool, mask_client_ip: bool, queue_size: int = 10000,
                  clock: Callable[[], datetime] | None = None, batch_interval: float = BATCH_INTERVAL) -> None:
-        self._db = database
+        self._events = store
         self.enabled = enabled
         self.file_path = file_path
         self._store_in_db = store_in_db
@@ -281,7 +250,7 @@ class AuditWriter:
         self._accepting = enabled
         self._seq = 0
         self._hash = ""
-        self._unsaved: list[tuple[Any, ...]] = []
+        self._unsaved: list[dict[str, Any]] = []
         self._ts_second = -1
         self._ts_text = ""
         self._drop_log = _Throttle(1.0)
@@ -328,7 +297,7 @@ class AuditWriter:
         """
         if not self.enabled or self._task is not None:
             return
-        self._seq, self._hash = await chain_head(self._db)
+        self._seq, self._hash = await self._events.head()
         if self._file is not None:
             await self._catch_up_with_file(self._file.path)
             await asyncio.to_thread(self._file.open)
@@ -342,7 +311,7 @@ class AuditWriter:
         # The file got events the database never committed: a crash between the append and the
         # COMMIT, an outage, a database put back from a backup.
         await self._restore_from_file(path)
-        self._seq, self._hash = await chain_head(self._db)
+        self._seq, self._hash = await self._events.head()
         if file_head[0] > self._seq:
             # They could not be restored: continue after them all the same, so that no seq is ever
             # written twice to the file.
@@ -353,7 +322,9 @@ class AuditWriter:
     async def _restore_from_file(self, path: Path) -> None:
         """Put the events the file holds past the database's chain head into it, if their hashes chain from it."""
         try:
-            result, sources = await self._db.write(functools.partial(self._restore, path))
+            restored: list[tuple[VerifyResult, list[str]]] = []
+            await self._events.extend(functools.partial(self._restore, path, restored))
+            result, sources = restored[0]
         except _Unchained as exc:
             problem = exc.result.problem
             assert problem is not None
@@ -361,7 +332,7 @@ class AuditWriter:
                       "(%s at seq %s: %s); none restored, `llm-proxy audit verify` names the line",
                       path, problem.kind, problem.seq or problem.expected_seq, problem.message)
             return
-        except (sqlite3.Error, OSError, EOFError, zlib.error, ValueError, RuntimeError) as exc:
+        except (StorageError, OSError, EOFError, zlib.error) as exc:
             log.error("audit file %s: events past the database's chain head could not be restored: %s", path, exc)
             return
         if not result.events:
@@ -374,25 +345,27 @@ class AuditWriter:
                         "recorded (AUDIT_STORE_IN_DB is off: no rows)", result.last_seq, result.events,
                         " and ".join(sources))
 
-    async def _restore(self, path: Path, conn: aiosqlite.Connection) -> tuple[VerifyResult, list[str]]:
-        """In the caller's transaction, store the file's events past the stored head; return them and their files.
+    async def _restore(self, path: Path, restored: list[tuple[VerifyResult, list[str]]], head: ChainHead,
+                       insert: InsertEvents) -> ChainHead | None:
+        """Store the file's events past the stored head (a step of AuditStore.extend); note them and their files.
 
         Raises _Unchained, rolling every row back, unless they form one chain from the head.
         """
-        head = newest_head([await (await conn.execute(sql)).fetchone() for sql in HEAD_QUERIES], (0, ZERO_HASH))
         walk = ChainWalk(anchor=head)
         sources: dict[str, None] = {}  # an ordered set
         lines = lines_after(path, head[0])
         while events := await asyncio.to_thread(chained_events, lines, walk, RESTORE_CHUNK):
             sources.update(dict.fromkeys(source for source, _ in events))
             if self._store_in_db:
-                await _insert_rows(conn, [_row(event) for _, event in events])
+                await insert([event for _, event in events])
         result = walk.finish()
         if not result.ok:
             raise _Unchained(result)
-        if result.events:
-            await conn.execute(_SET_HEAD, (result.last_seq, result.last_hash))
-        return result, list(sources)
+        restored.append((result, list(sources)))
+        if not result.events:
+            return None
+        assert result.last_seq is not None and result.last_hash is not None
+        return result.last_seq, result.last_hash
 
     async def flush(self) -> None:
         """Wait until every event emitted so far has been written (no-op when the writer is not running)."""
@@ -541,7 +514,7 @@ class AuditWriter:
             # The database is unavailable: chain from the head in memory so the file still gets
             # the batch; the rows are retried with the next batch.
             chained = self._chain(batch, self._seq, self._hash)
-            self._unsaved = (self._unsaved + chained.rows)[-self._max_unsaved:]
+            self._unsaved = (self._unsaved + chained.events)[-self._max_unsaved:]
         self._seq, self._hash = chained.seq, chained.hash
         self._written += len(batch)
         if not in_file:
@@ -564,7 +537,7 @@ class AuditWriter:
             prev = event["hash"] = _sha256_hex(prev, body)
             chained.lines.append(orjson.dumps(event, default=str))
             if self._store_in_db:
-                chained.rows.append(_row(event))
+                chained.events.append(event)
         chained.seq, chained.hash = seq, prev
         return chained
 
@@ -579,44 +552,45 @@ class AuditWriter:
         """
         appended: list[_Chained] = []
 
-        async def work(conn: aiosqlite.Connection) -> _Chained:
+        done: list[_Chained] = []
+
+        async def step(stored: ChainHead, insert: InsertEvents) -> ChainHead:
             seq, prev = self._seq, self._hash
-            heads = [await (await conn.execute(sql)).fetchone() for sql in HEAD_QUERIES]  # inside the transaction
-            stored = newest_head(heads, (seq, prev))
             if stored[0] > seq:
                 log.warning("audit chain was extended by another process (seq %d..%d); continuing after it",
                             seq + 1, stored[0])
                 seq, prev = stored
                 if self._unsaved:
                     log.error("audit events %d..%d collide with that process's events and are not stored "
-                              "in the database", self._unsaved[0][0], self._unsaved[-1][0])
+                              "in the database", self._unsaved[0]["seq"], self._unsaved[-1]["seq"])
                     self._unsaved = []
             chained = self._chain(batch, seq, prev)
-            await _insert_rows(conn, self._unsaved + chained.rows)
-            await conn.execute(_SET_HEAD, (chained.seq, chained.hash))
+            await insert(self._unsaved + chained.events)
             if self._file is not None and chained.lines:
                 await self._append_lines(chained)
                 appended.append(chained)
-            return chained
+            done.append(chained)
+            return chained.seq, chained.hash
 
         for delay in (*self.DB_RETRY_DELAYS, None):
             try:
-                chained = await self._db.write(work)
-            except sqlite3.IntegrityError as exc:
+                await self._events.extend(step)
+                chained = done[-1]
+            except DuplicateKey as exc:
                 # A seq already in the table: retrying cannot help, and carrying the rows on
                 # would block every later batch. The file still gets them.
                 self._db_errors += 1
                 log.error("audit events not stored in the database: %s", exc)
                 self._unsaved = []
                 return self._chain(batch, self._seq, self._hash), False
-            except (sqlite3.Error, OSError, ValueError, RuntimeError) as exc:  # the last two: not connected
+            except (StorageError, OSError) as exc:
                 if appended:
                     # COMMIT failed after the file got the batch: another try would append it
                     # twice. Its rows wait for the next batch, like those of a failed database.
                     self._db_errors += 1
                     log.error("audit database commit failed (%s); the events are in the file and kept to "
                               "retry with the next batch", exc)
-                    self._unsaved = (self._unsaved + appended[0].rows)[-self._max_unsaved:]
+                    self._unsaved = (self._unsaved + appended[0].events)[-self._max_unsaved:]
                     return appended[0], True
                 if delay is not None:
                     log.warning("audit database write failed (%s); retrying in %.2fs", exc, delay)

@@ -14,7 +14,7 @@ from llm_proxy.limiting.memory import Decision, FailureCounter, RateLimiter
 from llm_proxy.models import Credential
 from llm_proxy.ops.metrics import Metrics
 from llm_proxy.tokens.anomaly import AnomalyDetector
-from llm_proxy.tokens.cache import TokenStore
+from llm_proxy.tokens.cache import TokenCache
 
 _GLOBAL_KEY = "*"
 
@@ -61,7 +61,7 @@ def _rate_headers(decision: Decision) -> dict[str, str]:
 class Admission:
     """Admit an authenticated /v1 request against its token's quota, budget and rate and the global rate."""
 
-    def __init__(self, store: TokenStore, audit: AuditWriter, metrics: Metrics, anomalies: AnomalyDetector, *,
+    def __init__(self, store: TokenCache, audit: AuditWriter, metrics: Metrics, anomalies: AnomalyDetector, *,
                  default_rate: int, global_rate: int, limiter: RateLimiter) -> None:
         self._store = store
         self._audit = audit

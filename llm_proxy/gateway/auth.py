@@ -16,7 +16,7 @@ from llm_proxy.limiting.memory import FailureCounter
 from llm_proxy.models import Credential
 from llm_proxy.settings import IPNetwork
 from llm_proxy.tokens.anomaly import AnomalyDetector
-from llm_proxy.tokens.cache import TokenStore
+from llm_proxy.tokens.cache import TokenCache
 
 
 def bearer(request: web.Request) -> str | None:
@@ -99,7 +99,7 @@ def management_auth_middleware(auth: ManagementAuth) -> Middleware:
 class ClientAuth:
     """Admit /v1 requests only with a live client token; audit every rejection."""
 
-    def __init__(self, store: TokenStore, audit: AuditWriter, failures: FailureCounter,
+    def __init__(self, store: TokenCache, audit: AuditWriter, failures: FailureCounter,
                  anomalies: AnomalyDetector) -> None:
         self._store = store
         self._audit = audit

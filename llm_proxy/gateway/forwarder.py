@@ -36,7 +36,7 @@ from llm_proxy.keys import CLIENT_IP, CREDENTIAL, REQUEST_ID, REQUEST_STARTED, U
 from llm_proxy.manage.validation import read_body, refusing_deep_nesting
 from llm_proxy.ops.metrics import Metrics
 from llm_proxy.settings import Settings
-from llm_proxy.tokens.cache import TokenStore
+from llm_proxy.tokens.cache import TokenCache
 
 log = logging.getLogger(__name__)
 
@@ -67,7 +67,7 @@ _UNSAFE_PATH = re.compile(r"%2e|%2f|%5c|\\|//|/\.\.?(/|$)", re.IGNORECASE)
 class Forwarder:
     """The /v1 handler: validates the path and body, then streams request and response through."""
 
-    def __init__(self, settings: Settings, store: TokenStore, audit: AuditWriter, metrics: Metrics) -> None:
+    def __init__(self, settings: Settings, store: TokenCache, audit: AuditWriter, metrics: Metrics) -> None:
         self.session: aiohttp.ClientSession | None = None
         self._loop: asyncio.AbstractEventLoop  # set with the session, in the running loop
         self._store = store

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import time
 from collections.abc import Awaitable, Callable
 from dataclasses import replace
 from typing import Any
@@ -11,10 +10,8 @@ from typing import Any
 import orjson
 from aiohttp import web
 
-from llm_proxy.audit.masking import obfuscate
 from llm_proxy.audit.writer import AuditWriter
-from llm_proxy.crypto import KeyRing
-from llm_proxy.errors import ApiError, BadRequest, Conflict, MethodNotAllowed, ProjectInactive
+from llm_proxy.errors import ApiError, BadRequest, MethodNotAllowed
 from llm_proxy.keys import CLIENT_IP, REQUEST_ID
 from llm_proxy.manage.openapi import openapi_handler
 from llm_proxy.manage.validation import (
@@ -26,12 +23,11 @@ from llm_proxy.manage.validation import (
     read_body,
     validate,
 )
-from llm_proxy.models import TokenRecord, epoch
+from llm_proxy.models import TokenRecord
 from llm_proxy.settings import Settings
-from llm_proxy.storage.sqlite import repository as repo
-from llm_proxy.storage.sqlite.database import Database
-from llm_proxy.tokens.cache import TokenStore
-from llm_proxy.tokens.credentials import generate_token, hash_token
+from llm_proxy.storage.base import Store
+from llm_proxy.tokens.cache import TokenCache
+from llm_proxy.tokens.service import Limits, TokenService
 
 MAX_GRACE_SECONDS = 86_400
 # Bounds of the request bodies; the OpenAPI document (openapi.py) states the same ones from here.
@@ -85,14 +81,13 @@ def audited(action: str) -> Callable[[ActionHandler], Route]:
 class Management:
     """Handlers of the management API, sharing the database, the token cache and the audit writer."""
 
-    def __init__(self, settings: Settings, db: Database, keyring: KeyRing, store: TokenStore, audit: AuditWriter,
-                 clock: Callable[[], float] = time.time) -> None:
+    def __init__(self, settings: Settings, service: TokenService, store: Store, cache: TokenCache,
+                 audit: AuditWriter) -> None:
         self.settings = settings
-        self.db = db
-        self.keyring = keyring
+        self.service = service
         self.store = store
+        self.cache = cache
         self.audit = audit
-        self.clock = clock
         self._duration = Field(int, minimum=1, maximum=settings.max_token_duration_minutes)
 
     def routes(self) -> list[web.RouteDef]:
@@ -117,7 +112,7 @@ class Management:
 
     def token_public(self, token: TokenRecord) -> dict[str, Any]:
         """Return the API representation of a token: never the plaintext, counters live."""
-        return token.public(self.store.overlay(token))
+        return token.public(self.cache.overlay(token))
 
     # ---- projects ----
 
@@ -125,20 +120,20 @@ class Management:
     async def create_project(self, request: web.Request, details: Details) -> web.StreamResponse:
         body = validate(parse_json_object(await read_body(request, self.settings.request_timeout)),
                         {"name": replace(_NAME, required=True), "api_key": replace(_API_KEY, required=True)})
-        project = await repo.create_project(self.db, self.keyring, body["name"], body["api_key"], self.clock())
+        project = await self.service.create_project(body["name"], body["api_key"])
         details.update(project_id=project.id, name=project.name)
         return json_response(project.public(), status=201)
 
     @audited("project.list")
     async def list_projects(self, request: web.Request, details: Details) -> web.StreamResponse:
-        projects = await repo.list_projects(self.db, query_bool(request.query, "active"))
+        projects = await self.service.projects(query_bool(request.query, "active"))
         details["count"] = len(projects)
         return json_response({"data": [project.public() for project in projects]})
 
     @audited("project.read")
     async def get_project(self, request: web.Request, details: Details) -> web.StreamResponse:
         details["project_id"] = request.match_info["id"]
-        project = await repo.get_project(self.db, request.match_info["id"])
+        project = await self.service.project(request.match_info["id"])
         return json_response(project.public())
 
     @audited("project.update")
@@ -146,8 +141,7 @@ class Management:
         project_id = details["project_id"] = request.match_info["id"]
         changes = validate(parse_json_object(await read_body(request, self.settings.request_timeout)),
                            {"name": _NAME, "api_key": _API_KEY, "is_active": Field(bool)}, require_any=True)
-        project = await repo.update_project(self.db, self.keyring, project_id, changes, self.clock())
-        self.store.project_changed(project)
+        project = await self.service.update_project(project_id, changes)
         details["changed"] = sorted(changes)
         return json_response(project.public())
 
@@ -161,9 +155,8 @@ class Management:
     @audited("token.revoke_batch")
     async def revoke_project_tokens(self, request: web.Request, details: Details) -> web.StreamResponse:
         project_id = details["project_id"] = request.match_info["id"]
-        await repo.get_project(self.db, project_id)
-        revoked, already, total = await repo.revoke_project_tokens(self.db, project_id, self.clock())
-        self.store.tokens_revoked(revoked)
+        revoked, total = await self.service.revoke_project_tokens(project_id)
+        already = total - len(revoked)
         details.update(revoked_count=len(revoked), already_revoked_count=already, total_tokens=total)
         return json_response({"revoked_count": len(revoked), "already_revoked_count": already,
                               "total_tokens": total})
@@ -172,10 +165,10 @@ class Management:
     async def project_usage(self, request: web.Request, details: Details) -> web.StreamResponse:
         project_id = details["project_id"] = request.match_info["id"]
         details["view"] = "usage"
-        await repo.get_project(self.db, project_id)
-        await self.store.flush()  # include what is still only in memory
-        days = await repo.project_usage(self.db, project_id, query_timestamp(request.query, "since"),
-                                        query_timestamp(request.query, "until"))
+        await self.service.project(project_id)
+        await self.cache.flush()  # include what is still only in memory
+        days = await self.store.usage.daily(project_id, query_timestamp(request.query, "since"),
+                                            query_timestamp(request.query, "until"))
         totals = {key: sum(day[key] for day in days)
                   for key in ("requests", "prompt_tokens", "completion_tokens", "total_tokens")}
         return json_response({"project_id": project_id, "data": days, "totals": totals})
@@ -187,37 +180,26 @@ class Management:
         body = validate(parse_json_object(await read_body(request, self.settings.request_timeout)), {
             "project_id": Field(str, required=True, max_length=64), "duration_minutes": self._duration,
             "max_requests": _LIMIT, "rate_limit_per_minute": _LIMIT, "max_tokens_total": _LIMIT})
-        project = await repo.get_project(self.db, body["project_id"])
-        details["project_id"] = project.id
-        if not project.is_active:
-            raise ProjectInactive("cannot create a token for an inactive project")
+        details["project_id"] = body["project_id"]
         duration = body.get("duration_minutes") or self.settings.default_token_duration_minutes
-        plaintext = generate_token()
-        now = self.clock()
-        token = await repo.create_token(
-            self.db, token_hash=hash_token(plaintext), token_hint=obfuscate(plaintext), project_id=project.id,
-            expires_at=now + duration * 60, max_requests=body.get("max_requests"),
-            rate_limit_per_minute=body.get("rate_limit_per_minute"),
-            max_tokens_total=body.get("max_tokens_total"), now=now)
-        self.store.token_changed(token, project)
+        issued = await self.service.create_token(body["project_id"], duration, Limits(
+            body.get("max_requests"), body.get("rate_limit_per_minute"), body.get("max_tokens_total")))
+        token = issued.record
         details.update(token_id=token.token_hint, duration_minutes=duration)
-        return json_response({**self.token_public(token), "token": plaintext}, status=201)
+        return json_response({**self.token_public(token), "token": issued.plaintext}, status=201)
 
     @audited("token.list")
     async def list_tokens(self, request: web.Request, details: Details) -> web.StreamResponse:
         project_id = request.query.get("project_id") or None
         details["project_id"] = project_id
-        now = self.clock()
-        tokens = await repo.list_tokens(self.db, project_id, bool(query_bool(request.query, "active_only")), now)
-        expired = query_bool(request.query, "expired")
-        if expired is not None:
-            tokens = [token for token in tokens if (epoch(token.expires_at) <= now) == expired]
+        tokens = await self.service.tokens(project_id, active_only=bool(query_bool(request.query, "active_only")),
+                                           expired=query_bool(request.query, "expired"))
         details["count"] = len(tokens)
         return json_response({"data": [self.token_public(token) for token in tokens]})
 
     @audited("token.read")
     async def get_token(self, request: web.Request, details: Details) -> web.StreamResponse:
-        token = await repo.get_token(self.db, request.match_info["id"])
+        token = await self.service.token(request.match_info["id"])
         details.update(project_id=token.project_id, token_id=token.token_hint)
         return json_response(self.token_public(token))
 
@@ -226,43 +208,30 @@ class Management:
         changes = validate(parse_json_object(await read_body(request, self.settings.request_timeout)), {
             "is_active": Field(bool), "max_requests": _LIMIT, "rate_limit_per_minute": _LIMIT,
             "max_tokens_total": _LIMIT}, require_any=True)
-        current = await repo.get_token(self.db, request.match_info["id"])
+        current = await self.service.token(request.match_info["id"])
         details.update(project_id=current.project_id, token_id=current.token_hint, changed=sorted(changes))
-        if changes.get("is_active") and current.revoked_at is not None:
-            raise Conflict("a revoked token cannot be reactivated; create a new one", param="is_active")
-        token = await repo.update_token(self.db, current.id, changes)
-        self.store.token_changed(token)
+        token = await self.service.update_token(current.id, changes)
         return json_response(self.token_public(token))
 
     @audited("token.revoke")
     async def revoke_token(self, request: web.Request, details: Details) -> web.StreamResponse:
-        token = await repo.get_token(self.db, request.match_info["id"])
+        token = await self.service.token(request.match_info["id"])
         details.update(project_id=token.project_id, token_id=token.token_hint)
-        details["already_revoked"] = not await repo.revoke_token(self.db, token.id, self.clock())
-        self.store.tokens_revoked([token.id])
+        details["already_revoked"] = not await self.service.revoke_token(token.id)
         return web.Response(status=204)
 
     @audited("token.refresh")
     async def refresh_token(self, request: web.Request, details: Details) -> web.StreamResponse:
         body = validate(parse_json_object(await read_body(request, self.settings.request_timeout)), {
             "duration_minutes": self._duration, "grace_seconds": Field(int, minimum=0, maximum=MAX_GRACE_SECONDS)})
-        old = await repo.get_token(self.db, request.match_info["id"])
+        old = await self.service.token(request.match_info["id"])
         details.update(project_id=old.project_id, old_token_id=old.token_hint)
-        repo.check_refreshable(old, self.clock())
-        project = await repo.get_project(self.db, old.project_id)
-        if not project.is_active:
-            raise ProjectInactive("cannot refresh a token of an inactive project")
         duration = body.get("duration_minutes") or self.settings.default_token_duration_minutes
         grace = body.get("grace_seconds", 0)
-        plaintext = generate_token()
-        now = self.clock()
-        token = await repo.refresh_token(self.db, old.id, token_hash=hash_token(plaintext),
-                                         token_hint=obfuscate(plaintext), expires_at=now + duration * 60,
-                                         old_stops_at=now + grace, now=now)
-        self.store.token_changed(await repo.get_token(self.db, old.id))
-        self.store.token_changed(token, project)
+        issued = await self.service.refresh_token(old.id, duration, grace)
+        token = issued.record
         details.update(token_id=token.token_hint, duration_minutes=duration, grace_seconds=grace)
-        return json_response({**self.token_public(token), "token": plaintext}, status=201)
+        return json_response({**self.token_public(token), "token": issued.plaintext}, status=201)
 
     # ---- audit ----
 
@@ -279,8 +248,8 @@ class Management:
         # The writer gathers events for up to 50 ms: write what is queued, so that an operator
         # reads every event that happened before the query.
         await self.audit.flush()
-        events = await repo.list_audit_events(
-            self.db, filters=filters, since=query_timestamp(query, "since"), until=query_timestamp(query, "until"),
+        events = await self.store.audit.query(
+            filters=filters, since=query_timestamp(query, "since"), until=query_timestamp(query, "until"),
             before=query_int(query, "before", default=None, minimum=1, maximum=2**62), limit=limit)
         details.update(filters, count=len(events))
         next_before = events[-1]["seq"] if len(events) == limit else None

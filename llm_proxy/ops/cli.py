@@ -9,7 +9,6 @@ import getpass
 import logging
 import os
 import re
-import sqlite3
 import ssl
 import sys
 from collections.abc import Awaitable, Callable, Iterable, Sequence
@@ -29,8 +28,9 @@ from llm_proxy.models import PROJECT_FIELDS, TOKEN_FIELDS
 from llm_proxy.ops.control_characters import escape_controls
 from llm_proxy.ops.logs import ACCESS_LOGGER, AccessLogger, configure_logging, mask_secrets
 from llm_proxy.settings import ConfigError, Settings, load_settings, read_client_variable
-from llm_proxy.storage.sqlite import repository
-from llm_proxy.storage.sqlite.database import Database
+from llm_proxy.storage.base import PruneResult, Store
+from llm_proxy.storage.errors import StorageError
+from llm_proxy.storage.factory import open_store, peek_audit_head
 from llm_proxy.tokens.credentials import generate_encryption_key, generate_secret
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
@@ -315,14 +315,14 @@ def cmd_token_refresh(args: argparse.Namespace) -> int:
 
 # ---- working on the local database and audit files ----
 
-async def _with_database(settings: Settings, work: Callable[[Database, AuditWriter], Awaitable[T]]) -> T:
-    """Open the gateway's database and an audit writer (actor `system`), run work(db, audit), close both."""
+async def _with_database(settings: Settings, work: Callable[[Store, AuditWriter], Awaitable[T]]) -> T:
+    """Open the gateway's store and an audit writer (actor `system`), run work(store, audit), close both."""
     if not settings.database_path.is_file():
         raise UsageError(f"DATABASE_PATH: no database at {settings.database_path}")
-    db = Database(settings.database_path)
+    store = open_store(settings)
     try:
-        await db.connect()
-        audit = AuditWriter(db, enabled=settings.audit_enabled, file_path=settings.audit_log_file,
+        await store.open()
+        audit = AuditWriter(store.audit, enabled=settings.audit_enabled, file_path=settings.audit_log_file,
                             create_dir=settings.audit_create_dir, store_in_db=settings.audit_store_in_db,
                             mask_client_ip=settings.audit_mask_client_ip)
         try:
@@ -330,13 +330,13 @@ async def _with_database(settings: Settings, work: Callable[[Database, AuditWrit
                 await audit.start()
             except OSError as exc:
                 raise CommandError(f"AUDIT_LOG_FILE: cannot open {settings.audit_log_file} ({exc.strerror})") from None
-            return await work(db, audit)
+            return await work(store, audit)
         finally:
             await audit.close()
-    except sqlite3.Error as exc:
+    except StorageError as exc:
         raise CommandError(f"database error at {settings.database_path}: {exc}") from None
     finally:
-        await db.close()
+        await store.close()
 
 
 def cmd_rotate_key(args: argparse.Namespace) -> int:
@@ -344,9 +344,12 @@ def cmd_rotate_key(args: argparse.Namespace) -> int:
     settings = _settings()
     keyring = KeyRing(settings.encryption_key, settings.encryption_keys_previous)
 
-    async def work(db: Database, audit: AuditWriter) -> int:
+    def reencrypt(stored: str) -> str | None:
+        return None if keyring.is_current(stored) else keyring.encrypt(keyring.decrypt(stored))
+
+    async def work(store: Store, audit: AuditWriter) -> int:
         try:
-            count = await repository.replace_encrypted_keys(db, keyring)
+            count = await store.projects.rekey(reencrypt)
         except DecryptionError:
             audit.emit("key.rotate", actor="system", result="failure", details={"reason": "undecryptable_key"})
             raise CommandError("a stored API key opens with neither ENCRYPTION_KEY nor ENCRYPTION_KEY_PREVIOUS; "
@@ -367,9 +370,9 @@ def cmd_audit_prune(args: argparse.Namespace) -> int:
     settings = _settings()
     days = settings.audit_retention_days if args.older_than_days is None else args.older_than_days
 
-    async def work(db: Database, audit: AuditWriter) -> auditchain.PruneResult:
+    async def work(store: Store, audit: AuditWriter) -> PruneResult:
         try:
-            result = await auditchain.prune(db, days, args.batch_size)
+            result = await auditchain.prune(store.audit, days, args.batch_size)
         except Exception:
             audit.emit("audit.prune", actor="system", result="error",
                         details={"older_than_days": days, "batch_size": args.batch_size})
@@ -397,21 +400,16 @@ def _result_document(result: auditchain.VerifyResult) -> dict[str, Any]:
 async def _verify_db(settings: Settings) -> auditchain.VerifyResult:
     if not settings.database_path.is_file():
         raise UsageError(f"DATABASE_PATH: no database at {settings.database_path}")
-    db = Database(settings.database_path)
+    store = open_store(settings)
     try:
-        await db.connect()
-        # One read transaction: the rows and the chain head come from the same snapshot even while
-        # a gateway keeps appending (WAL readers never block the writer).
-        await db.reader.execute("BEGIN")
-        try:
-            head = await auditchain.chain_head(db) if settings.audit_store_in_db else None
-            return await auditchain.verify_table(db, head=head)
-        finally:
-            await db.reader.execute("COMMIT")
-    except sqlite3.Error as exc:
+        await store.open()
+        # The head is read first: events a gateway appends meanwhile are accepted when they chain on.
+        head = await store.audit.head() if settings.audit_store_in_db else None
+        return await auditchain.verify_table(store.audit, head=head, growing=True)
+    except StorageError as exc:
         raise CommandError(f"database error at {settings.database_path}: {exc}") from None
     finally:
-        await db.close()
+        await store.close()
 
 
 def _files_chain_head(settings: Settings) -> tuple[tuple[int, str] | None, str]:
@@ -421,8 +419,8 @@ def _files_chain_head(settings: Settings) -> tuple[tuple[int, str] | None, str]:
     if not database.is_file():
         return None, f"no database at {database} (DATABASE_PATH): files verified alone, {unchecked}"
     try:
-        head = auditchain.stored_chain_head(database)
-    except sqlite3.Error as exc:
+        head = peek_audit_head(settings)
+    except StorageError as exc:
         return None, (f"database at {database} unreadable ({type(exc).__name__}): files verified alone, "
                       f"{unchecked}")
     if head is None:
@@ -560,7 +558,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
                 raise _startup_file_error(settings, Path(os.fsdecode(exc.filename)), reason) from None
             raise CommandError(f"cannot listen on {settings.listen_host or '*'}:{settings.listen_port}: "
                                f"{reason}") from None
-        except sqlite3.Error as exc:
+        except StorageError as exc:
             raise CommandError(f"DATABASE_PATH: cannot use {settings.database_path} ({exc})") from None
         except ConfigError as exc:  # found at startup, e.g. an ENCRYPTION_KEY that opens no stored key
             raise _configuration_error(exc) from None

@@ -16,14 +16,12 @@ import asyncio
 import logging
 import time
 from collections import OrderedDict
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 
 from llm_proxy.audit.writer import AuditWriter
 from llm_proxy.models import Credential
-from llm_proxy.storage.sqlite import repository as repo
-from llm_proxy.storage.sqlite.database import Database
-from llm_proxy.tokens.cache import TokenStore
+from llm_proxy.tokens.service import TokenService
 
 log = logging.getLogger(__name__)
 
@@ -54,13 +52,12 @@ class _Watch:
 class AnomalyDetector:
     """Watch each token's traffic and flag the patterns above."""
 
-    def __init__(self, *, max_ips_per_hour: int, rate_factor: float, auto_suspend: bool, db: Database,
-                 store: TokenStore, audit: AuditWriter, clock: Callable[[], float] = time.time) -> None:
+    def __init__(self, *, max_ips_per_hour: int, rate_factor: float, auto_suspend: bool,
+                 service: TokenService, audit: AuditWriter, clock: Callable[[], float] = time.time) -> None:
         self._max_ips = max_ips_per_hour
         self._factor = rate_factor
         self._auto_suspend = auto_suspend
-        self._db = db
-        self._store = store
+        self._service = service
         self._audit = audit
         self._clock = clock
         self._watches: OrderedDict[str, _Watch] = OrderedDict()
@@ -144,15 +141,14 @@ class AnomalyDetector:
                          details={"reason": rule, "token_id": credential.hint, "auto_suspend": suspend, **details})
         if suspend:
             # Takes effect on the very next request; the database write follows off the request path.
-            credential.is_active = False
-            task = asyncio.get_running_loop().create_task(self._suspend(credential, rule))
+            task = asyncio.get_running_loop().create_task(self._suspend(credential, rule,
+                                                                        self._service.suspend(credential.id)))
             self._tasks.add(task)
             task.add_done_callback(self._tasks.discard)
 
-    async def _suspend(self, credential: Credential, rule: str) -> None:
+    async def _suspend(self, credential: Credential, rule: str, write: Awaitable[object]) -> None:
         try:
-            token = await repo.update_token(self._db, credential.id, {"is_active": False})
-            self._store.token_changed(token)
+            await write
             result = "success"
         except Exception:
             log.exception("could not persist the suspension of a token")

@@ -11,9 +11,9 @@ from collections.abc import Callable
 from llm_proxy.crypto import KeyRing
 from llm_proxy.errors import BudgetExceeded, InvalidToken, ProjectInactive, QuotaExceeded, TokenExpired, TokenRevoked
 from llm_proxy.models import Credential, Project, ProjectState, TokenRecord, epoch, iso
-from llm_proxy.storage.sqlite import repository as repo
-from llm_proxy.storage.sqlite.database import Database
+from llm_proxy.storage.base import Store
 from llm_proxy.tokens.credentials import hash_token, is_token_shaped
+from llm_proxy.tokens.feed import Change, ChangeFeed, TokenChanged, TokensDeactivated, TokensRevoked
 
 log = logging.getLogger(__name__)
 
@@ -22,11 +22,12 @@ _UNKNOWN_CACHE_SIZE = 10_000
 FLUSH_INTERVAL = 1.0
 
 
-class TokenStore:
-    """Authenticate tokens against a cache kept exact by the management API, which is the only writer."""
+class TokenCache:
+    """Authenticate tokens from memory, kept exact by the changes the tokens service publishes."""
 
-    def __init__(self, db: Database, keyring: KeyRing, clock: Callable[[], float] = time.time) -> None:
-        self._db = db
+    def __init__(self, store: Store, keyring: KeyRing, feed: ChangeFeed,
+                 clock: Callable[[], float] = time.time) -> None:
+        self._store = store
         self._keyring = keyring
         self._clock = clock
         self._by_hash: dict[str, Credential] = {}
@@ -39,10 +40,11 @@ class TokenStore:
         self._daily: dict[tuple[str, str], list[int]] = {}
         self._day_number = -1
         self._day = ""
-        # Bumped by every management change, so a load that raced with one is redone.
+        # Bumped by every published change, so a load that raced with one is redone.
         self._generation = 0
         self._flusher: asyncio.Task[None] | None = None
         self._saving: asyncio.Future[None] | None = None  # the counter write in flight, if any
+        feed.subscribe(self._apply_change)
 
     # ---- the hot path ----
 
@@ -143,7 +145,7 @@ class TokenStore:
         try:
             while True:
                 generation = self._generation
-                found = await repo.find_token_by_hash(self._db, digest)
+                found = await self._store.tokens.find(digest)
                 if generation == self._generation:
                     break
             credential = None if found is None else self._remember(*found)
@@ -165,7 +167,7 @@ class TokenStore:
 
         The row may be stale: a token write reads its project before awaiting its own statement,
         and a deactivation or key change can land meanwhile. Once cached, a project's state
-        changes only through project_changed(), which every project write calls.
+        changes only through a published ProjectChanged, which every project write publishes.
         """
         state = self._projects.get(project.id)
         if state is None:
@@ -202,9 +204,23 @@ class TokenStore:
         credential.rate_limit_per_minute = token.rate_limit_per_minute
         credential.max_tokens_total = token.max_tokens_total
 
-    def token_changed(self, token: TokenRecord, project: Project | None = None) -> None:
-        """Apply a token row the management API just wrote (creation caches the new token at once)."""
+    def _apply_change(self, change: Change) -> None:
+        """Apply a change the tokens service published (called by the feed, in this process's loop)."""
         self._generation += 1
+        if isinstance(change, TokenChanged):
+            self._token_changed(change.token, change.project)
+        elif isinstance(change, TokensRevoked | TokensDeactivated):
+            revoked = isinstance(change, TokensRevoked)
+            for token_id in change.token_ids:
+                credential = self._by_id.get(token_id)
+                if credential is not None:
+                    credential.is_active = False
+                    credential.revoked = credential.revoked or revoked
+        else:
+            self._project_changed(change.project)
+
+    def _token_changed(self, token: TokenRecord, project: Project | None) -> None:
+        # A new token (project given) is cached at once: its first request needs no database read.
         existing = self._by_id.get(token.id)
         if existing is not None:
             self._apply(existing, token)
@@ -213,30 +229,9 @@ class TokenStore:
         else:
             self._unknown.pop(token.token_hash, None)
 
-    def tokens_deactivated(self, token_ids: list[str]) -> None:
-        """Mark cached tokens inactive after a write that deactivated them."""
-        self._generation += 1
-        for token_id in token_ids:
-            credential = self._by_id.get(token_id)
-            if credential is not None:
-                credential.is_active = False
-
-    def tokens_revoked(self, token_ids: list[str]) -> None:
-        """Mark cached tokens revoked after a write that revoked them."""
-        self._generation += 1
-        for token_id in token_ids:
-            credential = self._by_id.get(token_id)
-            if credential is not None:
-                credential.revoked = True
-                credential.is_active = False
-
-    def project_changed(self, project: Project) -> None:
-        """Apply a project row the management API just wrote (activity and upstream key).
-
-        The state is kept even for a project none of whose tokens is cached yet, so that a token
-        write that read the project before this change cannot bring the old row back.
-        """
-        self._generation += 1
+    def _project_changed(self, project: Project) -> None:
+        # The state is kept even for a project none of whose tokens is cached yet, so that a token
+        # write that read the project before this change cannot bring the old row back.
         authorization = "Bearer " + self._keyring.decrypt(project.api_key_encrypted)
         state = self._projects.get(project.id)
         if state is None:
@@ -272,7 +267,7 @@ class TokenStore:
         deltas = [(project_id, day, totals[0], totals[1], totals[2], totals[3])
                   for (project_id, day), totals in daily.items()]
         try:
-            await repo.save_usage(self._db, rows, deltas)
+            await self._store.usage.save(rows, deltas)
         except Exception:
             # Not committed (Database.write rolled back): keep everything pending, the next flush
             # retries, nothing is lost while the process lives.

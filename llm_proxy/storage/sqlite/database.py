@@ -1,4 +1,7 @@
-"""Own the SQLite file: apply the schema, serialise writes through one writer, read on a second connection."""
+"""Own the SQLite file: apply the schema, serialise writes through one writer, read on a second connection.
+
+Every sqlite3 (and aiosqlite) exception is translated here, once, into storage.errors.
+"""
 
 from __future__ import annotations
 
@@ -6,13 +9,15 @@ import asyncio
 import contextlib
 import os
 import sqlite3
-from collections.abc import Awaitable, Callable, Iterable
+from collections.abc import Awaitable, Callable, Iterable, Iterator
 from datetime import UTC, datetime
 from importlib import resources
 from pathlib import Path
 from typing import Any, TypeVar
 
 import aiosqlite
+
+from llm_proxy.storage.errors import DuplicateKey, StorageBusy, StorageError, StorageUnavailable
 
 T = TypeVar("T")
 SCHEMA_VERSION = 1
@@ -21,6 +26,32 @@ BUSY_TIMEOUT_MS = 10_000
 
 def _schema_sql() -> str:
     return resources.files(__package__).joinpath("schema.sql").read_text(encoding="utf-8")
+
+
+# What aiosqlite raises when its connection is closed or gone.
+_CLOSED = ("Connection closed", "no active connection")
+
+
+@contextlib.contextmanager
+def translated() -> Iterator[None]:
+    """Translate what sqlite3 and aiosqlite raise into storage.errors; let everything else through."""
+    try:
+        yield
+    except sqlite3.IntegrityError as exc:
+        if "UNIQUE" in str(exc):
+            raise DuplicateKey(str(exc)) from exc
+        raise StorageError(str(exc)) from exc
+    except sqlite3.OperationalError as exc:
+        message = str(exc)
+        if "locked" in message or "busy" in message:
+            raise StorageBusy(message) from exc
+        raise StorageUnavailable(message) from exc
+    except sqlite3.Error as exc:
+        raise StorageError(str(exc)) from exc
+    except ValueError as exc:
+        if exc.args and exc.args[0] in _CLOSED:
+            raise StorageUnavailable("the database connection is closed") from exc
+        raise
 
 
 async def _connect(path: Path) -> aiosqlite.Connection:
@@ -51,6 +82,10 @@ class Database:
 
     async def connect(self) -> None:
         """Create the file and its directory if needed, switch to WAL and apply the schema."""
+        with translated():
+            await self._connect()
+
+    async def _connect(self) -> None:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         if not self.path.exists():
             # Encrypted keys and token digests are nobody else's business: owner-only from the start
@@ -73,13 +108,13 @@ class Database:
     @property
     def writer(self) -> aiosqlite.Connection:
         if self._writer is None:
-            raise RuntimeError("database is not connected")
+            raise StorageUnavailable("the database is not connected")
         return self._writer
 
     @property
     def reader(self) -> aiosqlite.Connection:
         if self._reader is None:
-            raise RuntimeError("database is not connected")
+            raise StorageUnavailable("the database is not connected")
         return self._reader
 
     async def close(self) -> None:
@@ -98,17 +133,26 @@ class Database:
 
     async def fetchone(self, sql: str, params: Iterable[Any] = ()) -> sqlite3.Row | None:
         """Run a read expected to give at most one row (a key lookup, LIMIT 1) and return it."""
-        rows = await self.reader.execute_fetchall(sql, tuple(params))
+        with translated():
+            rows = await self.reader.execute_fetchall(sql, tuple(params))
         return next(iter(rows), None)
 
     async def fetchall(self, sql: str, params: Iterable[Any] = ()) -> list[sqlite3.Row]:
         """Run a read and return every row."""
-        return list(await self.reader.execute_fetchall(sql, tuple(params)))
+        with translated():
+            return list(await self.reader.execute_fetchall(sql, tuple(params)))
 
     async def write(self, work: Callable[[aiosqlite.Connection], Awaitable[T]]) -> T:
-        """Run `work` in one BEGIN IMMEDIATE transaction; nothing else writes meanwhile."""
+        """Run `work` in one BEGIN IMMEDIATE transaction; nothing else writes meanwhile.
+
+        What work raises itself passes through as it is; the driver's errors are translated.
+        """
+        with translated():
+            return await self._write(work)
+
+    async def _write(self, work: Callable[[aiosqlite.Connection], Awaitable[T]]) -> T:
+        writer = self.writer  # before the lock: not connected must not leave it held
         await self._lock.acquire()
-        writer = self.writer
         try:
             await writer.execute("BEGIN IMMEDIATE")
             result = await work(writer)
@@ -146,6 +190,6 @@ class Database:
         """Tell whether the database answers a trivial query."""
         try:
             await asyncio.wait_for(self.fetchone("SELECT 1"), timeout=2.0)
-        except (TimeoutError, sqlite3.Error, ValueError, RuntimeError):
+        except (TimeoutError, StorageError):
             return False
         return True

@@ -1,0 +1,117 @@
+"""The store every backend implements: projects, tokens, usage and audit events, each a small Protocol.
+
+A backend translates its own exceptions into storage.errors once, at this boundary; callers above
+never see a driver's exception. Records are the frozen dataclasses of llm_proxy.models; a missing
+row is None, not an exception (what that means to a client is the caller's decision).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+from llm_proxy.models import Project, TokenRecord
+
+ChainHead = tuple[int, str]  # (seq, hash) of the newest audit event; (0, 64 zeros) before the first
+# Stores events (dicts carrying their seq and hash, in seq order) in the transaction it is given to.
+InsertEvents = Callable[[Sequence[dict[str, Any]]], Awaitable[None]]
+# Given the head and a way to insert events after it, extend the chain; return the new head (None: unchanged).
+ChainStep = Callable[[ChainHead, InsertEvents], Awaitable[ChainHead | None]]
+
+
+@dataclass(frozen=True, slots=True)
+class PruneResult:
+    """What a prune deleted; `details()` is what the caller's audit.prune event carries."""
+
+    deleted: int
+    batches: int
+    last_pruned_seq: int | None
+    last_pruned_hash: str | None
+
+    def details(self) -> dict[str, Any]:
+        """Return the details of the audit.prune event that records this prune."""
+        return {"deleted": self.deleted, "last_pruned_seq": self.last_pruned_seq,
+                "last_pruned_hash": self.last_pruned_hash}
+
+
+class ProjectStore(Protocol):
+    async def create(self, name: str, api_key_encrypted: str, api_key_hint: str, now: float) -> Project:
+        """Insert an active project; DuplicateKey when the name is taken."""
+    async def get(self, project_id: str) -> Project | None: ...
+    async def all(self, active: bool | None = None) -> list[Project]:
+        """Every project (or only active / only inactive ones), oldest first."""
+    async def update(self, project_id: str, columns: Mapping[str, Any], now: float) -> Project | None:
+        """Set any of name, api_key_encrypted, api_key_hint, is_active; DuplicateKey on a taken name."""
+    async def rekey(self, reencrypt: Callable[[str], str | None]) -> int:
+        """In one transaction, replace each stored key that reencrypt() gives a new value for; return how many."""
+
+
+class TokenStore(Protocol):
+    async def create(self, *, token_hash: str, token_hint: str, project_id: str, expires_at: float,
+                     max_requests: int | None, rate_limit_per_minute: int | None, max_tokens_total: int | None,
+                     now: float) -> TokenRecord:
+        """Insert an active token (its digest only)."""
+    async def get(self, token_id: str) -> TokenRecord | None: ...
+    async def find(self, token_hash: str) -> tuple[TokenRecord, Project] | None:
+        """The token with this digest, and its project."""
+    async def all(self, project_id: str | None = None, *, active_only: bool = False,
+                   now: float = 0.0) -> list[TokenRecord]:
+        """Tokens oldest first; active_only leaves out revoked, inactive and (at `now`) expired ones."""
+    async def update(self, token_id: str, columns: Mapping[str, Any]) -> TokenRecord | None:
+        """Set any of is_active, max_requests, rate_limit_per_minute, max_tokens_total, expires_at."""
+    async def revoke(self, token_ids: Sequence[str], now: float) -> list[str]:
+        """Revoke each token not revoked yet; return the ids this call revoked."""
+    async def revoke_project(self, project_id: str, now: float) -> tuple[list[str], int]:
+        """In one transaction, revoke every token of a project; return the ids this call revoked and the total."""
+    async def refresh(self, token_id: str, *, check: Callable[[TokenRecord], None], token_hash: str,
+                      token_hint: str, expires_at: float, old_stops_at: float, now: float) -> TokenRecord | None:
+        """In one transaction: check(old) (it raises to refuse), issue a successor with the old token's
+        project and limits, and retire the old token at old_stops_at. None when there is no such token."""
+    async def deactivate_expired(self, now: float) -> list[TokenRecord]:
+        """Mark active, unrevoked tokens past their expiry inactive; return them as they were."""
+
+
+class UsageStore(Protocol):
+    async def save(self, counters: Sequence[tuple[int, int, int, int, str | None, str]],
+                   daily: Sequence[tuple[str, str, int, int, int, int]]) -> None:
+        """In one transaction, set token counters (request_count, prompt, completion, total, last_used_at, id)
+        and add daily deltas (project_id, day, requests, prompt, completion, total)."""
+    async def daily(self, project_id: str, since: str | None, until: str | None) -> list[dict[str, Any]]:
+        """A project's daily totals, oldest first, for the UTC days that overlap [since, until)."""
+
+
+class AuditStore(Protocol):
+    async def head(self) -> ChainHead: ...
+    async def extend(self, step: ChainStep) -> ChainHead | None:
+        """Run step(head, insert) in one write transaction and store the head it returns before COMMIT.
+
+        The step may also write elsewhere (the audit file): while it runs, no other writer of this
+        store, in any process, can move the head, so every writer's events follow one chain.
+        """
+    async def query(self, *, filters: Mapping[str, str], since: str | None, until: str | None,
+                    before: int | None, limit: int) -> list[dict[str, Any]]:
+        """Events newest first, on exact action/project_id/result, a time range and a seq cursor."""
+    async def walk(self, after: int, limit: int) -> list[tuple[int, dict[str, Any] | None]]:
+        """Up to `limit` events with seq > after, oldest first; None for one whose details are unreadable."""
+    async def prune_anchor(self) -> ChainHead | None:
+        """The last pruned (seq, hash) the newest audit.prune event that deleted rows recorded."""
+    async def prune(self, cutoff: str, batch_size: int) -> PruneResult:
+        """Delete the oldest events, in batches, up to the first one at or after `cutoff` (a timestamp)."""
+
+
+class Store(Protocol):
+    @property
+    def projects(self) -> ProjectStore: ...
+    @property
+    def tokens(self) -> TokenStore: ...
+    @property
+    def usage(self) -> UsageStore: ...
+    @property
+    def audit(self) -> AuditStore: ...
+
+    async def open(self) -> None:
+        """Connect, creating what is missing and applying the schema."""
+    async def close(self) -> None: ...
+    async def ping(self) -> bool:
+        """Tell whether the database answers (for /ready)."""
