@@ -1,4 +1,4 @@
-"""The exception tree every handler raises, and failure_response: the one OpenAI error body for all of it.
+"""The exception tree every handler raises, and the one OpenAI error body they are answered with.
 
     ApiError                       500 server_error       internal_error
     ├── BadRequest                 400 invalid_request_error  invalid_request  (names the field)
@@ -30,16 +30,10 @@
 
 from __future__ import annotations
 
-import logging
-import sqlite3
 from collections.abc import Mapping
 
 import orjson
 from aiohttp import web
-
-from llm_proxy.keys import REQUEST_ID
-
-log = logging.getLogger(__name__)
 
 
 class ApiError(Exception):
@@ -162,9 +156,6 @@ class UpstreamTimeout(ApiError):
     status, type, code, message = 504, "upstream_error", "upstream_timeout", "upstream timed out"
 
 
-_HTTP_CODES = {404: "not_found", 405: "method_not_allowed", 413: "request_too_large"}
-
-
 def error_body(message: str, type_: str, code: str, param: str | None = None) -> bytes:
     """Serialise the OpenAI error shape."""
     error: dict[str, str | None] = {"message": message, "type": type_, "code": code}
@@ -177,26 +168,3 @@ def error_response(exc: ApiError) -> web.Response:
     """Render an ApiError as an OpenAI-shaped JSON response."""
     return web.Response(status=exc.status, body=error_body(exc.message, exc.type, exc.code, exc.param),
                         content_type="application/json", headers=exc.headers)
-
-
-def failure_response(request: web.Request, exc: Exception) -> web.Response:
-    """Map what a handler raised to the OpenAI error body; nothing internal reaches the client.
-
-    Call it from the `except` clause that caught `exc` (unexpected errors are logged with their
-    traceback); an HTTPException below 400 (a redirect) is the caller's to re-raise.
-    """
-    if isinstance(exc, ApiError):
-        return error_response(exc)
-    if isinstance(exc, web.HTTPException):
-        headers = {k: v for k, v in exc.headers.items() if k in ("Allow", "Retry-After")}
-        type_ = "invalid_request_error" if exc.status < 500 else "server_error"
-        code = _HTTP_CODES.get(exc.status, f"http_{exc.status}")
-        return web.Response(status=exc.status, headers=headers, content_type="application/json",
-                            body=error_body(exc.reason.lower(), type_, code))
-    if isinstance(exc, sqlite3.OperationalError) and ("locked" in str(exc) or "busy" in str(exc)):
-        # Another process held the database past the busy timeout: a retryable condition.
-        log.warning("database busy past its timeout (request_id=%s)", request.get(REQUEST_ID))
-        return error_response(Overloaded("the database is busy; retry shortly", headers={"Retry-After": "5"}))
-    log.exception("unhandled %s (request_id=%s)",
-                  "database error" if isinstance(exc, sqlite3.Error) else "error", request.get(REQUEST_ID))
-    return error_response(ApiError())

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import ipaddress
 import logging
-import sqlite3
 from collections.abc import Awaitable, Callable
 from typing import Any
 
@@ -16,6 +15,7 @@ from llm_proxy.errors import InvalidToken, RateLimited
 from llm_proxy.gateway.edge import edge_middleware
 from llm_proxy.keys import CLIENT_IP, REQUEST_ID, REQUEST_STARTED
 from llm_proxy.ops.metrics import Metrics
+from llm_proxy.storage.errors import StorageBusy
 from tests.fakes import bare_metrics
 
 ORIGIN = "https://app.example.com"
@@ -40,7 +40,7 @@ async def _redirect(request: web.Request) -> web.Response:
 
 
 async def _locked(request: web.Request) -> web.Response:
-    raise sqlite3.OperationalError("database is locked")
+    raise StorageBusy("database is locked")  # what the storage boundary makes of sqlite3's "locked"
 
 
 async def _crash(request: web.Request) -> web.Response:

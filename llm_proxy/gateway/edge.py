@@ -2,14 +2,20 @@
 
 from __future__ import annotations
 
+import logging
+
 from aiohttp import web
 from aiohttp.typedefs import Handler, Middleware
 
-from llm_proxy.errors import failure_response
+from llm_proxy.errors import ApiError, Overloaded, error_body, error_response
 from llm_proxy.gateway.context import request_context
 from llm_proxy.gateway.cors import cors_preflight
+from llm_proxy.keys import REQUEST_ID
 from llm_proxy.ops.metrics import Metrics
 from llm_proxy.settings import IPNetwork
+from llm_proxy.storage.errors import StorageBusy, StorageError
+
+log = logging.getLogger(__name__)
 
 
 def edge_middleware(*, trusted_proxies: tuple[IPNetwork, ...], cors_allowed_origins: tuple[str, ...],
@@ -46,3 +52,29 @@ def edge_middleware(*, trusted_proxies: tuple[IPNetwork, ...], cors_allowed_orig
         return response
 
     return edge
+
+
+_HTTP_CODES = {404: "not_found", 405: "method_not_allowed", 413: "request_too_large"}
+
+
+def failure_response(request: web.Request, exc: Exception) -> web.Response:
+    """Map what a handler raised to the OpenAI error body; nothing internal reaches the client.
+
+    Call it from the `except` clause that caught `exc` (unexpected errors are logged with their
+    traceback); an HTTPException below 400 (a redirect) is the caller's to re-raise.
+    """
+    if isinstance(exc, ApiError):
+        return error_response(exc)
+    if isinstance(exc, web.HTTPException):
+        headers = {k: v for k, v in exc.headers.items() if k in ("Allow", "Retry-After")}
+        type_ = "invalid_request_error" if exc.status < 500 else "server_error"
+        code = _HTTP_CODES.get(exc.status, f"http_{exc.status}")
+        return web.Response(status=exc.status, headers=headers, content_type="application/json",
+                            body=error_body(exc.reason.lower(), type_, code))
+    if isinstance(exc, StorageBusy):
+        # Another process held the database past the busy timeout: a retryable condition.
+        log.warning("database busy past its timeout (request_id=%s)", request.get(REQUEST_ID))
+        return error_response(Overloaded("the database is busy; retry shortly", headers={"Retry-After": "5"}))
+    log.exception("unhandled %s (request_id=%s)",
+                  "database error" if isinstance(exc, StorageError) else "error", request.get(REQUEST_ID))
+    return error_response(ApiError())
