@@ -19,6 +19,7 @@ from llm_proxy.metrics import Metrics
 from llm_proxy.ratelimit import ConcurrencyLimiter
 from llm_proxy.settings import Settings, load_settings
 
+REPO = Path(__file__).resolve().parent.parent  # the repository root, wherever a test module sits
 MANAGEMENT_TOKEN = "mgmt-" + "A1b2C3d4" * 6
 UPSTREAM_KEY = "sk-upstream-REAL-secret-key-0123456789abcdef"
 ENCRYPTION_KEY = base64.b64encode(bytes(range(32))).decode()

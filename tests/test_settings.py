@@ -11,9 +11,9 @@ from pathlib import Path
 import pytest
 
 from llm_proxy.settings import VARIABLES, ConfigError, Settings, load_settings
-from tests.fakes import ENCRYPTION_KEY, MANAGEMENT_TOKEN
+from tests.fakes import ENCRYPTION_KEY, MANAGEMENT_TOKEN, REPO
 
-README = Path(__file__).resolve().parent.parent / "README.md"
+README = REPO / "README.md"
 BASE = {"MANAGEMENT_TOKEN": MANAGEMENT_TOKEN, "ENCRYPTION_KEY": ENCRYPTION_KEY}
 
 

@@ -29,9 +29,8 @@ from llm_proxy.crypto import KeyRing
 from llm_proxy.database import Database
 from llm_proxy.keys import AUDIT
 from llm_proxy.settings import VARIABLES, load_settings
-from tests.fakes import ENCRYPTION_KEY, MANAGEMENT_TOKEN, UPSTREAM_KEY, Gateway
+from tests.fakes import ENCRYPTION_KEY, MANAGEMENT_TOKEN, REPO, UPSTREAM_KEY, Gateway
 
-REPO = Path(__file__).resolve().parents[1]
 OTHER_KEY = base64.b64encode(bytes(range(50, 82))).decode()
 THIRD_KEY = base64.b64encode(bytes(range(150, 182))).decode()
 

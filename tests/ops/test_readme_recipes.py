@@ -11,9 +11,9 @@ from typing import Any
 import orjson
 
 from llm_proxy.keys import AUDIT
-from tests.fakes import Gateway
+from tests.fakes import REPO, Gateway
 
-README = Path(__file__).resolve().parent.parent / "README.md"
+README = REPO / "README.md"
 
 
 def _recipes() -> list[str]:

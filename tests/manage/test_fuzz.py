@@ -35,7 +35,7 @@ from llm_proxy.openapi import build_document
 from llm_proxy.settings import Settings
 from llm_proxy.validation import Field, query_int, query_timestamp, validate
 from tests.fakes import Gateway
-from tests.test_openapi import app_routes, documented_routes
+from tests.manage.test_openapi import app_routes, documented_routes
 
 # Per operation and generation mode, on top of schemathesis' deterministic boundary ("coverage")
 # cases; the whole module runs in about 20 s on two cores.

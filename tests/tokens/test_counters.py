@@ -11,7 +11,7 @@ from aiohttp.test_utils import TestServer
 
 from llm_proxy import repository, tokenstore
 from tests.fakes import Gateway, UpstreamState
-from tests.test_faults import bearer, eventually, locked, scalar, serving_like_serve
+from tests.gateway.test_forwarder_faults import bearer, eventually, locked, scalar, serving_like_serve
 
 
 def _persisted(gateway: Gateway, token: dict[str, Any]) -> tuple[int, int]:

@@ -25,9 +25,8 @@ from cryptography.x509.oid import NameOID
 
 from llm_proxy.app import create_app
 from llm_proxy.cli import UsageError, build_ssl_context, main
-from tests.fakes import ENCRYPTION_KEY, MANAGEMENT_TOKEN, make_settings
+from tests.fakes import ENCRYPTION_KEY, MANAGEMENT_TOKEN, REPO, make_settings
 
-REPO = Path(__file__).resolve().parents[1]
 # Runs `llm-proxy serve` with a terminal as its controlling tty, as an operator's shell would:
 # that is where OpenSSL asks for a passphrase when nobody gave it one.
 WITH_A_TERMINAL = ("import os, sys; os.setsid(); os.close(os.open(sys.argv[1], os.O_RDWR)); "

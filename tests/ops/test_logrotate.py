@@ -13,8 +13,9 @@ import orjson
 
 from llm_proxy.auditchain import verify_files
 from llm_proxy.keys import AUDIT
+from tests.fakes import REPO
 
-RECIPE = Path(__file__).resolve().parent.parent / "logrotate.conf"
+RECIPE = REPO / "logrotate.conf"
 
 
 def test_recipe_is_rename_and_create() -> None:

@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import re
-from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
+from tests.fakes import REPO
+
+ROOT = REPO
 DOCKERFILE = (ROOT / "Dockerfile").read_text()
 INSTRUCTIONS = [line.strip() for line in re.sub(r"\\\n", " ", DOCKERFILE).splitlines()
                 if line.strip() and not line.lstrip().startswith("#")]

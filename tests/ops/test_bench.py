@@ -14,7 +14,9 @@ from types import ModuleType
 
 import pytest
 
-BENCH = Path(__file__).resolve().parent.parent / "bench"
+from tests.fakes import REPO
+
+BENCH = REPO / "bench"
 
 
 @pytest.fixture(scope="module")
