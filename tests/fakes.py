@@ -4,17 +4,25 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import sqlite3
+import sys
+import time
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager, closing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import openai
 import orjson
+import pytest
 from aiohttp import web
-from aiohttp.test_utils import TestClient
+from aiohttp.test_utils import TestClient, TestServer
 
+from llm_proxy.app import create_app
 from llm_proxy.audit import AuditWriter
 from llm_proxy.database import Database
+from llm_proxy.keys import AUDIT
 from llm_proxy.metrics import Metrics
 from llm_proxy.ratelimit import ConcurrencyLimiter
 from llm_proxy.settings import Settings, load_settings
@@ -229,3 +237,84 @@ def bare_metrics() -> Metrics:
     audit = AuditWriter(Database(Path("unused.db")), enabled=False, file_path=None, create_dir=False,
                         store_in_db=False, mask_client_ip=False)
     return Metrics(audit, ConcurrencyLimiter(0))
+
+
+# ---- helpers several test modules share ----
+
+def bearer(token: dict[str, Any] | str) -> dict[str, str]:
+    """The Authorization header of a client token: the management API's answer, or the secret itself."""
+    secret = token if isinstance(token, str) else token["token"]
+    return {"Authorization": f"Bearer {secret}"}
+
+
+async def access_events(gateway: Gateway) -> list[dict[str, Any]]:
+    """Return the token.access events of the audit file, once everything emitted so far is written."""
+    await gateway.app[AUDIT].flush()
+    path = gateway.settings.audit_log_file
+    assert path is not None
+    events = (orjson.loads(line) for line in path.read_bytes().splitlines())
+    return [event for event in events if event["action"] == "token.access"]
+
+
+async def eventually(check: Callable[[], bool], what: str, timeout: float = 5.0) -> None:
+    """Poll `check` until it holds, failing after `timeout` seconds."""
+    deadline = time.monotonic() + timeout
+    while not check():
+        if time.monotonic() > deadline:
+            pytest.fail(f"timed out after {timeout:.0f} s waiting for {what}")
+        await asyncio.sleep(0.02)
+
+
+def scalar(path: Path, sql: str, params: tuple[Any, ...] = ()) -> Any:
+    """Read one value with a connection of our own, as an operator's sqlite3 shell would."""
+    with closing(sqlite3.connect(path)) as conn:
+        return conn.execute(sql, params).fetchone()[0]
+
+
+@asynccontextmanager
+async def serving(app: web.Application) -> AsyncIterator[str]:
+    """Run an aiohttp app as the upstream on 127.0.0.1; yield its base URL."""
+    server = TestServer(app, host="127.0.0.1")
+    await server.start_server()
+    try:
+        yield str(server.make_url("")).rstrip("/")
+    finally:
+        await server.close()
+
+
+@asynccontextmanager
+async def serving_like_serve(tmp_path: Path, upstream_url: str) -> AsyncIterator[Gateway]:
+    """A gateway whose handlers are cancelled when their client leaves, as `llm-proxy serve` runs it."""
+    settings = make_settings(tmp_path, upstream_url)
+    server = TestServer(create_app(settings), host="127.0.0.1", handler_cancellation=True)
+    gateway = Gateway(TestClient(server), settings, None)
+    await gateway.client.start_server()
+    try:
+        yield gateway
+    finally:
+        await gateway.close()
+
+
+LOCKER = """
+import sqlite3, sys
+conn = sqlite3.connect(sys.argv[1], timeout=5, isolation_level=None)
+conn.execute("BEGIN EXCLUSIVE")
+print("locked", flush=True)
+sys.stdin.read()  # hold the lock until the test closes our stdin
+conn.execute("ROLLBACK")
+conn.close()
+"""
+
+
+@asynccontextmanager
+async def locked(path: Path) -> AsyncIterator[None]:
+    """Hold BEGIN EXCLUSIVE on the database from another process for the duration of the block."""
+    process = await asyncio.create_subprocess_exec(sys.executable, "-c", LOCKER, str(path),
+                                                   stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE)
+    assert process.stdout is not None
+    try:
+        assert await asyncio.wait_for(process.stdout.readline(), 10) == b"locked\n"
+        yield
+    finally:
+        await process.communicate(b"")  # closing stdin releases the lock
+    assert process.returncode == 0

@@ -25,8 +25,7 @@ from aiohttp import web
 from aiohttp.test_utils import TestServer
 
 from llm_proxy.keys import AUDIT, TOKEN_STORE
-from tests.fakes import MANAGEMENT_TOKEN, UPSTREAM_KEY, FakeClock, Gateway, UpstreamState
-from tests.gateway.test_forwarder_faults import serving, serving_like_serve
+from tests.fakes import MANAGEMENT_TOKEN, UPSTREAM_KEY, FakeClock, Gateway, UpstreamState, serving, serving_like_serve
 from tests.ops.test_process import serving_process
 
 CHAT = {"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "hello there"}]}

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 import sqlite3
+from pathlib import Path
 from typing import Any
 
 import orjson
@@ -12,7 +14,9 @@ import pytest
 from llm_proxy.auditchain import verify_files
 from llm_proxy.keys import AUDIT
 from llm_proxy.obfuscation import obfuscate
-from tests.fakes import ENCRYPTION_KEY, MANAGEMENT_TOKEN, UPSTREAM_KEY, Gateway, read_all_bytes
+from tests.fakes import ENCRYPTION_KEY, MANAGEMENT_TOKEN, UPSTREAM_KEY, Gateway, bearer, read_all_bytes
+
+CHAT = {"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "hi"}]}
 
 
 async def _events(gateway: Gateway) -> list[dict[str, Any]]:
@@ -298,3 +302,28 @@ async def test_an_undecodable_user_agent_keeps_the_rest_of_its_event(gateway: Ga
                                                                              obfuscate(token["token"]))
     assert details["user_agent"].startswith("evil")
     assert verify_files([gateway.settings.audit_log_file]).ok  # type: ignore[list-item]
+
+
+# ---- the audit file cannot be written ----
+
+async def test_audit_file_on_a_full_disk_keeps_requests_and_events_in_the_database(
+        make_gateway: Any, caplog: pytest.LogCaptureFixture) -> None:
+    """AUDIT_LOG_FILE=/dev/full (ENOSPC): requests 200, one loud error, the file-errors metric, events in the table."""
+    if not Path("/dev/full").exists():
+        pytest.skip("no /dev/full")
+    gateway = await make_gateway(AUDIT_LOG_FILE="/dev/full")
+    token = await gateway.token()
+
+    for _ in range(3):
+        async with gateway.client.post("/v1/chat/completions", json=CHAT, headers=bearer(token)) as response:
+            assert response.status == 200
+    await gateway.app[AUDIT].flush()
+
+    errors = [r for r in caplog.records if r.name == "llm_proxy.audit" and r.levelno >= logging.ERROR]
+    assert errors and "No space left on device" in errors[0].getMessage()
+    async with gateway.client.get("/metrics", headers={"Authorization": f"Bearer {MANAGEMENT_TOKEN}"}) as metrics:
+        text = await metrics.text()
+    samples = dict(line.rsplit(" ", 1) for line in text.splitlines() if line and not line.startswith("#"))
+    assert float(samples["llm_proxy_audit_file_errors_total"]) >= 5  # project, token, three requests
+    listed = await gateway.manage("GET", "/audit?action=token.access", expect=200)
+    assert [event["result"] for event in listed["data"]] == ["success"] * 3

@@ -1,25 +1,22 @@
-"""The fault matrix through real HTTP: each way the upstream, client, disk or database fails, and what is seen.
+"""The forwarder's fault matrix through real HTTP: each way the upstream or the client misbehaves, and what is seen.
 
-Faults already covered elsewhere are not repeated here: refused connection (test_forwarder), an
-aiohttp upstream that hangs (test_forwarder), a stream silent past STREAM_IDLE_TIMEOUT
-(test_limits), 429 headers and 503 through the SDK (test_forwarder), client disconnect
-(test_forwarder, test_usage), SIGTERM and kill -9 (test_process), the audit writer on its own
-(test_audit).
+Faults covered elsewhere: a refused connection, an aiohttp upstream that hangs, 429 headers and 503
+through the SDK, client disconnect (gateway/test_forwarder.py, gateway/test_usage.py); SQLite locked
+by another process (storage/test_locked_database.py); a full disk under the audit file
+(audit/test_trail.py); SIGTERM and kill -9 (ops/test_process.py); the audit writer on its own
+(audit/test_writer.py).
 """
 
 from __future__ import annotations
 
 import asyncio
-import logging
 import re
 import socket
-import sqlite3
 import struct
-import sys
 import time
 import tracemalloc
-from collections.abc import AsyncIterator, Awaitable, Callable
-from contextlib import asynccontextmanager, closing
+from collections.abc import Awaitable, Callable
+from contextlib import closing
 from pathlib import Path
 from typing import Any
 
@@ -27,14 +24,9 @@ import aiohttp
 import orjson
 import pytest
 from aiohttp import web
-from aiohttp.test_utils import TestClient, TestServer
 
-from llm_proxy import database
-from llm_proxy.app import create_app
-from llm_proxy.audit import AuditWriter
 from llm_proxy.forwarder import WHOLE_BODY_LIMIT
-from llm_proxy.keys import AUDIT
-from tests.fakes import MANAGEMENT_TOKEN, Gateway, make_settings
+from tests.fakes import Gateway, access_events, bearer, eventually, serving, serving_like_serve
 
 CHAT = {"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "hi"}]}
 MODELS = b'{"object":"list","data":[]}'
@@ -42,18 +34,6 @@ MB = 1024 * 1024
 
 
 # ---- helpers ----
-
-def bearer(token: dict[str, Any]) -> dict[str, str]:
-    return {"Authorization": f"Bearer {token['token']}"}
-
-
-async def access_events(gateway: Gateway) -> list[dict[str, Any]]:
-    """Return the token.access events of the audit file, once everything emitted so far is written."""
-    await gateway.app[AUDIT].flush()
-    path = gateway.settings.audit_log_file
-    assert path is not None
-    events = (orjson.loads(line) for line in path.read_bytes().splitlines())
-    return [event for event in events if event["action"] == "token.access"]
 
 
 async def assert_healthy(gateway: Gateway, token: dict[str, Any]) -> None:
@@ -63,32 +43,6 @@ async def assert_healthy(gateway: Gateway, token: dict[str, Any]) -> None:
     async with gateway.client.get("/v1/models", headers=bearer(token)) as models:
         assert models.status == 200, await models.text()
         await models.read()
-
-
-async def eventually(check: Callable[[], bool], what: str, timeout: float = 5.0) -> None:
-    """Poll `check` until it holds, failing after `timeout` seconds."""
-    deadline = time.monotonic() + timeout
-    while not check():
-        if time.monotonic() > deadline:
-            pytest.fail(f"timed out after {timeout:.0f} s waiting for {what}")
-        await asyncio.sleep(0.02)
-
-
-def scalar(path: Path, sql: str, params: tuple[Any, ...] = ()) -> Any:
-    """Read one value with a connection of our own, as an operator's sqlite3 shell would."""
-    with closing(sqlite3.connect(path)) as conn:
-        return conn.execute(sql, params).fetchone()[0]
-
-
-@asynccontextmanager
-async def serving(app: web.Application) -> AsyncIterator[str]:
-    """Run an aiohttp app as the upstream on 127.0.0.1; yield its base URL."""
-    server = TestServer(app, host="127.0.0.1")
-    await server.start_server()
-    try:
-        yield str(server.make_url("")).rstrip("/")
-    finally:
-        await server.close()
 
 
 def chat_upstream(chat: Callable[[web.Request], Awaitable[web.StreamResponse]]) -> web.Application:
@@ -669,33 +623,6 @@ async def test_slow_client_back_pressures_the_upstream_instead_of_buffering(make
         assert access["result"] == "success"
 
 
-# ---- the database is locked by another process ----
-
-LOCKER = """
-import sqlite3, sys
-conn = sqlite3.connect(sys.argv[1], timeout=5, isolation_level=None)
-conn.execute("BEGIN EXCLUSIVE")
-print("locked", flush=True)
-sys.stdin.read()  # hold the lock until the test closes our stdin
-conn.execute("ROLLBACK")
-conn.close()
-"""
-
-
-@asynccontextmanager
-async def locked(path: Path) -> AsyncIterator[None]:
-    """Hold BEGIN EXCLUSIVE on the database from another process for the duration of the block."""
-    process = await asyncio.create_subprocess_exec(sys.executable, "-c", LOCKER, str(path),
-                                                   stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE)
-    assert process.stdout is not None
-    try:
-        assert await asyncio.wait_for(process.stdout.readline(), 10) == b"locked\n"
-        yield
-    finally:
-        await process.communicate(b"")  # closing stdin releases the lock
-    assert process.returncode == 0
-
-
 async def test_a_client_that_stops_reading_is_cut_after_stream_idle_timeout(
         make_gateway: Any, caplog: pytest.LogCaptureFixture) -> None:
     """A reader that stalls longer than STREAM_IDLE_TIMEOUT loses its connection; the upstream is released."""
@@ -773,154 +700,3 @@ async def test_a_client_that_stops_reading_a_whole_answer_is_cut_too(
         await assert_healthy(gateway, token)
 
 
-async def test_database_locked_by_another_process_serves_from_memory_and_loses_nothing(make_gateway: Any) -> None:
-    """A 2 s exclusive lock: proxying goes on from memory, management writes wait for it, no event or count is lost."""
-    gateway = await make_gateway(RATE_LIMIT_PER_MINUTE="0")
-    token = await gateway.token()
-    path = gateway.settings.database_path
-    chat = {"json": CHAT, "headers": bearer(token)}
-    async with gateway.client.post("/v1/chat/completions", **chat) as warm:
-        assert warm.status == 200
-    served, latencies = 1, []
-
-    async with locked(path):
-        write = asyncio.ensure_future(gateway.client.post("/manage/projects", json={"name": "during-lock",
-                                                                                   "api_key": "sk-x" * 8},
-                                                          headers=gateway.auth))
-        until = time.monotonic() + 2.0
-        while time.monotonic() < until:  # traffic for as long as the lock is held
-            started = time.monotonic()
-            async with gateway.client.post("/v1/chat/completions", **chat) as response:
-                assert response.status == 200
-                await response.read()
-            latencies.append(time.monotonic() - started)
-            served += 1
-        async with gateway.client.get("/ready") as ready, gateway.client.get("/manage/tokens",
-                                                                             headers=gateway.auth) as listed:
-            assert (ready.status, listed.status) == (200, 200)  # readers are not blocked (WAL)
-        assert not write.done(), "a management write went through while another process held the lock"
-    released = time.monotonic()
-
-    async with await write as created:
-        assert created.status == 201, await created.text()
-    assert time.monotonic() >= released
-    assert served > 10 and max(latencies) < 0.5, (served, max(latencies))
-    access = "SELECT count(*) FROM audit_events WHERE action = 'token.access'"
-    await eventually(lambda: scalar(path, access) == served, f"{served} token.access rows")
-    await eventually(lambda: scalar(path, "SELECT request_count FROM tokens WHERE id = ?", (token["id"],)) == served,
-                     f"request_count {served} persisted")
-    assert scalar(path, "SELECT count(*) FROM projects WHERE name = 'during-lock'") == 1
-
-
-async def test_events_refused_by_a_locked_database_are_stored_by_shutdown(make_gateway: Any,
-                                                                          monkeypatch: pytest.MonkeyPatch) -> None:
-    """A lock outlasting busy_timeout and every retry, then released: a clean shutdown still stores every event."""
-    monkeypatch.setattr(database, "BUSY_TIMEOUT_MS", 50)
-    monkeypatch.setattr(AuditWriter, "DB_RETRY_DELAYS", (0.01, 0.01, 0.01))
-    gateway = await make_gateway()
-    token = await gateway.token()
-    audit = gateway.app[AUDIT]
-    path = gateway.settings.database_path
-
-    async with locked(path):
-        for _ in range(3):
-            async with gateway.client.post("/v1/chat/completions", json=CHAT, headers=bearer(token)) as response:
-                assert response.status == 200
-        await eventually(lambda: audit.db_errors >= 1, "the audit writer to give up on the locked database")
-        await audit.flush()
-        async with gateway.client.get("/metrics", headers=gateway.auth) as scrape:  # the operator sees it
-            exported = re.search(r"^llm_proxy_audit_db_errors_total (\S+)$", await scrape.text(), re.MULTILINE)
-        assert exported is not None and float(exported.group(1)) >= 1
-    await gateway.close()  # what SIGTERM does, after the lock is gone
-
-    assert scalar(path, "SELECT count(*) FROM audit_events WHERE action = 'token.access'") == 3
-
-
-@asynccontextmanager
-async def serving_like_serve(tmp_path: Path, upstream_url: str) -> AsyncIterator[Gateway]:
-    """A gateway whose handlers are cancelled when their client leaves, as `llm-proxy serve` runs it."""
-    settings = make_settings(tmp_path, upstream_url)
-    server = TestServer(create_app(settings), host="127.0.0.1", handler_cancellation=True)
-    gateway = Gateway(TestClient(server), settings, None)
-    await gateway.client.start_server()
-    try:
-        yield gateway
-    finally:
-        await gateway.close()
-
-
-async def abandon_a_write_during_a_lock(gateway: Gateway) -> None:
-    """POST /manage/projects while another process holds the lock; give up after 0.3 s, as a client would."""
-    await gateway.app[AUDIT].flush()  # the audit writer is idle: the handler's write is the one waiting
-    async with locked(gateway.settings.database_path):
-        with pytest.raises(TimeoutError):
-            async with asyncio.timeout(0.3):
-                await gateway.client.post("/manage/projects", json={"name": "abandoned", "api_key": "sk-x" * 8},
-                                          headers=gateway.auth)
-        server = gateway.client.server.runner.server  # type: ignore[union-attr]
-        # The server cancels the handler in the same callback that forgets the connection.
-        await eventually(lambda: not server.connections, "the server to drop the abandoned connection")
-
-
-async def test_a_management_client_leaving_during_a_lock_does_not_wedge_the_database(
-        tmp_path: Path, upstream: tuple[Any, TestServer]) -> None:
-    """A write cancelled while it waits for the lock leaves no transaction open: later writes, ours or not, work."""
-    async with serving_like_serve(tmp_path, str(upstream[1].make_url("")).rstrip("/")) as gateway:
-        await gateway.project("before")
-        await abandon_a_write_during_a_lock(gateway)
-
-        after = await gateway.client.post("/manage/projects", json={"name": "after", "api_key": "sk-x" * 8},
-                                          headers=gateway.auth)
-        assert after.status == 201, await after.text()
-        def write_from_elsewhere() -> None:
-            with closing(sqlite3.connect(gateway.settings.database_path, timeout=5, isolation_level=None)) as other:
-                other.execute("BEGIN IMMEDIATE")  # another process (the CLI) can write again
-                other.execute("ROLLBACK")
-
-        # In a thread: blocking the event loop would stall the gateway's own short transactions.
-        await asyncio.to_thread(write_from_elsewhere)
-
-
-async def test_a_management_write_abandoned_by_its_client_is_not_audited_as_success(
-        tmp_path: Path, upstream: tuple[Any, TestServer]) -> None:
-    """The project.create event of a request cancelled before its write says `error`, and no project exists."""
-    async with serving_like_serve(tmp_path, str(upstream[1].make_url("")).rstrip("/")) as gateway:
-        await gateway.project("before")
-        await abandon_a_write_during_a_lock(gateway)
-        path = gateway.settings.audit_log_file
-        assert path is not None
-
-        def creations() -> list[dict[str, Any]]:
-            events = (orjson.loads(line) for line in path.read_bytes().splitlines())
-            return [event for event in events if event["action"] == "project.create"]
-
-        await eventually(lambda: len(creations()) == 2, "the abandoned request's project.create event", timeout=10)
-        listed = await gateway.manage("GET", "/projects", expect=200)
-
-    assert [project["name"] for project in listed["data"]] == ["before"]
-    assert creations()[-1]["result"] == "error"
-
-
-# ---- the audit file cannot be written ----
-
-async def test_audit_file_on_a_full_disk_keeps_requests_and_events_in_the_database(
-        make_gateway: Any, caplog: pytest.LogCaptureFixture) -> None:
-    """AUDIT_LOG_FILE=/dev/full (ENOSPC): requests 200, one loud error, the file-errors metric, events in the table."""
-    if not Path("/dev/full").exists():
-        pytest.skip("no /dev/full")
-    gateway = await make_gateway(AUDIT_LOG_FILE="/dev/full")
-    token = await gateway.token()
-
-    for _ in range(3):
-        async with gateway.client.post("/v1/chat/completions", json=CHAT, headers=bearer(token)) as response:
-            assert response.status == 200
-    await gateway.app[AUDIT].flush()
-
-    errors = [r for r in caplog.records if r.name == "llm_proxy.audit" and r.levelno >= logging.ERROR]
-    assert errors and "No space left on device" in errors[0].getMessage()
-    async with gateway.client.get("/metrics", headers={"Authorization": f"Bearer {MANAGEMENT_TOKEN}"}) as metrics:
-        text = await metrics.text()
-    samples = dict(line.rsplit(" ", 1) for line in text.splitlines() if line and not line.startswith("#"))
-    assert float(samples["llm_proxy_audit_file_errors_total"]) >= 5  # project, token, three requests
-    listed = await gateway.manage("GET", "/audit?action=token.access", expect=200)
-    assert [event["result"] for event in listed["data"]] == ["success"] * 3

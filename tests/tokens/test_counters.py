@@ -10,8 +10,9 @@ import pytest
 from aiohttp.test_utils import TestServer
 
 from llm_proxy import repository, tokenstore
-from tests.fakes import Gateway, UpstreamState
-from tests.gateway.test_forwarder_faults import bearer, eventually, locked, scalar, serving_like_serve
+from tests.fakes import Gateway, UpstreamState, bearer, eventually, locked, scalar, serving_like_serve
+
+pytestmark = pytest.mark.system  # another process holds the database lock (tests.fakes.locked)
 
 
 def _persisted(gateway: Gateway, token: dict[str, Any]) -> tuple[int, int]:
