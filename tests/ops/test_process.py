@@ -20,7 +20,7 @@ import pytest
 from aiohttp.test_utils import TestServer
 
 from llm_proxy.auditchain import verify_files
-from tests.fakes import ENCRYPTION_KEY, MANAGEMENT_TOKEN, UPSTREAM_KEY, UpstreamState
+from tests.fakes import ENCRYPTION_KEY, MANAGEMENT_TOKEN, REPO, UPSTREAM_KEY, UpstreamState
 
 CHAT = {"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "hi"}]}
 
@@ -50,8 +50,8 @@ class Served:
 
 def serving_env(tmp_path: Path, upstream_url: str, **overrides: str) -> dict[str, str]:
     """The environment `serving_process` runs the gateway with; a CLI command given it sees the same files."""
-    return {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "MANAGEMENT_TOKEN": MANAGEMENT_TOKEN,
-            "ENCRYPTION_KEY": ENCRYPTION_KEY, "OPENAI_API_URL": upstream_url,
+    return {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "PYTHONPATH": str(REPO),
+            "MANAGEMENT_TOKEN": MANAGEMENT_TOKEN, "ENCRYPTION_KEY": ENCRYPTION_KEY, "OPENAI_API_URL": upstream_url,
             "DATABASE_PATH": str(tmp_path / "data" / "gateway.db"),
             "AUDIT_LOG_FILE": str(tmp_path / "data" / "audit.log"), "LOG_FILE": str(tmp_path / "gateway.log"),
             "RATE_LIMIT_PER_MINUTE": "0", "SHUTDOWN_GRACE": "10s", **overrides}
@@ -247,8 +247,9 @@ def _log_messages(path: Path) -> list[str]:
 # ---- startup failures: one line naming what to fix, and never a claim to be listening ----
 
 async def _serve_until_exit(tmp_path: Path, **overrides: str) -> tuple[int | None, str]:
-    env = {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "MANAGEMENT_TOKEN": MANAGEMENT_TOKEN,
-           "ENCRYPTION_KEY": ENCRYPTION_KEY, "LISTEN_ADDR": f"127.0.0.1:{_free_port()}",
+    env = {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "PYTHONPATH": str(REPO),
+           "MANAGEMENT_TOKEN": MANAGEMENT_TOKEN, "ENCRYPTION_KEY": ENCRYPTION_KEY,
+           "LISTEN_ADDR": f"127.0.0.1:{_free_port()}",
            "DATABASE_PATH": str(tmp_path / "data" / "gateway.db"),
            "AUDIT_LOG_FILE": str(tmp_path / "data" / "audit.log"), **overrides}
     process = await asyncio.create_subprocess_exec(sys.executable, "-m", "llm_proxy", "serve", cwd=tmp_path, env=env,

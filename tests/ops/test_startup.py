@@ -18,7 +18,7 @@ import pytest
 from llm_proxy import repository as repo
 from llm_proxy.crypto import KeyRing
 from llm_proxy.database import Database
-from tests.fakes import ENCRYPTION_KEY, MANAGEMENT_TOKEN, UPSTREAM_KEY
+from tests.fakes import ENCRYPTION_KEY, MANAGEMENT_TOKEN, REPO, UPSTREAM_KEY
 
 
 def _free_port() -> int:
@@ -28,8 +28,8 @@ def _free_port() -> int:
 
 
 def _serve(tmp_path: Path, **overrides: str) -> subprocess.CompletedProcess[str]:
-    env = {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "MANAGEMENT_TOKEN": MANAGEMENT_TOKEN,
-           "ENCRYPTION_KEY": ENCRYPTION_KEY, "OPENAI_API_URL": "http://127.0.0.1:9",
+    env = {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "PYTHONPATH": str(REPO),
+           "MANAGEMENT_TOKEN": MANAGEMENT_TOKEN, "ENCRYPTION_KEY": ENCRYPTION_KEY, "OPENAI_API_URL": "http://127.0.0.1:9",
            "LISTEN_ADDR": f"127.0.0.1:{_free_port()}", "DATABASE_PATH": str(tmp_path / "data" / "gateway.db"),
            "AUDIT_LOG_FILE": str(tmp_path / "data" / "audit.log"), **overrides}
     # A gateway that hangs instead of exiting fails here, after a bound far above a normal start.
