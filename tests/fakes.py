@@ -318,3 +318,19 @@ async def locked(path: Path) -> AsyncIterator[None]:
     finally:
         await process.communicate(b"")  # closing stdin releases the lock
     assert process.returncode == 0
+
+
+async def call(gateway: Gateway, token: dict[str, Any] | str, headers: dict[str, str] | None = None,
+               ) -> tuple[int, str | None, Any]:
+    """GET /v1/models; return the status, the error code (if any) and the response headers."""
+    async with gateway.client.get("/v1/models", headers={**bearer(token), **(headers or {})}) as response:
+        body = await response.json()
+        code = body.get("error", {}).get("code") if isinstance(body, dict) else None
+        return response.status, code, response.headers
+
+
+async def manage_status(gateway: Gateway, secret: str, headers: dict[str, str] | None = None,
+                        ) -> tuple[int, str | None]:
+    async with gateway.client.get("/manage/projects", headers={**bearer(secret), **(headers or {})}) as response:
+        body = await response.json()
+        return response.status, body.get("error", {}).get("code")

@@ -26,7 +26,7 @@ import pytest
 from aiohttp import web
 
 from llm_proxy.forwarder import WHOLE_BODY_LIMIT
-from tests.fakes import Gateway, access_events, bearer, eventually, serving, serving_like_serve
+from tests.fakes import Gateway, access_events, bearer, call, eventually, serving, serving_like_serve
 
 CHAT = {"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "hi"}]}
 MODELS = b'{"object":"list","data":[]}'
@@ -359,6 +359,39 @@ async def test_a_small_answer_broken_off_mid_body_is_a_clean_502_or_504(
         (event,) = await access_events(gateway)
         assert (event["result"], event["details"]["status"]) == ("error", status)
         await assert_healthy(gateway, token)
+
+
+# ---- STREAM_IDLE_TIMEOUT with the fake upstream ----
+
+async def test_a_long_but_lively_stream_is_never_cut(make_gateway: Any) -> None:
+    gateway = await make_gateway(STREAM_IDLE_TIMEOUT="300ms")
+    gateway.upstream.chunk_delay, gateway.upstream.chunks = 0.1, 10
+    client = gateway.openai((await gateway.token())["token"])
+
+    stream = await client.chat.completions.create(**CHAT, stream=True)
+    parts = [chunk.choices[0].delta.content async for chunk in stream if chunk.choices[0].delta.content]
+
+    # About a second in all, three times the idle timeout: only silence is limited.
+    assert parts == [f"part{index} " for index in range(10)]
+
+
+async def test_a_stream_silent_past_the_idle_timeout_is_cut(make_gateway: Any) -> None:
+    gateway = await make_gateway(STREAM_IDLE_TIMEOUT="300ms")
+    gateway.upstream.chunk_delay, gateway.upstream.chunks = 1.0, 2
+    token = await gateway.token()
+
+    async with gateway.client.post("/v1/chat/completions", json={**CHAT, "stream": True},
+                                   headers=bearer(token)) as response:
+        assert response.status == 200
+        assert b"part0" in await response.content.readline()
+        with pytest.raises(aiohttp.ClientPayloadError):
+            await response.read()
+
+    # The upstream connection was closed too (its handler ends), and the gateway still serves.
+    await asyncio.wait_for(gateway.upstream.stream_closed.wait(), 5)
+    async with gateway.client.get("/health") as health:
+        assert health.status == 200
+    assert (await call(gateway, token))[0] == 200
 
 
 # ---- the upstream breaks ----
