@@ -1,8 +1,10 @@
-"""Tests for obfuscation of token-like values (SPEC §5)."""
+"""Obfuscation of token-like values (SPEC §5): examples, then the rule as properties."""
 
 from __future__ import annotations
 
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
 from llm_proxy.obfuscation import KNOWN_PREFIXES, obfuscate
 
@@ -41,3 +43,26 @@ def test_obfuscated_value_never_contains_the_middle(value: str) -> None:
     shown = obfuscate(value)
     assert value[8:-4] not in shown
     assert len(shown) < len(value)
+
+
+# ---- the rule as properties ----
+
+@given(prefix=st.sampled_from(KNOWN_PREFIXES), rest=st.text(min_size=13))
+def test_prefixed_values_keep_prefix_and_four_plus_four(prefix: str, rest: str) -> None:
+    assert obfuscate(prefix + rest) == f"{prefix}{rest[:4]}****{rest[-4:]}"
+
+
+@given(prefix=st.sampled_from(KNOWN_PREFIXES), rest=st.text(max_size=12))
+def test_short_prefixed_values_show_only_the_prefix(prefix: str, rest: str) -> None:
+    assert obfuscate(prefix + rest) == prefix + "****"
+
+
+@given(st.text())
+def test_unprefixed_values_show_two_plus_two_and_never_the_middle(value: str) -> None:
+    if value.startswith(KNOWN_PREFIXES):
+        return
+    masked = obfuscate(value)
+    if len(value) <= 12:
+        assert masked == "****"
+    else:
+        assert masked == f"{value[:2]}********{value[-2:]}"

@@ -6,7 +6,33 @@ from typing import Any
 
 import pytest
 
-from tests.fakes import MANAGEMENT_TOKEN, call, manage_status
+from tests.fakes import MANAGEMENT_TOKEN, Gateway, call, manage_status
+
+# ---- the management token ----
+
+@pytest.mark.parametrize("header", [None, "Bearer wrong-token-" + "x" * 40, "Basic " + MANAGEMENT_TOKEN,
+                                    "Bearer " + MANAGEMENT_TOKEN[:-1]])
+async def test_management_api_rejects_missing_or_wrong_management_token(gateway: Gateway, header: str | None) -> None:
+    headers = {} if header is None else {"Authorization": header}
+    response = await gateway.client.get("/manage/projects", headers=headers)
+
+    assert response.status == 401
+    assert (await response.json())["error"]["code"] == "invalid_management_token"
+
+
+async def test_client_tokens_do_not_open_the_management_api(gateway: Gateway) -> None:
+    token = await gateway.token()
+    response = await gateway.client.get("/manage/projects", headers={"Authorization": f"Bearer {token['token']}"})
+    assert response.status == 401
+
+
+async def test_several_management_tokens_are_all_accepted(make_gateway: Any) -> None:
+    old, new = "old-" + "o" * 40, "new-" + "n" * 40
+    gateway = await make_gateway(MANAGEMENT_TOKEN=f"{old},{new}")
+    for secret in (old, new):
+        response = await gateway.client.get("/manage/projects", headers={"Authorization": f"Bearer {secret}"})
+        assert response.status == 200
+
 
 # ---- MANAGEMENT_ALLOWED_IPS ----
 

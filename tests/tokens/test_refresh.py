@@ -24,6 +24,29 @@ async def _refresh(gateway: Gateway, token_id: str, grace_seconds: int = 600) ->
     return response.status, await response.json()
 
 
+# ---- the successor, and the old token with and without grace ----
+
+async def test_refresh_without_grace_retires_the_old_token_at_once(gateway: Gateway) -> None:
+    old = await gateway.token(max_requests=7)
+    new = await gateway.manage("POST", f"/tokens/{old['id']}/refresh", {}, expect=201)
+
+    assert new["project_id"] == old["project_id"] and new["max_requests"] == 7
+    assert new["token"] != old["token"]
+    old_after = await gateway.manage("GET", f"/tokens/{old['id']}", expect=200)
+    assert old_after["replaced_by"] == new["id"]
+    old_call = await gateway.client.get("/v1/models", headers={"Authorization": f"Bearer {old['token']}"})
+    new_call = await gateway.client.get("/v1/models", headers={"Authorization": f"Bearer {new['token']}"})
+    assert (old_call.status, new_call.status) == (401, 200)
+
+
+async def test_refresh_with_grace_keeps_both_working(gateway: Gateway) -> None:
+    old = await gateway.token()
+    new = await gateway.manage("POST", f"/tokens/{old['id']}/refresh", {"grace_seconds": 600}, expect=201)
+    for secret in (old["token"], new["token"]):
+        response = await gateway.client.get("/v1/models", headers={"Authorization": f"Bearer {secret}"})
+        assert response.status == 200
+
+
 # ---- after the grace: refreshed away is token_revoked, in memory and after a restart ----
 
 async def test_a_token_refreshed_with_grace_is_token_revoked_once_the_grace_ends(make_gateway: Any) -> None:
