@@ -269,6 +269,26 @@ async def test_a_secret_in_a_field_the_client_chose_is_masked_in_the_audit(gatew
     assert obfuscate(token).encode() in texts[0]  # masked, not dropped: the event still says where
 
 
+async def test_a_token_in_the_query_string_reaches_neither_audit_nor_any_response(gateway: Gateway) -> None:
+    """From the security review."""
+    token = (await gateway.token())["token"]
+    response = await gateway.client.get(f"/v1/models?api_key={token}", headers=bearer(token))
+    assert response.status == 200
+    assert token not in str(response.headers) and token.encode() not in await response.read()
+    for text in await _audit_texts(gateway):
+        assert token[4:].encode() not in text
+
+
+async def test_management_rejection_is_audited_without_the_presented_secret(gateway: Gateway) -> None:
+    """From the security review."""
+    near_miss = MANAGEMENT_TOKEN[:-1] + "Z"
+    response = await gateway.client.get("/manage/projects", headers=bearer(near_miss))
+    assert response.status == 401
+    text = b"".join(await _audit_texts(gateway))
+    assert near_miss.encode() not in text and MANAGEMENT_TOKEN[2:-2].encode() not in text
+    assert b"invalid_management_token" in text
+
+
 async def test_gateway_made_identifiers_are_stored_exactly(gateway: Gateway) -> None:
     """Masking client text must not touch what the gateway wrote itself: token hints, UUIDs, request ids."""
     token = await gateway.token()
@@ -302,6 +322,21 @@ async def test_an_undecodable_user_agent_keeps_the_rest_of_its_event(gateway: Ga
                                                                              obfuscate(token["token"]))
     assert details["user_agent"].startswith("evil")
     assert verify_files([gateway.settings.audit_log_file]).ok  # type: ignore[list-item]
+
+
+async def test_client_controlled_text_cannot_forge_audit_lines_and_the_chain_verifies(gateway: Gateway) -> None:
+    """From the security review."""
+    from llm_proxy.auditchain import verify_files
+    token = (await gateway.token())["token"]
+    forged_model = 'x"}\n{"action":"token.revoke","actor":"management","result":"success"}\r\n'
+    await (await gateway.client.post("/v1/chat/completions", headers={**bearer(token), "User-Agent": 'ua","a":"b'},
+                                     json={"model": forged_model, "messages": []})).read()
+    await (await gateway.client.get("/v1/models/%0A%7B%22action%22%3A%22x%22%7D", headers=bearer(token))).read()
+    events = await _events(gateway)
+    assert not any(e["action"] == "token.revoke" for e in events)
+    path = gateway.settings.audit_log_file
+    assert path is not None
+    assert verify_files([path]).ok
 
 
 # ---- the audit file cannot be written ----

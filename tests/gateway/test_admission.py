@@ -159,6 +159,19 @@ async def test_sdk_sees_quota_exceeded_as_rate_limit_error(gateway_with_clock: A
     assert caught.value.code == "quota_exceeded"
 
 
+async def test_concurrent_requests_never_exceed_max_requests_even_with_rate_and_global_limits(
+        make_gateway: Any) -> None:
+    """From the security review."""
+    gateway = await make_gateway(GLOBAL_RATE_LIMIT="1000")
+    token = await gateway.token(max_requests=5, rate_limit_per_minute=1000)
+    responses = await asyncio.gather(*(gateway.client.get("/v1/models", headers=bearer(token["token"]))
+                                       for _ in range(40)))
+    statuses = sorted(r.status for r in responses)
+    assert statuses.count(200) == 5 and statuses.count(429) == 35
+    assert len(gateway.upstream.requests) == 5
+    assert (await gateway.manage("GET", f"/tokens/{token['id']}", expect=200))["request_count"] == 5
+
+
 # ---- global rate limit ----
 
 async def test_global_rate_limit_spans_tokens(make_gateway: Any) -> None:

@@ -9,7 +9,7 @@ import pytest
 
 from llm_proxy.database import Database
 from llm_proxy.keys import DATABASE
-from tests.fakes import MANAGEMENT_TOKEN, FakeClock, Gateway
+from tests.fakes import MANAGEMENT_TOKEN, FakeClock, Gateway, bearer
 
 
 async def _status_and_code(gateway: Gateway, token: str) -> tuple[int, str | None]:
@@ -43,6 +43,23 @@ async def test_revocation_bites_on_the_very_next_request(gateway: Gateway) -> No
     await gateway.manage("DELETE", f"/tokens/{token['id']}", expect=204)
 
     assert await _status_and_code(gateway, token["token"]) == (401, "token_revoked")
+
+
+async def test_revocation_bites_on_a_kept_alive_connection_while_a_stream_of_the_token_is_open(
+        gateway: Gateway) -> None:
+    """From the security review."""
+    gateway.upstream.chunk_delay, gateway.upstream.chunks = 0.05, 4
+    token = await gateway.token()
+    chat = {"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "hi"}], "stream": True}
+    first = await gateway.client.get("/v1/models", headers=bearer(token["token"]))
+    await first.read()
+    async with gateway.client.post("/v1/chat/completions", json=chat, headers=bearer(token["token"])) as stream:
+        assert (await stream.content.readline()).startswith(b"data: ")
+        await gateway.manage("DELETE", f"/tokens/{token['id']}", expect=204)
+        again = await gateway.client.get("/v1/models", headers=bearer(token["token"]))
+        assert again.status == 401
+        assert (await again.json())["error"]["code"] == "token_revoked"
+        await stream.read()
 
 
 async def test_deactivation_and_reactivation_bite_immediately(gateway: Gateway) -> None:
@@ -124,3 +141,20 @@ async def test_token_created_by_a_previous_process_is_loaded_from_the_database(m
 
     second = await make_gateway()
     assert (await _status_and_code(second, token["token"]))[0] == 200
+
+
+async def test_revoked_and_expired_tokens_are_refused_on_a_cold_start(make_gateway: Any) -> None:
+    """From the security review."""
+    clock = FakeClock()
+    first = await make_gateway(clock=clock)
+    revoked, expiring = await first.token(), await first.token(duration_minutes=1)
+    await first.manage("DELETE", f"/tokens/{revoked['id']}", expect=204)
+    await first.client.close()
+    clock.advance(61)
+    second = await make_gateway(clock=clock)
+    codes = []
+    for secret in (revoked["token"], expiring["token"]):
+        response = await second.client.get("/v1/models", headers=bearer(secret))
+        codes.append((response.status, (await response.json())["error"]["code"]))
+    assert codes == [(401, "token_revoked"), (401, "token_expired")]
+    assert second.upstream.requests == []

@@ -1,9 +1,10 @@
-"""The proxy end to end: the real openai SDK -> gateway -> fake upstream (a real aiohttp app)."""
+"""The proxy end to end: the real openai SDK -> gateway -> fake upstream (a real aiohttp app); hostile raw requests."""
 
 from __future__ import annotations
 
 import asyncio
 import itertools
+import re
 import time
 
 import aiohttp
@@ -12,7 +13,7 @@ import orjson
 import pytest
 
 from llm_proxy.keys import AUDIT
-from tests.fakes import UPSTREAM_KEY, Gateway
+from tests.fakes import UPSTREAM_KEY, Gateway, bearer
 
 
 async def _last_event(gateway: Gateway) -> dict:  # type: ignore[type-arg]
@@ -301,3 +302,100 @@ async def test_request_id_is_echoed_or_generated(gateway: Gateway) -> None:
     assert sane.headers["X-Request-ID"] == "abc-123.X_y"
     assert insane.headers["X-Request-ID"] != "bad id\u00e9<script>"
     assert len(missing.headers["X-Request-ID"]) == 32
+
+
+# ---- hostile requests: ambiguous framing, path tricks, client-chosen forwarding headers ----
+
+async def raw_exchange(gateway: Gateway, data: bytes, timeout: float = 5.0) -> bytes:
+    """Send raw bytes on a fresh TCP connection to the gateway and return what comes back until close."""
+    url = gateway.client.make_url("/")
+    reader, writer = await asyncio.open_connection(url.host, url.port)
+    try:
+        writer.write(data)
+        await writer.drain()
+        chunks = []
+        try:
+            async with asyncio.timeout(timeout):
+                while True:
+                    chunk = await reader.read(65536)
+                    if not chunk:
+                        break
+                    chunks.append(chunk)
+        except TimeoutError:
+            pass
+        return b"".join(chunks)
+    finally:
+        writer.close()
+
+
+_SMUGGLE_BODY = b'{"model":"gpt-4o-mini","messages":[]}'
+
+
+def _smuggle_heads(token: str) -> dict[str, bytes]:
+    body = _SMUGGLE_BODY
+    start = (f"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {token}\r\n"
+             "Content-Type: application/json\r\n").encode()
+    smuggled = b"GET /v1/models HTTP/1.1\r\nHost: x\r\n\r\n"
+    return {
+        "duplicate_content_length": start + f"Content-Length: {len(body)}\r\nContent-Length: {len(body) + 5}"
+                                            f"\r\n\r\n".encode() + body + b"XXXXX",
+        "cl_and_te": start + f"Content-Length: {len(body) + len(smuggled) + 5}\r\nTransfer-Encoding: chunked"
+                             f"\r\n\r\n".encode() + f"{len(body):x}\r\n".encode() + body + b"\r\n0\r\n\r\n"
+                     + smuggled,
+        "te_not_chunked_last": start + b"Transfer-Encoding: chunked, identity\r\n\r\n"
+                               + f"{len(body):x}\r\n".encode() + body + b"\r\n0\r\n\r\n",
+        "obs_fold": start + f"Content-Length: {len(body)}\r\nX-Folded: a\r\n b\r\n\r\n".encode() + body,
+        "bare_cr_in_value": start + f"Content-Length: {len(body)}\r\nX-Evil: a\rX-Injected: 1\r\n\r\n".encode()
+                            + body,
+        "space_before_colon": start + f"Content-Length : {len(body)}\r\n\r\n".encode() + body,
+    }
+
+
+@pytest.mark.parametrize("case", ["duplicate_content_length", "cl_and_te", "te_not_chunked_last", "obs_fold",
+                                  "bare_cr_in_value", "space_before_colon"])
+async def test_ambiguous_request_framing_is_refused_and_not_forwarded(gateway: Gateway, case: str) -> None:
+    """From the security review."""
+    token = (await gateway.token())["token"]
+    answer = await raw_exchange(gateway, _smuggle_heads(token)[case], timeout=3.0)
+    status_line = answer.split(b"\r\n", 1)[0]
+    assert re.match(rb"HTTP/1\.[01] 4[0-9][0-9] ", status_line), (case, answer[:300])
+    # nothing forwarded at all, and certainly not a second, smuggled request
+    assert gateway.upstream.requests == [], (case, [(r.method, r.path_qs) for r in gateway.upstream.requests])
+    assert len(re.findall(rb"HTTP/1\.[01] [0-9]{3} ", answer)) == 1, (case, answer[:600])
+
+
+@pytest.mark.parametrize("path", ["/manage/../v1/models", "/v1/../manage/projects", "/v1/models/..;/files",
+                                  "/v1/models/%2E%2E/files", "/v1/./files", "/v1/models/.%2e/files",
+                                  "/v1/models%5c..%5cfiles", "/V1/models", "/v1/models/..%2F..%2Fmanage"])
+async def test_path_tricks_never_reach_a_non_allowed_upstream_path(gateway: Gateway, path: str) -> None:
+    """From the security review."""
+    token = (await gateway.token())["token"]
+    answer = await raw_exchange(gateway, (f"GET {path} HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {token}\r\n"
+                                          "Connection: close\r\n\r\n").encode())
+    for seen in gateway.upstream.requests:
+        target = seen.path_qs.split("?")[0]
+        assert target.startswith("/v1/models") and ".." not in target.replace("..;", ""), (path, seen.path_qs)
+    assert answer.startswith(b"HTTP/1.1 "), answer[:100]
+
+
+async def test_absolute_form_request_target_cannot_redirect_the_upstream(gateway: Gateway) -> None:
+    """From the security review."""
+    token = (await gateway.token())["token"]
+    await raw_exchange(gateway, (f"GET http://evil.example/v1/models HTTP/1.1\r\nHost: evil.example\r\n"
+                                 f"Authorization: Bearer {token}\r\nConnection: close\r\n\r\n").encode())
+    for seen in gateway.upstream.requests:
+        assert "evil" not in seen.headers.get("Host", "") and "evil" not in seen.path_qs
+
+
+async def test_client_host_and_odd_case_forwarding_headers_do_not_reach_the_upstream(gateway: Gateway) -> None:
+    """From the security review."""
+    token = (await gateway.token())["token"]
+    response = await gateway.client.get("/v1/models", headers={
+        **bearer(token), "Host": "evil.example", "x-FORWARDED-for": "6.6.6.6", "X-Real-IP": "6.6.6.6",
+        "X-Request-ID": "client-id-1", "Accept-Encoding": "gzip", "Expect": "100-continue"})
+    assert response.status == 200
+    seen = gateway.upstream.requests[-1].headers
+    names = {name.lower() for name in seen}
+    assert seen["Host"] != "evil.example"
+    assert not names & {"x-forwarded-for", "x-real-ip", "x-request-id"}
+    assert seen["Authorization"] == f"Bearer {UPSTREAM_KEY}" and seen["Accept-Encoding"] == "identity"

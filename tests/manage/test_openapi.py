@@ -12,7 +12,7 @@ import llm_proxy
 from llm_proxy.app import create_app
 from llm_proxy.management import MAX_GRACE_SECONDS
 from llm_proxy.openapi import build_document, render
-from tests.fakes import Gateway, make_settings
+from tests.fakes import MANAGEMENT_TOKEN, UPSTREAM_KEY, Gateway, make_settings
 
 COMMITTED = Path(llm_proxy.__file__).parent / "openapi.json"
 # The proxy's catch-all forwards whatever ALLOWED_ENDPOINTS admits; it is the upstream's API, not ours.
@@ -65,6 +65,17 @@ async def test_document_is_served_to_the_management_token_only(make_gateway: Any
     assert response.status == 200 and response.content_type == "application/json"
     assert response.headers["Cache-Control"] == "no-store"
     assert orjson.loads(await response.read()) == build_document(gateway.settings)
+
+
+async def test_the_openapi_document_holds_no_secret(gateway: Gateway) -> None:
+    """From the security review."""
+    await gateway.token()
+    response = await gateway.client.get("/manage/openapi.json", headers=gateway.auth)
+    assert response.status == 200
+    text = await response.read()
+    from tests.fakes import ENCRYPTION_KEY
+    for secret in (MANAGEMENT_TOKEN, ENCRYPTION_KEY, UPSTREAM_KEY, UPSTREAM_KEY[3:]):
+        assert secret.encode() not in text
 
 
 def test_document_reflects_the_token_duration_limit(tmp_path: Path) -> None:

@@ -114,6 +114,19 @@ async def test_a_body_nested_too_deeply_is_400_not_a_500(
     assert (await gateway.manage("GET", "/projects", expect=200))["data"] == []
 
 
+async def test_duplicate_json_keys_and_non_finite_numbers_are_refused_or_harmless(gateway: Gateway) -> None:
+    """From the security review."""
+    project = await gateway.project()
+    for raw in (b'{"project_id": "%s", "max_requests": NaN}', b'{"project_id": "%s", "max_requests": Infinity}',
+                b'{"project_id": "%s", "max_requests": 1e400}',
+                b'{"project_id": "%s", "max_requests": 99999999999999999999999}'):
+        response = await gateway.client.post("/manage/tokens", data=raw % project["id"].encode(),
+                                             headers=gateway.auth)
+        assert response.status == 400, (raw, response.status, await response.text())
+        assert (await response.json())["error"]["type"] == "invalid_request_error"
+    assert (await gateway.manage("GET", "/tokens"))["data"] == []
+
+
 # ---- names ----
 
 @pytest.mark.parametrize("name", ["ops\u009b2Jteam", "ops\x85team", "ops\x9fteam", "ops\u202eteam", "ops\u2066team",

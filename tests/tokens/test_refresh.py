@@ -9,7 +9,7 @@ import pytest
 
 from llm_proxy import repository as repo
 from llm_proxy.keys import EXPIRY_JOB
-from tests.fakes import FakeClock, Gateway
+from tests.fakes import FakeClock, Gateway, bearer
 
 
 async def _v1_models(gateway: Gateway, token: str) -> tuple[int, str | None]:
@@ -136,6 +136,27 @@ async def test_a_refresh_that_lands_during_another_is_refused_inside_the_write(
     assert stored["replaced_by"] == inner[0][1]["id"]
     listed = await gateway.manage("GET", f"/tokens?project_id={old['project_id']}", expect=200)
     assert len(listed["data"]) == 2
+
+
+async def test_project_deactivation_is_not_undone_by_a_concurrent_token_refresh(gateway: Gateway) -> None:
+    """The race as it happens, many times over: before the fix about half of the runs failed (a read-back
+    after the deactivation shared an older WAL snapshot; tests/storage/test_database.py pins that down).
+
+    From the security review."""
+    for attempt in range(60):
+        project = await gateway.project(f"refresh-race-{attempt}")
+        live = await gateway.token(project["id"])
+        other = await gateway.token(project["id"])
+        assert (await gateway.client.get("/v1/models", headers=bearer(live["token"]))).status == 200
+        refresh = gateway.client.post(f"/manage/tokens/{other['id']}/refresh", json={"grace_seconds": 60},
+                                      headers=gateway.auth)
+        deactivate = gateway.client.patch(f"/manage/projects/{project['id']}", json={"is_active": False},
+                                          headers=gateway.auth)
+        refreshed, patched = await asyncio.gather(refresh, deactivate)
+        assert patched.status == 200
+        await refreshed.read()
+        response = await gateway.client.get("/v1/models", headers=bearer(live["token"]))
+        assert response.status == 403, (attempt, refreshed.status, response.status)
 
 
 # ---- an expired token: decided by expires_at, not by when the expiry job last ran ----
