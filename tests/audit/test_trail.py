@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import secrets
 import sqlite3
 from pathlib import Path
 from typing import Any
@@ -267,6 +268,33 @@ async def test_a_secret_in_a_field_the_client_chose_is_masked_in_the_audit(gatew
     for text in texts:
         assert token.encode() not in text and token[4:].encode() not in text
     assert obfuscate(token).encode() in texts[0]  # masked, not dropped: the event still says where
+
+
+async def test_request_id_carrying_a_long_random_secret_is_masked_in_audit(make_gateway: Any, tmp_path: Path) -> None:
+    """From the review of the day's fixes."""
+    gateway = await make_gateway()
+    token = (await gateway.token())["token"]
+    # What `llm-proxy gen-secret` makes (a management token): a long random base64url run, a sane X-Request-ID.
+    secret = secrets.token_urlsafe(32)
+    while not (any(c.isupper() for c in secret) and any(c.islower() for c in secret)
+               and any(c.isdigit() for c in secret)):
+        secret = secrets.token_urlsafe(32)
+    response = await gateway.client.get("/v1/models", headers={"Authorization": f"Bearer {token}",
+                                                               "X-Request-ID": secret})
+    assert response.status == 200
+    await _events(gateway)  # flushes the writer
+    text = (tmp_path / "audit.log").read_text()
+    assert secret not in text, "a long random run given as X-Request-ID is stored verbatim in the audit file"
+
+
+async def test_request_id_carrying_the_management_token_is_masked_in_audit(make_gateway: Any, tmp_path: Path) -> None:
+    """From the review of the day's fixes."""
+    gateway = await make_gateway()
+    response = await gateway.client.get("/manage/projects", headers={**gateway.auth, "X-Request-ID": MANAGEMENT_TOKEN})
+    assert response.status == 200
+    await _events(gateway)
+    text = (tmp_path / "audit.log").read_text()
+    assert MANAGEMENT_TOKEN not in text, "the management token, sent as X-Request-ID, is stored in the audit file"
 
 
 async def test_a_token_in_the_query_string_reaches_neither_audit_nor_any_response(gateway: Gateway) -> None:

@@ -197,6 +197,26 @@ def test_usage_is_requested_without_touching_the_rest_of_the_body() -> None:
     assert body == raw[:-2] + b',"stream_options":{"include_usage":true}}\n'
 
 
+async def test_setting_include_usage_keeps_the_rest_of_the_request(make_gateway: Any) -> None:
+    """From the review of the day's fixes."""
+    import json
+
+    gateway = await make_gateway()
+    token = (await gateway.token())["token"]
+    big = 2**70 + 1  # an integer past 64 bits: JSON allows it, Python's json keeps it exact
+    sent = (b'{"model": "gpt-4o-mini", "stream": true, "stream_options": {}, "seed": ' + str(big).encode()
+            + b', "messages": [{"role": "user", "content": "hi"}]}')
+    response = await gateway.client.post("/v1/chat/completions", data=sent,
+                                         headers={"Authorization": f"Bearer {token}",
+                                                  "Content-Type": "application/json"})
+    await response.read()
+    assert response.status == 200
+    received = json.loads(gateway.upstream.requests[-1].body)
+    expected = json.loads(sent)
+    expected["stream_options"] = {"include_usage": True}
+    assert received == expected, (received.get("seed"), big)
+
+
 @pytest.mark.parametrize("options", ['"yes"', "[]", "1"])
 def test_stream_options_of_a_wrong_type_are_sent_as_they_came(options: str) -> None:
     raw = b'{"stream": true, "stream_options": %s}' % options.encode()

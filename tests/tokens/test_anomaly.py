@@ -164,6 +164,27 @@ async def test_a_burst_straddling_a_minute_boundary_is_a_spike(make_gateway: Any
     assert [(e["details"]["reason"], e["details"]["requests_last_minute"]) for e in flagged] == [("rate_spike", 6)]
 
 
+async def test_rate_spike_sliding_window_counts_burst_across_history_mark(make_gateway: Any) -> None:
+    """From the review of the day's fixes."""
+    clock = FakeClock()
+    gateway = await make_gateway(clock=clock, RATE_LIMIT_PER_MINUTE="0", ANOMALY_RATE_FACTOR="10",
+                                 IP_RATE_LIMIT="100000")
+    token = (await gateway.token(duration_minutes=600))["token"]
+    headers = {"Authorization": f"Bearer {token}"}
+    clock.advance(5)  # minute-aligned start + 5 s
+    assert (await gateway.client.get("/v1/models", headers=headers)).status == 200  # first seen
+    clock.advance(3590)  # 10 s before the token has an hour of history, 5 s before a minute ends
+    for _ in range(200):
+        assert (await gateway.client.get("/v1/models", headers=headers)).status == 200
+    clock.advance(10)  # an hour of history now; the burst is 10 s old, inside the last 60 s
+    for _ in range(5):
+        assert (await gateway.client.get("/v1/models", headers=headers)).status == 200
+    # 205 requests in the last 60 s, against ~3.4/min (or 1/60 per minute before the burst): a spike
+    events = await _events(gateway, action="token.anomaly")
+    reasons = [event["details"]["reason"] for event in events]
+    assert "rate_spike" in reasons, reasons
+
+
 async def test_auto_suspend_leaves_an_expired_token_alone(make_gateway: Any) -> None:
     """Only a live token is suspended: replaying an expired one is flagged, and nothing more."""
     clock = FakeClock()
