@@ -126,6 +126,42 @@ async def test_openai_sdk_sees_rate_limit_error(gateway_with_clock: Any) -> None
     assert caught.value.response.headers["Retry-After"] == "60"
 
 
+async def test_rate_headers_and_retry_after_for_a_rate_not_dividing_60(make_gateway: Any) -> None:
+    """From the second review (streams and accounting against an awkward upstream)."""
+    monotonic = FakeClock(1000.0)
+    gateway = await make_gateway(monotonic=monotonic)
+    token = await gateway.token(rate_limit_per_minute=7)
+    for remaining in range(6, -1, -1):
+        async with gateway.client.get("/v1/models", headers=bearer(token)) as response:
+            assert (response.status, response.headers["X-RateLimit-Remaining"]) == (200, str(remaining))
+    async with gateway.client.get("/v1/models", headers=bearer(token)) as response:
+        assert response.status == 429
+        assert response.headers["Retry-After"] == "9"  # 60/7 = 8.57 s, rounded up
+        assert (response.headers["X-RateLimit-Limit"], response.headers["X-RateLimit-Remaining"]) == ("7", "0")
+    monotonic.advance(60 / 7)
+    async with gateway.client.get("/v1/models", headers=bearer(token)) as response:
+        assert (response.status, response.headers["X-RateLimit-Remaining"]) == (200, "0")
+
+
+async def test_patching_a_tokens_rate_while_in_use_applies_at_once(make_gateway: Any) -> None:
+    """From the second review (streams and accounting against an awkward upstream)."""
+    monotonic = FakeClock(1000.0)
+    gateway = await make_gateway(monotonic=monotonic, RATE_LIMIT_PER_MINUTE="600")
+    token = await gateway.token(rate_limit_per_minute=2)
+
+    async def status() -> tuple[int, str | None]:
+        async with gateway.client.get("/v1/models", headers=bearer(token)) as response:
+            return response.status, response.headers.get("X-RateLimit-Limit")
+
+    assert [await status() for _ in range(3)] == [(200, "2"), (200, "2"), (429, "2")]
+    await gateway.manage("PATCH", f"/tokens/{token['id']}", {"rate_limit_per_minute": 0}, expect=200)
+    assert [await status() for _ in range(5)] == [(200, None)] * 5
+    await gateway.manage("PATCH", f"/tokens/{token['id']}", {"rate_limit_per_minute": 1}, expect=200)
+    assert await status() == (429, "1")  # the minute's allowance of 2/min was spent 0 s ago
+    monotonic.advance(60)
+    assert [await status() for _ in range(2)] == [(200, "1"), (429, "1")]
+
+
 # ---- lifetime quota ----
 
 async def test_quota_is_exact_under_concurrency_and_survives_a_restart(make_gateway: Any) -> None:

@@ -20,7 +20,7 @@ import pytest
 from aiohttp.test_utils import TestServer
 
 from llm_proxy.auditchain import verify_files
-from tests.fakes import ENCRYPTION_KEY, MANAGEMENT_TOKEN, REPO, UPSTREAM_KEY, UpstreamState
+from tests.fakes import ENCRYPTION_KEY, MANAGEMENT_TOKEN, REPO, UPSTREAM_KEY, UpstreamState, bearer
 
 CHAT = {"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "hi"}]}
 
@@ -165,6 +165,47 @@ async def test_kill_9_under_load_leaves_whole_audit_lines_and_a_sound_database(s
     # Counters are written every second: only the last moments' requests can be missing. A request
     # is counted when admitted, so the (at most 16) in flight at the kill may be counted unanswered.
     assert settled <= count <= done + len(workers)
+
+
+@pytest.fixture
+async def served_short_grace(tmp_path: Path, upstream: tuple[UpstreamState, TestServer]
+                             ) -> AsyncIterator[tuple[asyncio.subprocess.Process, str, Path]]:
+    _, server = upstream
+    async with serving_process(tmp_path, str(server.make_url("")).rstrip("/"), SHUTDOWN_GRACE="1s") as (process, url):
+        yield process, url, tmp_path / "data"
+
+
+async def test_a_stream_outlasting_shutdown_grace_is_cut_and_still_audited_and_counted(
+        served_short_grace: tuple[asyncio.subprocess.Process, str, Path],
+        upstream: tuple[UpstreamState, Any]) -> None:
+    """From the second review (streams and accounting against an awkward upstream)."""
+    process, url, data = served_short_grace
+    state, _ = upstream
+    state.chunks, state.chunk_delay = 40, 0.2  # 8 s of stream, SHUTDOWN_GRACE 1 s
+    auth = {"Authorization": f"Bearer {MANAGEMENT_TOKEN}"}
+    async with aiohttp.ClientSession() as session:
+        async with session.post(f"{url}/manage/projects", headers=auth,
+                                json={"name": "p", "api_key": UPSTREAM_KEY}) as response:
+            project = await response.json()
+        async with session.post(f"{url}/manage/tokens", headers=auth, json={"project_id": project["id"]}) as response:
+            token = await response.json()
+        response = await session.post(f"{url}/v1/chat/completions", json={**CHAT, "stream": True},
+                                      headers=bearer(token))
+        await response.content.readline()
+        process.send_signal(signal.SIGTERM)
+        try:
+            await asyncio.wait_for(response.read(), timeout=10)
+        except (aiohttp.ClientError, TimeoutError):
+            pass
+    assert await asyncio.wait_for(process.wait(), timeout=15) == 0
+
+    with sqlite3.connect(data / "gateway.db") as db:
+        row = db.execute("SELECT request_count, total_tokens FROM tokens WHERE id = ?", (token["id"],)).fetchone()
+    events = [orjson.loads(line) for line in (data / "audit.log").read_bytes().splitlines()]
+    access = [e for e in events if e["action"] == "token.access"]
+    assert len(access) == 1, "the cut stream's token.access event was lost at shutdown"
+    assert access[0]["result"] == "error"
+    assert row[0] == 1 and row[1] > 0, row  # counted and charged (estimate) before exit
 
 
 async def _stop(process: asyncio.subprocess.Process) -> None:
