@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import os
+import socket
 import sqlite3
 import sys
 import time
@@ -13,6 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import aiohttp
 import openai
 import orjson
 import pytest
@@ -25,7 +28,7 @@ from llm_proxy.database import Database
 from llm_proxy.keys import AUDIT
 from llm_proxy.metrics import Metrics
 from llm_proxy.ratelimit import ConcurrencyLimiter
-from llm_proxy.settings import Settings, load_settings
+from llm_proxy.settings import VARIABLES, Settings, load_settings
 
 REPO = Path(__file__).resolve().parent.parent  # the repository root, wherever a test module sits
 MANAGEMENT_TOKEN = "mgmt-" + "A1b2C3d4" * 6
@@ -334,3 +337,42 @@ async def manage_status(gateway: Gateway, secret: str, headers: dict[str, str] |
     async with gateway.client.get("/manage/projects", headers={**bearer(secret), **(headers or {})}) as response:
         body = await response.json()
         return response.status, body.get("error", {}).get("code")
+
+
+# ---- the gateway and the CLI as processes ----
+
+def child_env(**values: str) -> dict[str, str]:
+    """The environment of a child `python -m llm_proxy`: this checkout's code, no gateway variable of ours."""
+    env = {name: value for name, value in os.environ.items() if name not in VARIABLES and name != "LLM_PROXY_URL"}
+    env["PYTHONPATH"] = str(REPO)
+    env.update(values)
+    return env
+
+
+def free_port() -> int:
+    with closing(socket.socket()) as probe:
+        probe.bind(("127.0.0.1", 0))
+        return int(probe.getsockname()[1])
+
+
+def serve_env(tmp_path: Path, **values: str) -> dict[str, str]:
+    """child_env for `llm-proxy serve` on a free port, with its files in tmp_path."""
+    defaults = {"MANAGEMENT_TOKEN": MANAGEMENT_TOKEN, "ENCRYPTION_KEY": ENCRYPTION_KEY,
+                "LISTEN_ADDR": f"127.0.0.1:{free_port()}", "DATABASE_PATH": str(tmp_path / "gw.db"),
+                "AUDIT_LOG_FILE": str(tmp_path / "audit.log"), "SHUTDOWN_GRACE": "1s"}
+    return child_env(**{**defaults, **values})
+
+
+async def wait_healthy(port: int, process: asyncio.subprocess.Process, scheme: str = "http") -> None:
+    """Poll /health of a `serve` process (bounded) until it answers 200 or the process has ended."""
+    async with aiohttp.ClientSession() as session:
+        for _ in range(200):
+            if process.returncode is not None:
+                return
+            try:
+                async with session.get(f"{scheme}://127.0.0.1:{port}/health") as response:
+                    if response.status == 200:
+                        return
+            except aiohttp.ClientConnectionError:
+                pass
+            await asyncio.sleep(0.05)

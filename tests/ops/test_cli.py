@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
-import os
+import gzip
 import re
 import signal
 import socket
@@ -29,14 +29,14 @@ from llm_proxy.crypto import KeyRing
 from llm_proxy.database import Database
 from llm_proxy.keys import AUDIT
 from llm_proxy.settings import VARIABLES, load_settings
-from tests.fakes import ENCRYPTION_KEY, MANAGEMENT_TOKEN, REPO, UPSTREAM_KEY, Gateway
+from tests.fakes import ENCRYPTION_KEY, MANAGEMENT_TOKEN, UPSTREAM_KEY, Gateway, child_env
 
 OTHER_KEY = base64.b64encode(bytes(range(50, 82))).decode()
 THIRD_KEY = base64.b64encode(bytes(range(150, 182))).decode()
 
 
 class Result(NamedTuple):
-    code: int
+    code: int | None  # None: still running after the deadline (killed)
     out: str
     err: str
 
@@ -65,21 +65,28 @@ async def run_async(capsys: pytest.CaptureFixture[str], *argv: str) -> Result:
     return Result(code, out, err)
 
 
-def child_env(**values: str) -> dict[str, str]:
-    env = {name: value for name, value in os.environ.items() if name not in VARIABLES and name != "LLM_PROXY_URL"}
-    env["PYTHONPATH"] = str(REPO)
-    env.update(values)
-    return env
-
-
-async def run_process(*argv: str, env: dict[str, str], stdin: bytes | None = None,
-                      cwd: Path | None = None) -> Result:
+async def run_process(*argv: str, env: dict[str, str], stdin: bytes | None = None, cwd: Path | None = None,
+                      deadline: float = 30.0) -> Result:
+    """Run `python -m llm_proxy ARGV` as a process; one still running after `deadline` seconds is killed."""
     process = await asyncio.create_subprocess_exec(
         sys.executable, "-m", "llm_proxy", *argv, env=env, cwd=cwd,
         stdin=asyncio.subprocess.PIPE if stdin is not None else asyncio.subprocess.DEVNULL,
         stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
-    out, err = await asyncio.wait_for(process.communicate(stdin), timeout=30)
-    assert process.returncode is not None
+    assert process.stdout is not None and process.stderr is not None
+    if stdin is not None:
+        assert process.stdin is not None
+        process.stdin.write(stdin)
+        await process.stdin.drain()
+        process.stdin.close()
+    reading = asyncio.gather(process.stdout.read(), process.stderr.read())
+    try:
+        await asyncio.wait_for(process.wait(), timeout=deadline)
+    except TimeoutError:
+        process.kill()  # only the process this probe started
+        await process.wait()
+        out, err = await reading
+        return Result(None, out.decode(), err.decode())
+    out, err = await reading
     return Result(process.returncode, out.decode(), err.decode())
 
 
@@ -89,6 +96,19 @@ def assert_one_line_error(result: Result, code: int, *fragments: str) -> None:
     assert "Traceback" not in result.err
     for fragment in fragments:
         assert fragment in result.err
+
+
+def assert_one_line(result: Result, *fragments: str) -> None:
+    """A failed command (any non-zero code): one line saying what is wrong, whatever JSON log lines precede it."""
+    assert result.code is not None, f"still running after the deadline; stderr so far: {result.err!r}"
+    assert result.code != 0, result
+    assert "Traceback" not in result.err, result.err
+    # Application log lines (JSON, LOG_FILE unset) may precede it; the error itself is one line.
+    lines = [line for line in result.err.strip().splitlines() if not line.startswith('{"time"')]
+    assert len(lines) == 1, f"expected one error line on stderr, got {lines!r}"
+    assert lines[0].startswith("llm-proxy: "), lines
+    for fragment in fragments:
+        assert fragment in lines[0], (fragment, lines[0])
 
 
 def assert_aligned(table: str) -> list[list[str]]:
@@ -392,6 +412,60 @@ async def test_a_redirect_is_a_failure_naming_where_it_points(capsys: pytest.Cap
     assert result.out == "" and "revoked" not in result.err and MANAGEMENT_TOKEN not in result.err
 
 
+async def _odd_server(handler: Callable[[web.Request], Any]) -> TestServer:
+    app = web.Application()
+    app.router.add_route("*", "/{tail:.*}", handler)
+    server = TestServer(app, host="127.0.0.1")
+    await server.start_server()
+    return server
+
+
+@pytest.mark.parametrize(("status", "body", "headers", "fragment"), [
+    (500, b"<html>oops</html>", {}, "500"),
+    (502, b"Bad Gateway", {}, "502"),
+    (301, b"", {"Location": "https://example.invalid/manage/projects"}, "301"),
+    (200, b"<html>login</html>", {"Content-Type": "text/html"}, "not JSON"),
+])
+async def test_cli_against_a_misbehaving_gateway_gives_a_clear_line(
+        tmp_path: Path, status: int, body: bytes, headers: dict[str, str], fragment: str) -> None:
+    """From the third review (the operator's side)."""
+    async def handler(request: web.Request) -> web.Response:
+        return web.Response(status=status, body=body, headers=headers)
+
+    server = await _odd_server(handler)
+    try:
+        url = str(server.make_url("")).rstrip("/")
+        env = child_env(MANAGEMENT_TOKEN=MANAGEMENT_TOKEN, LLM_PROXY_URL=url)
+        result = await run_process("project", "list", env=env, cwd=tmp_path)
+    finally:
+        await server.close()
+    assert result.code == 1, result
+    assert_one_line(result, fragment)
+    assert "unexpected error" not in result.err, result.err
+    assert MANAGEMENT_TOKEN not in result.err + result.out
+
+
+async def test_cli_gateway_answering_401_and_500_json(tmp_path: Path) -> None:
+    """From the third review (the operator's side)."""
+    async def handler(request: web.Request) -> web.Response:
+        code = 401 if request.path.endswith("/projects") else 500
+        return web.json_response({"error": {"message": f"echo {request.headers.get('Authorization')}",
+                                            "type": "x", "code": "c"}}, status=code)
+
+    server = await _odd_server(handler)
+    try:
+        env = child_env(MANAGEMENT_TOKEN=MANAGEMENT_TOKEN, LLM_PROXY_URL=str(server.make_url("")).rstrip("/"))
+        denied = await run_process("project", "list", env=env, cwd=tmp_path)
+        broken = await run_process("token", "list", "--json", env=env, cwd=tmp_path)
+    finally:
+        await server.close()
+    assert_one_line(denied, "HTTP 401")
+    assert_one_line(broken, "HTTP 500")
+    for result in (denied, broken):
+        assert result.code == 1 and result.out == ""
+        assert MANAGEMENT_TOKEN not in result.err  # even when the server echoes it back
+
+
 @pytest.mark.parametrize("option", ["--api-key-file", "--token-file"])
 def test_a_binary_input_file_is_a_usage_error(capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch,
                                               tmp_path: Path, option: str) -> None:
@@ -467,6 +541,29 @@ async def test_rotate_key_while_serving(make_gateway: Callable[..., Any], capsys
     assert [orjson.loads(event["details"]).get("reencrypted") for event in events] == [2, 0, None]
     verified = await run_async(capsys, "audit", "verify", "--db")
     assert verified.code == 0 and verified.out.startswith("audit_events: OK"), verified
+
+
+async def test_rotate_key_reads_rows_under_either_previous_key(make_gateway: Callable[..., Any],
+                                                               tmp_path: Path) -> None:
+    """From the third review (the operator's side)."""
+    first = await make_gateway(ENCRYPTION_KEY=ENCRYPTION_KEY)
+    await first.project("under-first")
+    second = await make_gateway(ENCRYPTION_KEY=OTHER_KEY, ENCRYPTION_KEY_PREVIOUS=ENCRYPTION_KEY)
+    await second.project("under-second")
+    database = first.settings.database_path
+    env = child_env(MANAGEMENT_TOKEN=MANAGEMENT_TOKEN, ENCRYPTION_KEY=THIRD_KEY,
+                    ENCRYPTION_KEY_PREVIOUS=f"{OTHER_KEY}, {ENCRYPTION_KEY}", DATABASE_PATH=str(database),
+                    AUDIT_LOG_FILE=str(first.settings.audit_log_file))
+    once = await run_process("rotate-key", "--json", env=env, cwd=tmp_path)
+    assert once.code == 0 and orjson.loads(once.out) == {"reencrypted": 2}, once
+    twice = await run_process("rotate-key", "--json", env=env, cwd=tmp_path)
+    assert twice.code == 0 and orjson.loads(twice.out) == {"reencrypted": 0}, twice
+    with closing(sqlite3.connect(database)) as conn:
+        stored = [row[0] for row in conn.execute("SELECT api_key_encrypted FROM projects")]
+    assert all(UPSTREAM_KEY not in value for value in stored)
+    fresh = await make_gateway(ENCRYPTION_KEY=THIRD_KEY)
+    token = await fresh.token((await fresh.manage("GET", "/projects"))["data"][0]["id"])
+    assert (await fresh.client.get("/v1/models", headers={"Authorization": f"Bearer {token['token']}"})).status == 200
 
 
 # ---- audit verify and prune ----
@@ -566,6 +663,34 @@ async def test_audit_verify_checks_the_files_against_the_databases_chain_head(
     monkeypatch.setenv("DATABASE_PATH", str(tmp_path / "garbage.db"))
     unreadable = await run_async(capsys, "audit", "verify")
     assert unreadable.code == 0 and "unreadable" in unreadable.out and "verified alone" in unreadable.out
+
+
+async def test_audit_verify_gz_rotation_with_dateext_in_order(tmp_path: Path) -> None:
+    """logrotate with dateext + compress: audit.log-YYYYMMDD.gz files and the current file verify as one chain.
+
+    From the third review (the operator's side)."""
+    from llm_proxy.audit import AuditWriter
+    from llm_proxy.database import Database
+
+    database, audit_file = tmp_path / "gw.db", tmp_path / "audit.log"
+    db = await Database.open(database)
+    writer = AuditWriter(db, enabled=True, file_path=audit_file, create_dir=True, store_in_db=True,
+                         mask_client_ip=False)
+    await writer.start()
+    for day in ("20260101", "20260102"):
+        writer.emit("token.create", actor="management", result="success", details={"token_id": "tok-1234****cdef"})
+        await writer.flush()
+        rotated = tmp_path / f"audit.log-{day}.gz"
+        rotated.write_bytes(gzip.compress(audit_file.read_bytes()))
+        audit_file.unlink()
+    writer.emit("token.create", actor="management", result="success")
+    await writer.close()
+    await db.close()
+    env = child_env(MANAGEMENT_TOKEN=MANAGEMENT_TOKEN, ENCRYPTION_KEY=ENCRYPTION_KEY, DATABASE_PATH=str(database),
+                    AUDIT_LOG_FILE=str(audit_file))
+    result = await run_process("audit", "verify", "--json", env=env, cwd=tmp_path)
+    assert result.code == 0, result
+    assert orjson.loads(result.out)["files"]["events"] == 3
 
 
 # ---- serve, for real ----

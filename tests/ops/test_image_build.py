@@ -14,7 +14,6 @@ import json
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -24,7 +23,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.fakes import ENCRYPTION_KEY, MANAGEMENT_TOKEN, REPO, UPSTREAM_KEY
+from tests.fakes import ENCRYPTION_KEY, MANAGEMENT_TOKEN, REPO, UPSTREAM_KEY, free_port
 
 ROOT = REPO
 DOCKERFILE = ROOT / "Dockerfile"
@@ -72,12 +71,6 @@ def _exec_form(instruction: str) -> list[str]:
     return form
 
 
-def _free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return int(probe.getsockname()[1])
-
-
 @pytest.fixture(scope="module")
 def installed(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The build stage: its COPY sources in a bare directory, built into a wheel and installed alone."""
@@ -121,7 +114,7 @@ def test_the_packaged_gateway_starts_answers_its_healthcheck_and_stops_on_stopsi
     entrypoint, command = _exec_form("ENTRYPOINT"), _exec_form("CMD")
     assert entrypoint == ["llm-proxy"] and command == ["serve"]
     image_env = _final_env()
-    port = _free_port()
+    port = free_port()
     data = tmp_path / "app" / "data"  # the VOLUME; WORKDIR is its parent
     data.mkdir(parents=True)
     env = {

@@ -2,16 +2,19 @@
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import io
 import logging
 import os
 import re
 import stat
+import sys
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
+import aiohttp
 import orjson
 import pytest
 from aiohttp import web
@@ -20,10 +23,19 @@ from aiohttp.test_utils import TestClient, TestServer
 from llm_proxy.app import create_app
 from llm_proxy.logs import ACCESS_LOGGER, AccessLogger, AccessSink, LogListener, configure_logging, mask_secrets
 from llm_proxy.settings import ConfigError
-from tests.fakes import MANAGEMENT_TOKEN, UPSTREAM_KEY, UpstreamState, make_settings
+from tests.fakes import ENCRYPTION_KEY as GATEWAY_ENCRYPTION_KEY
+from tests.fakes import (
+    MANAGEMENT_TOKEN,
+    UPSTREAM_KEY,
+    UpstreamState,
+    free_port,
+    make_settings,
+    serve_env,
+    wait_healthy,
+)
 
 CLIENT_TOKEN = "tok-" + "Zq9_x-Lm3Pw7Rt2Vb8Nc4Hd6Jf1Ks5Ga0Ye3Ui7Oo2Aa"
-ENCRYPTION_KEY = base64.b64encode(bytes(range(100, 132))).decode()  # 44 characters
+ENCRYPTION_KEY = base64.b64encode(bytes(range(100, 132))).decode()  # 44 characters; not the gateway's own
 HEX_KEY = "9f86d081884c7d659a2feaa0c55ad015a3bf4f1b2b0b822cd15d6c15b0f00a08"
 SECRETS = (CLIENT_TOKEN, UPSTREAM_KEY, MANAGEMENT_TOKEN, ENCRYPTION_KEY, HEX_KEY)
 
@@ -325,3 +337,58 @@ def test_a_text_record_is_one_line_whatever_its_message_extras_and_traceback_hol
     assert line.isprintable()
     assert "ERROR llm_proxy.test: first line\\nFORGED INFO llm_proxy.access: x model=gpt\\u2028FORGED\\x9b" in line
     assert "\\nTraceback (most recent call last):\\n" in line and "ValueError: bad\\ninput\\x1b[2J" in line
+
+
+# ---- a real `serve` ----
+
+@pytest.mark.parametrize("log_format", ["json", "text"])
+async def test_serve_at_debug_level_never_logs_a_secret(upstream: Any, tmp_path: Path, log_format: str) -> None:
+    """From the third review (the operator's side)."""
+    _, upstream_server = upstream
+    port = free_port()
+    log_file = tmp_path / "app.log"
+    env = serve_env(tmp_path, LISTEN_ADDR=f"127.0.0.1:{port}", LOG_LEVEL="debug", LOG_FORMAT=log_format,
+                    LOG_FILE=str(log_file), OPENAI_API_URL=str(upstream_server.make_url("")).rstrip("/"))
+    process = await asyncio.create_subprocess_exec(sys.executable, "-m", "llm_proxy", "serve", env=env,
+                                                   stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
+    secrets: list[str] = [MANAGEMENT_TOKEN, UPSTREAM_KEY, GATEWAY_ENCRYPTION_KEY]
+    try:
+        await wait_healthy(port, process)
+        base = f"http://127.0.0.1:{port}"
+        manage = {"Authorization": f"Bearer {MANAGEMENT_TOKEN}"}
+        async with aiohttp.ClientSession() as session:
+            async with session.post(f"{base}/manage/projects", headers=manage,
+                                    json={"name": "dbg", "api_key": UPSTREAM_KEY}) as response:
+                project = await response.json()
+            async with session.post(f"{base}/manage/tokens", headers=manage,
+                                    json={"project_id": project["id"]}) as response:
+                token = await response.json()
+            secrets.append(token["token"])
+            client = {"Authorization": f"Bearer {token['token']}"}
+            async with session.post(f"{base}/v1/chat/completions", headers=client,
+                                    json={"model": "m", "messages": [{"role": "user", "content": "hi"}]}) as response:
+                assert response.status == 200
+            async with session.post(f"{base}/v1/chat/completions", headers=client,
+                                    json={"model": "m", "stream": True,
+                                          "messages": [{"role": "user", "content": "hi"}]}) as response:
+                await response.read()
+            async with session.get(f"{base}/v1/models?api_key={UPSTREAM_KEY}", headers=client) as response:
+                await response.read()
+            async with session.get(f"{base}/manage/projects", headers={"Authorization": f"Basic {MANAGEMENT_TOKEN}"}):
+                pass
+            async with session.get(f"{base}/v1/models", headers={"Authorization": token["token"]}):
+                pass  # no scheme
+    finally:
+        process.terminate()
+        await asyncio.wait_for(process.communicate(), timeout=15)
+    text = log_file.read_text()
+    assert "llm-proxy stopped" in text
+    for secret in secrets:
+        assert secret not in text, f"a secret ({secret[:6]}…) is in the {log_format} log"
+        assert secret[4:28] not in text, f"a long fragment of a secret ({secret[:6]}…) is in the log"
+    access = [line for line in text.splitlines() if "llm_proxy.access" in line and "/v1/chat/completions" in line]
+    assert len(access) == 2, access
+    for line in access:
+        for field in ("request_id", "duration_ms", "client_ip", "token_id"):
+            assert field in line, (field, line)
+        assert token["token_hint"] in line, line

@@ -20,15 +20,9 @@ import pytest
 from aiohttp.test_utils import TestServer
 
 from llm_proxy.auditchain import verify_files
-from tests.fakes import ENCRYPTION_KEY, MANAGEMENT_TOKEN, REPO, UPSTREAM_KEY, UpstreamState, bearer
+from tests.fakes import ENCRYPTION_KEY, MANAGEMENT_TOKEN, REPO, UPSTREAM_KEY, UpstreamState, bearer, free_port
 
 CHAT = {"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "hi"}]}
-
-
-def _free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return int(probe.getsockname()[1])
 
 
 class Served:
@@ -61,7 +55,7 @@ def serving_env(tmp_path: Path, upstream_url: str, **overrides: str) -> dict[str
 async def serving_process(tmp_path: Path, upstream_url: str,
                           **overrides: str) -> AsyncIterator[tuple[asyncio.subprocess.Process, str]]:
     """Run `llm-proxy serve` as operators do (data in tmp_path/data, log in tmp_path/gateway.log) until healthy."""
-    port = _free_port()
+    port = free_port()
     env = serving_env(tmp_path, upstream_url, LISTEN_ADDR=f"127.0.0.1:{port}", **overrides)
     process = await asyncio.create_subprocess_exec(sys.executable, "-m", "llm_proxy", "serve", cwd=tmp_path, env=env,
                                                    stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
@@ -290,7 +284,7 @@ def _log_messages(path: Path) -> list[str]:
 async def _serve_until_exit(tmp_path: Path, **overrides: str) -> tuple[int | None, str]:
     env = {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "PYTHONPATH": str(REPO),
            "MANAGEMENT_TOKEN": MANAGEMENT_TOKEN, "ENCRYPTION_KEY": ENCRYPTION_KEY,
-           "LISTEN_ADDR": f"127.0.0.1:{_free_port()}",
+           "LISTEN_ADDR": f"127.0.0.1:{free_port()}",
            "DATABASE_PATH": str(tmp_path / "data" / "gateway.db"),
            "AUDIT_LOG_FILE": str(tmp_path / "data" / "audit.log"), **overrides}
     process = await asyncio.create_subprocess_exec(sys.executable, "-m", "llm_proxy", "serve", cwd=tmp_path, env=env,

@@ -1,17 +1,21 @@
-"""The README's jq recipes, run with the real jq against an audit file the gateway wrote."""
+"""The README run for real: its jq recipes on an audit file the gateway wrote, its walk-through with curl."""
 
 from __future__ import annotations
 
+import asyncio
 import re
 import shutil
 import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
+import aiohttp
 import orjson
 
+from llm_proxy.cli import main
 from llm_proxy.keys import AUDIT
-from tests.fakes import REPO, Gateway
+from tests.fakes import REPO, Gateway, child_env, free_port, wait_healthy
 
 README = REPO / "README.md"
 
@@ -73,3 +77,53 @@ async def test_jq_project_spend_recipe_sums_usage(gateway: Gateway, tmp_path: Pa
     assert result.returncode == 0, result.stderr
     assert orjson.loads(result.stdout) == {"requests": 3, "prompt_tokens": 8, "completion_tokens": 2,
                                            "total_tokens": 10}
+
+
+# ---- the walk-through, with curl against `llm-proxy serve` ----
+
+async def test_readme_walkthrough_with_curl(upstream: Any, tmp_path: Path) -> None:
+    """From the third review (the operator's side)."""
+    import re
+    import shutil
+
+    assert shutil.which("curl")
+    readme = (REPO / "README.md").read_text()
+    walk = readme.split("## Walk-through", 1)[1].split("## Configuration", 1)[0]
+    blocks = [block.split("```", 1)[0] for block in walk.split("```sh")[1:]]
+    _, upstream_server = upstream
+    port = free_port()
+    workdir = tmp_path / "op"
+    workdir.mkdir()
+    assert main(["init", "--path", str(workdir / ".env")]) == 0
+    env = child_env(LISTEN_ADDR=f"127.0.0.1:{port}", DATABASE_PATH=str(workdir / "data" / "gw.db"),
+                    AUDIT_LOG_FILE=str(workdir / "data" / "audit.log"), LOG_FILE=str(workdir / "app.log"),
+                    OPENAI_API_URL=str(upstream_server.make_url("")).rstrip("/"))
+    process = await asyncio.create_subprocess_exec(sys.executable, "-m", "llm_proxy", "serve", env=env, cwd=workdir,
+                                                   stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
+
+    async def sh(command: str) -> str:
+        shell = await asyncio.create_subprocess_exec("bash", "-c", command, cwd=workdir, env=child_env(),
+                                                     stdout=asyncio.subprocess.PIPE)
+        out, _ = await shell.communicate()
+        return out.decode()
+
+    try:
+        await wait_healthy(port, process)
+        first = blocks[0].replace("localhost:8080", f"127.0.0.1:{port}")
+        commands = [line for line in first.replace("\\\n", " ").splitlines() if line.startswith(("export", "curl"))]
+        export, create_project, create_token = commands
+        project = orjson.loads(await sh(f"{export}; {create_project}"))
+        assert project["name"] == "demo" and project["api_key"] == "sk-your****-key" and project["is_active"] is True
+        token = orjson.loads(await sh(f"{export}; {create_token.replace('3f0c…', project['id'])}"))
+        assert re.fullmatch(r"tok-[A-Za-z0-9_-]{43}", token["token"])
+        assert token["token_hint"] == f"tok-{token['token'][4:8]}****{token['token'][-4:]}"
+        assert token["max_requests"] == 1000 and token["rate_limit_per_minute"] == 30
+        revoke = next(line for line in blocks[1].splitlines() if line.startswith("curl"))
+        revoke = revoke.replace("localhost:8080", f"127.0.0.1:{port}").replace("a1b2…", token["id"])
+        await sh(f"{export}; {revoke}")
+        async with aiohttp.ClientSession() as session, session.get(
+                f"http://127.0.0.1:{port}/v1/models", headers={"Authorization": f"Bearer {token['token']}"}) as answer:
+            assert answer.status == 401 and (await answer.json())["error"]["code"] == "token_revoked"
+    finally:
+        process.terminate()
+        await asyncio.wait_for(process.communicate(), timeout=15)

@@ -6,7 +6,6 @@ import asyncio
 import base64
 import logging
 import os
-import socket
 import subprocess
 import sys
 import time
@@ -18,19 +17,13 @@ import pytest
 from llm_proxy import repository as repo
 from llm_proxy.crypto import KeyRing
 from llm_proxy.database import Database
-from tests.fakes import ENCRYPTION_KEY, MANAGEMENT_TOKEN, REPO, UPSTREAM_KEY
-
-
-def _free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return int(probe.getsockname()[1])
+from tests.fakes import ENCRYPTION_KEY, MANAGEMENT_TOKEN, REPO, UPSTREAM_KEY, free_port
 
 
 def _serve(tmp_path: Path, **overrides: str) -> subprocess.CompletedProcess[str]:
     env = {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "PYTHONPATH": str(REPO),
            "MANAGEMENT_TOKEN": MANAGEMENT_TOKEN, "ENCRYPTION_KEY": ENCRYPTION_KEY, "OPENAI_API_URL": "http://127.0.0.1:9",
-           "LISTEN_ADDR": f"127.0.0.1:{_free_port()}", "DATABASE_PATH": str(tmp_path / "data" / "gateway.db"),
+           "LISTEN_ADDR": f"127.0.0.1:{free_port()}", "DATABASE_PATH": str(tmp_path / "data" / "gateway.db"),
            "AUDIT_LOG_FILE": str(tmp_path / "data" / "audit.log"), **overrides}
     # A gateway that hangs instead of exiting fails here, after a bound far above a normal start.
     return subprocess.run([sys.executable, "-m", "llm_proxy", "serve"], cwd=tmp_path, env=env, capture_output=True,

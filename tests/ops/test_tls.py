@@ -25,7 +25,7 @@ from cryptography.x509.oid import NameOID
 
 from llm_proxy.app import create_app
 from llm_proxy.cli import UsageError, build_ssl_context, main
-from tests.fakes import ENCRYPTION_KEY, MANAGEMENT_TOKEN, REPO, make_settings
+from tests.fakes import ENCRYPTION_KEY, MANAGEMENT_TOKEN, REPO, free_port, make_settings, serve_env
 
 # Runs `llm-proxy serve` with a terminal as its controlling tty, as an operator's shell would:
 # that is where OpenSSL asks for a passphrase when nobody gave it one.
@@ -218,3 +218,40 @@ async def test_serve_with_an_encrypted_key_fails_at_once_even_on_a_terminal(tmp_
     lines = err.decode().splitlines()
     assert len(lines) == 1 and lines[0].startswith("llm-proxy: configuration error: TLS_KEY_FILE: "), lines
     assert "not supported" in lines[0]
+
+
+async def test_serve_https_for_real_with_hsts_and_min_version(tmp_path: Path, certificate: tuple[Path, Path]) -> None:
+    """From the third review (the operator's side)."""
+    import ssl
+
+    cert_file, key_file = certificate
+    port = free_port()
+    env = serve_env(tmp_path, TLS_CERT_FILE=str(cert_file), TLS_KEY_FILE=str(key_file), TLS_MIN_VERSION="1.3",
+                    HSTS_MAX_AGE="600", LISTEN_ADDR=f"127.0.0.1:{port}", LOG_FILE=str(tmp_path / "app.log"))
+    process = await asyncio.create_subprocess_exec(sys.executable, "-m", "llm_proxy", "serve", env=env,
+                                                   stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
+    try:
+        context = ssl.create_default_context(cafile=str(cert_file))
+        old = ssl.create_default_context(cafile=str(cert_file))
+        old.maximum_version = ssl.TLSVersion.TLSv1_2
+        headers = None
+        async with aiohttp.ClientSession() as session:
+            for _ in range(200):
+                try:
+                    async with session.get(f"https://127.0.0.1:{port}/health", ssl=context) as response:
+                        headers = response.headers
+                        break
+                except aiohttp.ClientConnectionError:
+                    await asyncio.sleep(0.05)
+            assert headers is not None
+            assert headers.get("Strict-Transport-Security") == "max-age=600"
+            with pytest.raises(aiohttp.ClientError):
+                async with session.get(f"https://127.0.0.1:{port}/health", ssl=old):
+                    pass
+            with pytest.raises(aiohttp.ClientError):
+                async with session.get(f"http://127.0.0.1:{port}/health"):
+                    pass
+    finally:
+        process.terminate()
+        await asyncio.wait_for(process.communicate(), timeout=15)
+    assert process.returncode == 0
