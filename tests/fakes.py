@@ -376,3 +376,46 @@ async def wait_healthy(port: int, process: asyncio.subprocess.Process, scheme: s
             except aiohttp.ClientConnectionError:
                 pass
             await asyncio.sleep(0.05)
+
+
+# ---- any request, and what every answer must carry ----
+
+MANAGEMENT_AUTH = {"Authorization": f"Bearer {MANAGEMENT_TOKEN}"}
+
+
+async def send(gw: Any, method: str, path: str, *, body: Any = None, raw: bytes | None = None,
+               headers: dict[str, str] | None = None, auth: bool = True) -> tuple[int, Any, Any]:
+    """Send any request (with the management token unless auth=False); return status, parsed body, headers."""
+    hdrs = dict(MANAGEMENT_AUTH) if auth else {}
+    hdrs.update(headers or {})
+    data = raw if raw is not None else (orjson.dumps(body) if body is not None else None)
+    if data is not None:
+        hdrs.setdefault("Content-Type", "application/json")
+    response = await gw.client.request(method, path, data=data, headers=hdrs)
+    text = await response.read()
+    try:
+        doc = orjson.loads(text) if text else None
+    except orjson.JSONDecodeError:
+        doc = text
+    return response.status, doc, response.headers
+
+
+def assert_error(doc: Any, code: str | None = None, param: str | None = None) -> None:
+    """An OpenAI-shaped error body: {"error": {"message", "type", "code"[, "param"]}}."""
+    assert isinstance(doc, dict) and set(doc) == {"error"}, doc
+    assert {"message", "type", "code"} <= set(doc["error"]), doc
+    if code is not None:
+        assert doc["error"]["code"] == code, doc
+    if param is not None:
+        assert doc["error"].get("param") == param, doc
+
+
+def assert_security(headers: Any, management: bool) -> None:
+    """The security headers of every answer, and those of management answers."""
+    assert headers.get("X-Content-Type-Options") == "nosniff", dict(headers)
+    assert "Server" not in headers, dict(headers)
+    assert headers.get("X-Request-ID"), dict(headers)
+    if management:
+        assert headers.get("Cache-Control") == "no-store", dict(headers)
+        assert headers.get("X-Frame-Options") == "DENY", dict(headers)
+        assert headers.get("Referrer-Policy") == "no-referrer", dict(headers)

@@ -15,7 +15,16 @@ import pytest
 from llm_proxy.auditchain import verify_files
 from llm_proxy.keys import AUDIT
 from llm_proxy.obfuscation import obfuscate
-from tests.fakes import ENCRYPTION_KEY, MANAGEMENT_TOKEN, UPSTREAM_KEY, Gateway, bearer, read_all_bytes
+from tests.fakes import (
+    ENCRYPTION_KEY,
+    MANAGEMENT_TOKEN,
+    UPSTREAM_KEY,
+    Gateway,
+    assert_error,
+    bearer,
+    read_all_bytes,
+    send,
+)
 
 CHAT = {"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "hi"}]}
 
@@ -212,6 +221,35 @@ async def test_audit_query_filters_and_paginates(gateway: Gateway) -> None:
 async def test_audit_query_rejects_bad_parameters(gateway: Gateway, query: str) -> None:
     body = await gateway.manage("GET", f"/audit?{query}", expect=400)
     assert body["error"]["param"] == query.split("=")[0]
+
+
+async def test_audit_pagination_and_bounds(gateway: Any) -> None:
+    """From the fifth review (the management API's contract)."""
+    for index in range(7):
+        await gateway.project(f"p{index}")
+    seen: list[int] = []
+    before = None
+    for _ in range(20):
+        query = "?limit=3&action=project.create" + (f"&before={before}" if before else "")
+        status, doc, _ = await send(gateway, "GET", "/manage/audit" + query)
+        assert status == 200, doc
+        seen.extend(event["seq"] for event in doc["data"])
+        before = doc["next_before"]
+        if before is None:
+            break
+    assert len(seen) == 7 and seen == sorted(seen, reverse=True) and len(set(seen)) == 7, seen
+    for query, param in (("limit=0", "limit"), ("limit=1001", "limit"), ("limit=-1", "limit"), ("limit=1.5", "limit"),
+                         ("limit=abc", "limit"), ("before=0", "before"), ("before=-3", "before"),
+                         ("since=2024-13-01", "since"), ("until=2024-02-30", "until"), ("since=2024-1-1", "since"),
+                         ("since=2024-01-01T00:00:00", "since"), ("since=2024-01-01T24:00:00Z", "since"),
+                         ("bogus=1", "bogus")):
+        status, doc, _ = await send(gateway, "GET", f"/manage/audit?{query}")
+        assert status == 400, (query, status, doc)
+        assert_error(doc, "invalid_request", param)
+    status, doc, _ = await send(gateway, "GET", "/manage/audit?limit=1000")
+    assert status == 200
+    status, doc, _ = await send(gateway, "GET", "/manage/audit?since=2999-01-01")
+    assert status == 200 and doc["data"] == [] and doc["next_before"] is None
 
 
 async def test_no_secret_reaches_the_audit_file_or_table(gateway: Gateway) -> None:

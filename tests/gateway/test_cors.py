@@ -1,4 +1,7 @@
-"""CORS on a bare app shaped like the gateway: the middleware and hook at the root, an auth-like check inside /v1."""
+"""CORS on a bare app shaped like the gateway: the middleware and hook at the root, an auth-like check inside /v1.
+
+Then the whole gateway: allowed and refused origins on errors, streams, preflights and IP refusals.
+"""
 
 from __future__ import annotations
 
@@ -12,7 +15,7 @@ from llm_proxy.cors import EXPOSED_HEADERS, CorsPolicy, cors_headers, normalize_
 from llm_proxy.edge import edge_middleware
 from llm_proxy.errors import InvalidToken, RateLimited
 from llm_proxy.security_headers import response_hook
-from tests.fakes import bare_metrics
+from tests.fakes import assert_error, assert_security, bare_metrics, send
 
 APP_ORIGIN = "https://app.example.com"
 CONFIGURED = (APP_ORIGIN, "http://localhost:3000")
@@ -285,3 +288,113 @@ def test_normalize_origin(origin: str, normalized: str | None) -> None:
 def test_unparsable_configured_origin_is_refused_at_setup(bad: str) -> None:
     with pytest.raises(ValueError, match="is not an origin"):
         CorsPolicy((APP_ORIGIN, bad))
+
+
+# ---- the whole gateway ----
+
+async def test_cors_allowed_origin_on_errors_and_streams(make_gateway: Any) -> None:
+    """From the fifth review (the management API's contract)."""
+    gw = await make_gateway(CORS_ALLOWED_ORIGINS=f"{APP_ORIGIN},http://localhost:3000")
+    token = await gw.token()
+    for method, path, auth in (("GET", "/manage/projects", False), ("GET", "/manage/nope", True),
+                               ("PUT", "/manage/projects", True), ("GET", "/health", False), ("GET", "/nope", False),
+                               ("GET", "/metrics", False), ("POST", "/manage/projects", True)):
+        status, _doc, headers = await send(gw, method, path, auth=auth, headers={"Origin": APP_ORIGIN},
+                                          body={} if method == "POST" else None)
+        assert headers.get("Access-Control-Allow-Origin") == APP_ORIGIN, (method, path, status, dict(headers))
+        assert "Origin" in headers.get("Vary", ""), (path, dict(headers))
+        assert "Access-Control-Allow-Credentials" not in headers
+        assert "X-Request-ID" in headers.get("Access-Control-Expose-Headers", "")
+        assert_security(headers, path.startswith("/manage"))
+    response = await gw.client.post("/v1/chat/completions", headers={"Authorization": f"Bearer {token['token']}",
+                                                                     "Origin": APP_ORIGIN},
+                                    json={"model": "gpt-4o-mini", "stream": True,
+                                          "messages": [{"role": "user", "content": "x"}]})
+    await response.read()
+    assert response.headers.get("Access-Control-Allow-Origin") == APP_ORIGIN
+
+
+async def test_cors_disallowed_origins_get_nothing(make_gateway: Any) -> None:
+    """From the fifth review (the management API's contract)."""
+    gw = await make_gateway(CORS_ALLOWED_ORIGINS=f"{APP_ORIGIN},http://localhost:3000")
+    for origin in ("null", f"{APP_ORIGIN}/", "https://app.example.com:8443", "http://app.example.com",
+                   "https://evil.com", "http://localhost:3001", "http://localhost", "https://app.example.com.evil.com",
+                   "https://app.example.com:443/", "HTTPS://evil.com", "https://app.example.com:0",
+                   "https://app.example.com:99999", "file://", "https://*.example.com"):
+        status, doc, headers = await send(gw, "GET", "/manage/projects", headers={"Origin": origin})
+        assert status == 200
+        assert not [h for h in headers if h.lower().startswith("access-control-")], (origin, dict(headers))
+        assert "Origin" in headers.get("Vary", ""), origin
+        status, doc, headers = await send(gw, "OPTIONS", "/manage/projects", auth=False,
+                                          headers={"Origin": origin, "Access-Control-Request-Method": "POST"})
+        assert status == 403, (origin, status)
+        assert_error(doc, "cors_origin_not_allowed")
+        assert not [h for h in headers if h.lower().startswith("access-control-")], (origin, dict(headers))
+        assert_security(headers, management=True)
+
+
+async def test_cors_preflight_allowed(make_gateway: Any) -> None:
+    """From the fifth review (the management API's contract)."""
+    gw = await make_gateway(CORS_ALLOWED_ORIGINS=f"{APP_ORIGIN},http://localhost:3000")
+    for origin, path in ((APP_ORIGIN, "/manage/projects"), ("http://localhost:3000", "/v1/chat/completions"),
+                         ("https://APP.example.com", "/anything"), ("https://app.example.com:443", "/health")):
+        status, doc, headers = await send(gw, "OPTIONS", path, auth=False,
+                                          headers={"Origin": origin, "Access-Control-Request-Method": "PATCH",
+                                                   "Access-Control-Request-Headers": "authorization, x-evil"})
+        assert status == 204, (origin, path, status, doc)
+        assert headers["Access-Control-Allow-Origin"] == origin
+        assert "PATCH" in headers["Access-Control-Allow-Methods"]
+        assert headers["Access-Control-Allow-Headers"] == "authorization"
+        assert headers["Access-Control-Max-Age"] == "600"
+        assert "Access-Control-Allow-Credentials" not in headers
+        assert "Origin" in headers.get("Vary", "")
+        assert_security(headers, path.startswith("/manage"))
+
+
+async def test_cors_wildcard(make_gateway: Any) -> None:
+    """From the fifth review (the management API's contract)."""
+    gw = await make_gateway(CORS_ALLOWED_ORIGINS="*")
+    for origin in ("null", "https://x.example"):
+        status, _doc, headers = await send(gw, "OPTIONS", "/manage/tokens", auth=False,
+                                          headers={"Origin": origin, "Access-Control-Request-Method": "POST"})
+        assert status == 204 and headers["Access-Control-Allow-Origin"] == "*"
+        assert "Access-Control-Allow-Credentials" not in headers
+        status, _doc, headers = await send(gw, "GET", "/manage/tokens", auth=False, headers={"Origin": origin})
+        assert status == 401 and headers["Access-Control-Allow-Origin"] == "*"
+
+
+async def test_no_cors_config_means_no_cors_and_upstream_acao_stripped(make_gateway: Any, upstream: Any) -> None:
+    """From the fifth review (the management API's contract)."""
+    gw = await make_gateway()
+    token = await gw.token()
+    state, _ = upstream
+    state.status = 418
+    state.status_headers = {"Access-Control-Allow-Origin": "*", "Access-Control-Allow-Credentials": "true"}
+    response = await gw.client.post("/v1/chat/completions", headers={"Authorization": f"Bearer {token['token']}",
+                                                                     "Origin": APP_ORIGIN},
+                                    json={"model": "gpt-4o-mini", "messages": []})
+    await response.read()
+    assert response.status == 418
+    assert not [h for h in response.headers if h.lower().startswith("access-control-")], dict(response.headers)
+    _status, _doc, headers = await send(gw, "OPTIONS", "/manage/projects", auth=False,
+                                      headers={"Origin": APP_ORIGIN, "Access-Control-Request-Method": "POST"})
+    assert not [h for h in headers if h.lower().startswith("access-control-")], dict(headers)
+
+
+async def test_ip_refusals_carry_cors_security_and_openai_shape(make_gateway: Any) -> None:
+    """From the fifth review (the management API's contract)."""
+    gw = await make_gateway(CORS_ALLOWED_ORIGINS=APP_ORIGIN, MANAGEMENT_ALLOWED_IPS="10.0.0.0/8")
+    status, doc, headers = await send(gw, "GET", "/manage/projects", headers={"Origin": APP_ORIGIN})
+    assert status == 403, (status, doc)
+    assert_error(doc, "ip_not_allowed")
+    assert headers.get("Access-Control-Allow-Origin") == APP_ORIGIN
+    assert_security(headers, management=True)
+    gw2 = await make_gateway(CORS_ALLOWED_ORIGINS=APP_ORIGIN, IP_RATE_LIMIT="2", DATABASE_PATH=str(
+        gw.settings.database_path) + "-2")
+    for _ in range(3):
+        await send(gw2, "GET", "/manage/projects", auth=False)
+    status, doc, headers = await send(gw2, "GET", "/manage/projects", headers={"Origin": APP_ORIGIN})
+    assert status == 429, (status, doc)
+    assert_error(doc, "rate_limited")
+    assert headers.get("Retry-After") and headers.get("Access-Control-Allow-Origin") == APP_ORIGIN
+    assert_security(headers, management=True)

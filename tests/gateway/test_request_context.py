@@ -15,6 +15,7 @@ from multidict import CIMultiDict
 from llm_proxy.keys import AUDIT
 from llm_proxy.request_context import RequestIds, ip_in, resolve_client_ip
 from llm_proxy.settings import IPNetwork
+from tests.fakes import send
 
 
 def networks(*items: str) -> tuple[IPNetwork, ...]:
@@ -152,3 +153,15 @@ async def test_the_failure_throttle_counts_the_address_the_proxy_saw_whatever_th
                                ("Authorization", "Bearer tok-" + "x" * 43)])
         statuses.append((await gateway.client.get("/v1/models", headers=headers)).status)
     assert statuses == [401, 401, 429, 429]
+
+
+# ---- through real HTTP: the request id on every kind of error ----
+
+async def test_request_id_echoed_on_error_kinds(gateway: Any) -> None:
+    """From the fifth review (the management API's contract)."""
+    for method, path in (("PUT", "/manage/projects"), ("GET", "/nope"), ("GET", "/manage/tokens/x"),
+                         ("POST", "/manage/projects")):
+        status, _, headers = await send(gateway, method, path, headers={"X-Request-ID": "probe-1.A_b"})
+        assert status >= 400 and headers["X-Request-ID"] == "probe-1.A_b", (method, path, dict(headers))
+        status, _, headers = await send(gateway, method, path, headers={"X-Request-ID": "bad id!"})
+        assert headers["X-Request-ID"] != "bad id!"

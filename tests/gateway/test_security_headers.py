@@ -1,4 +1,7 @@
-"""Security headers on a bare app with only the hook (and the real error middleware), over real HTTP."""
+"""Security headers on a bare app with only the hook (and the real error middleware), over real HTTP.
+
+Then the whole gateway: every kind of answer carries them.
+"""
 
 from __future__ import annotations
 
@@ -12,7 +15,7 @@ from aiohttp.test_utils import TestClient
 from llm_proxy.edge import edge_middleware
 from llm_proxy.errors import InvalidToken
 from llm_proxy.security_headers import is_management_path, response_hook, security_headers
-from tests.fakes import bare_metrics
+from tests.fakes import assert_error, assert_security, bare_metrics, send
 
 MANAGEMENT_ONLY = ("X-Frame-Options", "Referrer-Policy")
 
@@ -180,3 +183,26 @@ def test_nonsense_hsts_max_age_is_refused_at_setup(hsts_max_age: Any) -> None:
 ])
 def test_management_paths(path: str, expected: bool) -> None:
     assert is_management_path(path) is expected
+
+
+# ---- the whole gateway ----
+
+async def test_security_headers_everywhere(gateway: Any) -> None:
+    """From the fifth review (the management API's contract)."""
+    token = await gateway.token()
+    for method, path, auth, manage in (("GET", "/health", False, False), ("GET", "/ready", False, False),
+                                       ("GET", "/metrics", True, False), ("GET", "/metrics", False, False),
+                                       ("GET", "/nope", False, False), ("POST", "/health", False, False),
+                                       ("GET", "/v1/nope", False, False), ("GET", "/manage/projects", False, True),
+                                       ("HEAD", "/health", False, False), ("OPTIONS", "/manage/projects", True, True),
+                                       ("GET", "/favicon.ico", False, False)):
+        status, doc, headers = await send(gateway, method, path, auth=auth)
+        assert_security(headers, manage)
+        if status >= 400 and method != "HEAD":
+            assert_error(doc)
+    response = await gateway.client.post("/v1/chat/completions", headers={"Authorization": f"Bearer {token['token']}"},
+                                         json={"model": "gpt-4o-mini", "stream": True,
+                                               "messages": [{"role": "user", "content": "x"}]})
+    await response.read()
+    assert response.status == 200
+    assert_security(response.headers, management=False)

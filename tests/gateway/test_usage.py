@@ -21,7 +21,16 @@ from hypothesis import strategies as st
 
 from llm_proxy.keys import AUDIT, TOKEN_STORE
 from llm_proxy.usage import Usage, UsageTap, prepare
-from tests.fakes import FakeClock, Gateway, access_events, bearer, serving, serving_like_serve
+from tests.fakes import (
+    FakeClock,
+    Gateway,
+    access_events,
+    assert_error,
+    bearer,
+    send,
+    serving,
+    serving_like_serve,
+)
 
 CHAT = {"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "hello there"}]}
 
@@ -209,6 +218,45 @@ async def test_project_daily_usage(gateway: Gateway) -> None:
     assert empty["data"] == []
     await gateway.manage("GET", "/projects/nope/usage", expect=404)
     await gateway.manage("GET", f"/projects/{project['id']}/usage?since=soon", expect=400)
+
+
+async def test_usage_date_filters(gateway: Any) -> None:
+    """From the fifth review (the management API's contract)."""
+    token = await gateway.token()
+    sdk = gateway.openai(token["token"])
+    await sdk.chat.completions.create(model="gpt-4o-mini", messages=[{"role": "user", "content": "hi"}])
+    pid = token["project_id"]
+    status, doc, _ = await send(gateway, "GET", f"/manage/projects/{pid}/usage")
+    assert status == 200 and len(doc["data"]) == 1, doc
+    today = doc["data"][0]["date"]
+    assert doc["totals"]["requests"] == 1 and doc["totals"]["total_tokens"] == 7, doc
+    assert doc["project_id"] == pid
+    status, doc, _ = await send(gateway, "GET", f"/manage/projects/{pid}/usage?since={today}&until={today}")
+    assert status == 200 and doc["data"] == [], doc  # until exclusive
+    status, doc, _ = await send(gateway, "GET", f"/manage/projects/{pid}/usage?since={today}")
+    assert len(doc["data"]) == 1
+    status, doc, _ = await send(gateway, "GET", f"/manage/projects/{pid}/usage?until={today}")
+    assert doc["data"] == [] and doc["totals"]["requests"] == 0
+    for query, param in (("since=yesterday", "since"), ("until=2024-02-30", "until"), ("since=2024-01-01T1:00:00Z",
+                                                                                         "since"),
+                         ("since=%EF%BC%92024-01-01", "since")):
+        status, doc, _ = await send(gateway, "GET", f"/manage/projects/{pid}/usage?{query}")
+        assert status == 400, (query, status, doc)
+        assert_error(doc, "invalid_request", param)
+
+
+async def test_usage_until_instant_includes_that_days_earlier_part(gateway: Any) -> None:
+    """From the fifth review (the management API's contract)."""
+    token = await gateway.token()
+    sdk = gateway.openai(token["token"])
+    await sdk.chat.completions.create(model="gpt-4o-mini", messages=[{"role": "user", "content": "hi"}])
+    pid = token["project_id"]
+    doc = await gateway.manage("GET", f"/projects/{pid}/usage", expect=200)
+    today = doc["data"][0]["date"]
+    # until=TODAYT23:59:59Z covers (most of) today: a day's totals are either all in or the
+    # filter must refuse instants. Silently dropping the whole day is wrong.
+    status, doc, _ = await send(gateway, "GET", f"/manage/projects/{pid}/usage?until={today}T23:59:59Z")
+    assert status == 400 or len(doc["data"]) == 1, (status, doc)
 
 
 async def test_daily_usage_survives_a_restart(make_gateway: Any) -> None:

@@ -14,7 +14,10 @@ from tests.fakes import (
     MANAGEMENT_TOKEN,
     UPSTREAM_KEY,
     Gateway,
+    assert_error,
+    assert_security,
     read_all_bytes,
+    send,
 )
 
 
@@ -85,6 +88,16 @@ async def test_token_lifecycle(gateway: Gateway) -> None:
     assert conflict["error"]["param"] == "is_active"
 
 
+async def test_token_duration_is_honoured_exactly(gateway: Any) -> None:
+    """From the fifth review (the management API's contract)."""
+    from datetime import datetime
+    project = await gateway.project()
+    doc = await gateway.token(project["id"], duration_minutes=1)
+    created = datetime.strptime(doc["created_at"], "%Y-%m-%dT%H:%M:%SZ")
+    expires = datetime.strptime(doc["expires_at"], "%Y-%m-%dT%H:%M:%SZ")
+    assert 59 <= (expires - created).total_seconds() <= 61, doc
+
+
 async def test_request_count_is_live_in_token_resource(gateway: Gateway) -> None:
     token = await gateway.token()
     for _ in range(3):
@@ -102,6 +115,126 @@ async def test_token_for_inactive_project_is_403_and_unknown_project_404(gateway
     unknown = await gateway.manage("POST", "/tokens", {"project_id": "missing"}, expect=404)
     assert inactive["error"]["code"] == "project_inactive"
     assert unknown["error"]["code"] == "not_found"
+
+
+# ---- methods and routes: OpenAI-shaped errors, with their headers ----
+
+async def test_wrong_methods_on_management_routes_are_openai_shaped_405(gateway: Any) -> None:
+    """From the fifth review (the management API's contract)."""
+    project = await gateway.project()
+    token = await gateway.token(project["id"])
+    cases = [("PUT", "/manage/projects"), ("DELETE", "/manage/projects"), ("PUT", f"/manage/projects/{project['id']}"),
+             ("POST", f"/manage/projects/{project['id']}"), ("GET", f"/manage/projects/{project['id']}/tokens/revoke"),
+             ("POST", f"/manage/projects/{project['id']}/usage"), ("PUT", "/manage/tokens"),
+             ("PUT", f"/manage/tokens/{token['id']}"), ("GET", f"/manage/tokens/{token['id']}/refresh"),
+             ("POST", "/manage/audit"), ("POST", "/manage/openapi.json"), ("DELETE", "/manage/audit")]
+    for method, path in cases:
+        status, doc, headers = await send(gateway, method, path)
+        assert status == 405, (method, path, status, doc)
+        assert_error(doc, "method_not_allowed")
+        assert headers.get("Allow"), (method, path)
+        assert_security(headers, management=True)
+
+
+async def test_unauthenticated_wrong_method_is_401_not_405(gateway: Any) -> None:
+    """From the fifth review (the management API's contract)."""
+    status, doc, headers = await send(gateway, "PUT", "/manage/projects", auth=False)
+    assert status == 401, (status, doc)
+    assert_error(doc, "invalid_management_token")
+    assert_security(headers, management=True)
+
+
+async def test_unknown_management_paths_404_with_headers(gateway: Any) -> None:
+    """From the fifth review (the management API's contract)."""
+    for path in ("/manage", "/manage/", "/manage/nope", "/manage/projects/x/y/z", "/manage/tokens/a/b"):
+        status, doc, headers = await send(gateway, "GET", path)
+        assert status == 404, (path, status, doc)
+        assert_error(doc)
+        assert_security(headers, management=True)
+
+
+async def test_non_uuid_ids_are_404(gateway: Any) -> None:
+    """From the fifth review (the management API's contract)."""
+    for ident in ("abc", "0", "-1", "%C3%A9", "x" * 3000, "%20", "..%2F..", "'%20OR%201=1"):
+        for path in (f"/manage/projects/{ident}", f"/manage/tokens/{ident}", f"/manage/projects/{ident}/usage"):
+            status, doc, _headers = await send(gateway, "GET", path)
+            assert status == 404, (path[:80], status, doc)
+            assert_error(doc, "not_found")
+        status, doc, _ = await send(gateway, "DELETE", f"/manage/tokens/{ident}")
+        assert status == 404, (ident[:40], status, doc)
+        status, doc, _ = await send(gateway, "POST", f"/manage/projects/{ident}/tokens/revoke")
+        assert status == 404, (ident[:40], status, doc)
+        status, doc, _ = await send(gateway, "POST", f"/manage/tokens/{ident}/refresh", body={})
+        assert status == 404, (ident[:40], status, doc)
+        status, doc, _ = await send(gateway, "PATCH", f"/manage/tokens/{ident}", body={"is_active": False})
+        assert status == 404, (ident[:40], status, doc)
+        status, doc, _ = await send(gateway, "PATCH", f"/manage/projects/{ident}", body={"is_active": False})
+        assert status == 404, (ident[:40], status, doc)
+
+
+async def test_delete_project_405_even_unknown_and_allow(gateway: Any) -> None:
+    """From the fifth review (the management API's contract)."""
+    status, doc, headers = await send(gateway, "DELETE", "/manage/projects/does-not-exist")
+    assert status == 405 and headers["Allow"] == "GET, PATCH"
+    assert_error(doc, "method_not_allowed")
+
+
+async def test_head_on_management_get_routes(gateway: Any) -> None:
+    """From the fifth review (the management API's contract)."""
+    status, _, headers = await send(gateway, "HEAD", "/manage/projects")
+    assert status in (200, 405), status
+    if status == 405:
+        assert "HEAD" not in headers.get("Allow", "")
+    assert_security(headers, management=True)
+
+
+
+# ---- lists: filters and order ----
+
+async def test_list_filters(gateway: Any) -> None:
+    """From the fifth review (the management API's contract)."""
+    active = await gateway.project("act")
+    inactive = await gateway.project("inact")
+    await gateway.manage("PATCH", f"/projects/{inactive['id']}", {"is_active": False}, expect=200)
+    for value, expected in (("true", [active["id"]]), ("TRUE", [active["id"]]), ("1", [active["id"]]),
+                            ("false", [inactive["id"]]), ("0", [inactive["id"]]),
+                            ("", [active["id"], inactive["id"]])):
+        status, doc, _ = await send(gateway, "GET", f"/manage/projects?active={value}")
+        assert status == 200 and sorted(p["id"] for p in doc["data"]) == sorted(expected), (value, doc)
+    for value in ("yes", "2", "tru", "%20true"):
+        status, doc, _ = await send(gateway, "GET", f"/manage/projects?active={value}")
+        assert status == 400, (value, status, doc)
+        assert_error(doc, "invalid_request", "active")
+    t1 = await gateway.token(active["id"])
+    t2 = await gateway.token(active["id"])
+    await gateway.manage("DELETE", f"/tokens/{t2['id']}", expect=204)
+    status, doc, _ = await send(gateway, "GET", f"/manage/tokens?project_id={active['id']}&active_only=true")
+    assert status == 200 and [t["id"] for t in doc["data"]] == [t1["id"]], doc
+    status, doc, _ = await send(gateway, "GET", f"/manage/tokens?project_id={active['id']}")
+    assert sorted(t["id"] for t in doc["data"]) == sorted([t1["id"], t2["id"]])  # order: see the ordering probe
+    assert all("token" not in t for t in doc["data"])
+    status, doc, _ = await send(gateway, "GET", "/manage/tokens?project_id=unknown")
+    assert status == 200 and doc["data"] == []
+    for query in ("active_only=maybe", "expired=x"):
+        status, doc, _ = await send(gateway, "GET", f"/manage/tokens?{query}")
+        assert status == 400, (query, status, doc)
+    status, doc, _ = await send(gateway, "GET", "/manage/tokens?expired=false")
+    assert status == 200 and len(doc["data"]) == 2
+
+
+async def test_lists_are_oldest_first_in_creation_order(gateway: Any) -> None:
+    """From the fifth review (the management API's contract)."""
+    created = [(await gateway.project(f"order-{index}"))["id"] for index in range(12)]
+    listed = await gateway.manage("GET", "/projects", expect=200)
+    assert [p["id"] for p in listed["data"]] == created
+    pid = created[0]
+    tokens = [(await gateway.token(pid))["id"] for _ in range(12)]
+    listed = await gateway.manage("GET", f"/tokens?project_id={pid}", expect=200)
+    assert [t["id"] for t in listed["data"]] == tokens
+
+
+
+# ---- secrets at rest and in answers ----
 
 
 async def test_database_holds_neither_plaintext_token_nor_upstream_key(gateway: Gateway) -> None:

@@ -1,4 +1,5 @@
-"""The committed OpenAPI document: generated, complete (every route and nothing else), and served."""
+"""The committed OpenAPI document: generated, complete (every route and nothing else), served, and true to the live
+gateway's answers."""
 
 from __future__ import annotations
 
@@ -12,7 +13,7 @@ import llm_proxy
 from llm_proxy.app import create_app
 from llm_proxy.management import MAX_GRACE_SECONDS
 from llm_proxy.openapi import build_document, render
-from tests.fakes import MANAGEMENT_TOKEN, UPSTREAM_KEY, Gateway, make_settings
+from tests.fakes import MANAGEMENT_TOKEN, UPSTREAM_KEY, Gateway, assert_security, make_settings, send
 
 COMMITTED = Path(llm_proxy.__file__).parent / "openapi.json"
 # The proxy's catch-all forwards whatever ALLOWED_ENDPOINTS admits; it is the upstream's API, not ours.
@@ -120,3 +121,78 @@ def _resolve(document: dict[str, Any], node: dict[str, Any]) -> dict[str, Any]:
             target = target[part]
         node = target
     return node
+
+
+# ---- the document against the live gateway's answers ----
+
+async def test_openapi_matches_routes(gateway: Any) -> None:
+    """From the fifth review (the management API's contract)."""
+    status, doc, headers = await send(gateway, "GET", "/manage/openapi.json")
+    assert status == 200 and doc["openapi"].startswith("3.1")
+    assert_security(headers, management=True)
+    documented = {(path, method.upper()) for path, item in doc["paths"].items() for method in item
+                  if method != "parameters"}
+    actual = set()
+    for resource in gateway.app.router.resources():
+        info = resource.get_info()
+        if "app" in info:
+            for sub in info["app"].router.resources():
+                sinfo = sub.get_info()
+                path = sinfo.get("path") or sinfo.get("formatter")
+                for route in sub:
+                    actual.add((path, route.method))
+        else:
+            path = info.get("path") or info.get("formatter")
+            for route in resource:
+                if route.method not in ("HEAD", "*"):
+                    actual.add((path, route.method))
+    assert documented == actual, (documented ^ actual)
+
+
+async def test_openapi_required_fields_match_real_answers(gateway: Any) -> None:
+    """From the fifth review (the management API's contract)."""
+    doc = await gateway.manage("GET", "/openapi.json", expect=200)
+    schemas = doc["components"]["schemas"]
+    project = await gateway.project()
+    token = await gateway.token(project["id"])
+    assert set(project) == set(schemas["Project"]["properties"]) == set(schemas["Project"]["required"])
+    assert set(token) == set(schemas["TokenWithSecret"]["properties"])
+    listed = await gateway.manage("GET", f"/tokens/{token['id']}", expect=200)
+    assert set(listed) == set(schemas["Token"]["required"])
+    revoke = await gateway.manage("POST", f"/projects/{project['id']}/tokens/revoke", expect=200)
+    assert set(revoke) == set(schemas["RevokeSummary"]["required"])
+    usage = await gateway.manage("GET", f"/projects/{project['id']}/usage", expect=200)
+    assert set(usage) == set(schemas["ProjectUsage"]["required"])
+    page = await gateway.manage("GET", "/audit?limit=5", expect=200)
+    assert set(page) == set(schemas["AuditPage"]["required"])
+    for event in page["data"]:
+        assert set(event) <= set(schemas["AuditEvent"]["properties"]), event
+        assert set(schemas["AuditEvent"]["required"]) <= set(event), event
+    health = await gateway.client.get("/health")
+    assert set(orjson.loads(await health.read())) == set(schemas["Health"]["required"])
+
+
+async def test_openapi_documented_statuses_cover_observed(gateway: Any) -> None:
+    """From the fifth review (the management API's contract)."""
+    doc = await gateway.manage("GET", "/openapi.json", expect=200)
+    paths = doc["paths"]
+    project = await gateway.project()
+    token = await gateway.token(project["id"])
+    await gateway.manage("DELETE", f"/tokens/{token['id']}", expect=204)
+    observed = []
+    for method, path, template, body in (
+            ("PATCH", f"/manage/tokens/{token['id']}", "/manage/tokens/{id}", {"is_active": True}),
+            ("POST", f"/manage/tokens/{token['id']}/refresh", "/manage/tokens/{id}/refresh", {}),
+            ("DELETE", f"/manage/tokens/{token['id']}", "/manage/tokens/{id}", None),
+            ("GET", "/manage/tokens?expired=x", "/manage/tokens", None),
+            ("GET", "/manage/projects/nope/usage", "/manage/projects/{id}/usage", None),
+            ("POST", "/manage/projects/nope/tokens/revoke", "/manage/projects/{id}/tokens/revoke", None),
+            ("GET", "/manage/audit?limit=0", "/manage/audit", None),
+            ("POST", "/manage/tokens", "/manage/tokens", {"project_id": "nope"}),
+            ("PATCH", "/manage/projects/nope", "/manage/projects/{id}", {"name": "n"}),
+            ("DELETE", f"/manage/projects/{project['id']}", "/manage/projects/{id}", None)):
+        status, body_doc, _ = await send(gateway, method, path, body=body)
+        observed.append((method, template, status))
+        assert str(status) in paths[template][method.lower()]["responses"], (method, template, status, body_doc)
+    status, _, headers = await send(gateway, "GET", "/manage/projects", auth=False)
+    assert status == 401 and headers.get("WWW-Authenticate") == "Bearer"

@@ -7,7 +7,7 @@ from typing import Any
 
 import pytest
 
-from tests.fakes import Gateway
+from tests.fakes import Gateway, assert_error, assert_security, send
 
 BAD_BODIES: list[tuple[str, str, Any, str | None]] = [
     ("POST", "/projects", b"{not json", None),
@@ -58,6 +58,125 @@ async def test_bad_input_is_400_naming_the_field_and_changes_nothing(
     if field is not None:
         assert error.get("param") == field and field in error["message"]
     assert (await gateway.manage("GET", "/projects"), await gateway.manage("GET", "/tokens")) == before
+
+
+# ---- every field at and past its bounds ----
+
+async def test_project_body_validation(gateway: Any) -> None:
+    """From the fifth review (the management API's contract)."""
+    bad = [
+        ({}, "name"), ({"name": "a"}, "api_key"), ({"api_key": "sk-x"}, "name"),
+        ({"name": "", "api_key": "sk-x"}, "name"), ({"name": "   ", "api_key": "sk-x"}, "name"),
+        ({"name": 1, "api_key": "sk-x"}, "name"), ({"name": None, "api_key": "sk-x"}, "name"),
+        ({"name": ["a"], "api_key": "sk-x"}, "name"), ({"name": "a", "api_key": 5}, "api_key"),
+        ({"name": "a" * 201, "api_key": "sk-x"}, "name"), ({"name": "a\nb", "api_key": "sk-x"}, "name"),
+        ({"name": "a\x00b", "api_key": "sk-x"}, "name"), ({"name": "a", "api_key": "k" * 4097}, "api_key"),
+        ({"name": "a", "api_key": "sk-x", "extra": 1}, "extra"), ({"name": "a", "api_key": "sk-x", "is_active": False},
+                                                                  "is_active"),
+    ]
+    for body, param in bad:
+        status, doc, headers = await send(gateway, "POST", "/manage/projects", body=body)
+        assert status == 400, (body if len(str(body)) < 100 else param, status, doc)
+        assert_error(doc, "invalid_request", param)
+        assert_security(headers, management=True)
+    for raw in (b"{", b"[]", b'"x"', b"null", b"1", b"\xff\xfe"):
+        status, doc, _ = await send(gateway, "POST", "/manage/projects", raw=raw)
+        assert status == 400, (raw, status, doc)
+        assert_error(doc, "invalid_request")
+    listed = await gateway.manage("GET", "/projects", expect=200)
+    assert listed["data"] == []
+
+
+async def test_project_name_boundaries_and_uniqueness(gateway: Any) -> None:
+    """From the fifth review (the management API's contract)."""
+    ok = await gateway.project("a" * 200)
+    assert ok["name"] == "a" * 200
+    emoji = await gateway.project("\U0001F600" * 200)
+    assert emoji["name"] == "\U0001F600" * 200
+    first = await gateway.project("demo")
+    status, doc, _ = await send(gateway, "POST", "/manage/projects", body={"name": " demo\t", "api_key": "sk-x"})
+    assert status == 409, (status, doc)
+    assert_error(doc, "conflict")
+    # rename onto an existing name: 409 and nothing changed
+    other = await gateway.project("other")
+    status, doc, _ = await send(gateway, "PATCH", f"/manage/projects/{other['id']}", body={"name": "demo "})
+    assert status == 409, (status, doc)
+    assert (await gateway.manage("GET", f"/projects/{other['id']}", expect=200))["name"] == "other"
+    # rename to its own name is fine
+    status, doc, _ = await send(gateway, "PATCH", f"/manage/projects/{first['id']}", body={"name": "demo"})
+    assert status == 200, (status, doc)
+
+
+async def test_project_patch_validation_order(gateway: Any) -> None:
+    """From the fifth review (the management API's contract)."""
+    project = await gateway.project()
+    for body, param in (({"is_active": 0}, "is_active"), ({"is_active": "false"}, "is_active"),
+                        ({"is_active": None}, "is_active"), ({"name": None}, "name"), ({"id": "x"}, "id"),
+                        ({"created_at": "x"}, "created_at")):
+        status, doc, _ = await send(gateway, "PATCH", f"/manage/projects/{project['id']}", body=body)
+        assert status == 400, (body, status, doc)
+        assert_error(doc, "invalid_request", param)
+    status, doc, _ = await send(gateway, "PATCH", f"/manage/projects/{project['id']}", body={})
+    assert status == 400, (status, doc)
+    assert (await gateway.manage("GET", f"/projects/{project['id']}", expect=200)) == project
+
+
+async def test_token_create_numeric_boundaries(gateway: Any) -> None:
+    """From the fifth review (the management API's contract)."""
+    project = await gateway.project()
+    pid = project["id"]
+    max_duration = gateway.settings.max_token_duration_minutes
+    for field, value in (("duration_minutes", 1), ("duration_minutes", max_duration), ("duration_minutes", 60.0),
+                         ("max_requests", 0), ("max_requests", 2**53), ("max_requests", None),
+                         ("rate_limit_per_minute", 0), ("max_tokens_total", 0), ("max_tokens_total", 5.0)):
+        status, doc, _ = await send(gateway, "POST", "/manage/tokens", body={"project_id": pid, field: value})
+        assert status == 201, (field, value, status, doc)
+        if field != "duration_minutes" and value is not None:
+            assert doc[field] == int(value) and type(doc[field]) is int, doc
+    for field, value in (("duration_minutes", 0), ("duration_minutes", -1), ("duration_minutes", max_duration + 1),
+                         ("duration_minutes", 1.5), ("duration_minutes", "60"), ("duration_minutes", True),
+                         ("duration_minutes", None), ("duration_minutes", 1e300),
+                         ("max_requests", -1), ("max_requests", 2**53 + 1), ("max_requests", 0.5),
+                         ("max_requests", False), ("max_requests", "1"), ("rate_limit_per_minute", -5),
+                         ("max_tokens_total", [1]), ("max_tokens_total", {"a": 1}), ("project_id", 5),
+                         ("project_id", ""), ("project_id", "x" * 65), ("token", "tok-abc"), ("is_active", True)):
+        status, doc, _ = await send(gateway, "POST", "/manage/tokens", body={"project_id": pid, field: value})
+        assert status == 400, (field, value, status, doc)
+        assert_error(doc, "invalid_request", field)
+    status, doc, _ = await send(gateway, "POST", "/manage/tokens", body={})
+    assert status == 400 and doc["error"].get("param") == "project_id", doc
+    status, doc, _ = await send(gateway, "POST", "/manage/tokens", body={"project_id": "nope"})
+    assert status == 404, (status, doc)
+    await gateway.manage("PATCH", f"/projects/{pid}", {"is_active": False}, expect=200)
+    status, doc, _ = await send(gateway, "POST", "/manage/tokens", body={"project_id": pid})
+    assert status == 403, (status, doc)
+    assert_error(doc, "project_inactive")
+
+
+async def test_token_patch_and_refresh_boundaries(gateway: Any) -> None:
+    """From the fifth review (the management API's contract)."""
+    token = await gateway.token()
+    tid = token["id"]
+    for body, param in (({"max_requests": -1}, "max_requests"),
+                        ({"rate_limit_per_minute": 1.5}, "rate_limit_per_minute"),
+                        ({"is_active": 1}, "is_active"), ({"expires_at": "2030-01-01T00:00:00Z"}, "expires_at"),
+                        ({"project_id": "x"}, "project_id"), ({"duration_minutes": 5}, "duration_minutes")):
+        status, doc, _ = await send(gateway, "PATCH", f"/manage/tokens/{tid}", body=body)
+        assert status == 400, (body, status, doc)
+        assert_error(doc, "invalid_request", param)
+    status, doc, _ = await send(gateway, "PATCH", f"/manage/tokens/{tid}", body={})
+    assert status == 400
+    status, doc, _ = await send(gateway, "PATCH", f"/manage/tokens/{tid}", body={"max_requests": None,
+                                                                                 "rate_limit_per_minute": 0})
+    assert status == 200 and doc["max_requests"] is None and doc["rate_limit_per_minute"] == 0, doc
+    for body, param in (({"grace_seconds": 86401}, "grace_seconds"), ({"grace_seconds": -1}, "grace_seconds"),
+                        ({"grace_seconds": 1.5}, "grace_seconds"), ({"grace_seconds": None}, "grace_seconds"),
+                        ({"duration_minutes": 0}, "duration_minutes"), ({"max_requests": 1}, "max_requests")):
+        status, doc, _ = await send(gateway, "POST", f"/manage/tokens/{tid}/refresh", body=body)
+        assert status == 400, (body, status, doc)
+        assert_error(doc, "invalid_request", param)
+    status, doc, _ = await send(gateway, "POST", f"/manage/tokens/{tid}/refresh", body={"grace_seconds": 86400.0})
+    assert status == 201, (status, doc)
 
 
 # ---- a body over MAX_REQUEST_SIZE: the gateway's 413, audited as invalid input ----
