@@ -150,6 +150,7 @@ def test_settings_repr_hides_secrets() -> None:
     assert MANAGEMENT_TOKEN not in text and "encryption_key" not in text
 
 
+@pytest.mark.system
 def test_serve_with_bad_config_prints_one_line_and_exits_nonzero(tmp_path: Path) -> None:
     secret = "too-short-but-secret"
     result = subprocess.run([sys.executable, "-m", "llm_proxy", "serve"], cwd=tmp_path, capture_output=True,
@@ -161,6 +162,7 @@ def test_serve_with_bad_config_prints_one_line_and_exits_nonzero(tmp_path: Path)
     assert "Traceback" not in result.stderr and secret not in result.stderr
 
 
+@pytest.mark.system
 def test_serve_names_every_invalid_variable_on_its_own_line(tmp_path: Path) -> None:
     secret = "too-short-but-secret"
     result = subprocess.run([sys.executable, "-m", "llm_proxy", "serve"], cwd=tmp_path, capture_output=True,

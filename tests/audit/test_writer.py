@@ -557,6 +557,7 @@ async def test_rotation_while_writing_loses_and_tears_nothing(make_writer: Write
     assert result.ok and result.events == 300 and result.start == "genesis"
 
 
+@pytest.mark.system
 async def test_logrotate_recipe_rename_and_create(make_writer: WriterFactory, audit_path: Path,
                                                   tmp_path: Path) -> None:
     if shutil.which("logrotate") is None:

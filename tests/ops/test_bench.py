@@ -31,6 +31,7 @@ def bench() -> Iterator[dict[str, ModuleType]]:
             sys.modules.pop(name, None)
 
 
+@pytest.mark.system
 def test_smoke_run_goes_through_upstream_floor_and_gateway(tmp_path: Path) -> None:
     out = tmp_path / "figures.json"
     done = subprocess.run([sys.executable, str(BENCH / "run.py"), "--smoke", "--json", str(out)],
@@ -87,6 +88,7 @@ def test_profile_summary_ranks_self_and_inclusive_time(bench: dict[str, ModuleTy
     assert "75.0%" in bench["hotspots"].report(raw)
 
 
+@pytest.mark.system
 def test_nginx_config_answers_post_and_stays_in_its_directory(bench: dict[str, ModuleType], tmp_path: Path) -> None:
     config = bench["services"].nginx_config(tmp_path, 8123, "http://127.0.0.1:8124")
     assert "listen 127.0.0.1:8123" in config and "daemon off;" in config

@@ -210,6 +210,7 @@ def test_serve_with_invalid_config_prints_one_line_and_exits_2(
     assert value not in result.err or variable in ("LOG_FILE", "TLS_CERT_FILE")  # paths are not secrets
 
 
+@pytest.mark.system
 async def test_serve_with_invalid_config_as_a_process() -> None:
     secret = "this-is-the-secret-value-which-is-not-base64!"
     result = await run_process("serve", env=child_env(MANAGEMENT_TOKEN=MANAGEMENT_TOKEN, ENCRYPTION_KEY=secret))
@@ -352,6 +353,7 @@ async def test_projects_and_tokens_in_process(make_gateway: Callable[..., Any], 
 
 # ---- against a live gateway, as a subprocess ----
 
+@pytest.mark.system
 async def test_commands_as_a_subprocess(make_gateway: Callable[..., Any], tmp_path: Path) -> None:
     gateway = await make_gateway()
     env = child_env(MANAGEMENT_TOKEN=MANAGEMENT_TOKEN, LLM_PROXY_URL=gateway_url(gateway))
@@ -420,6 +422,7 @@ async def _odd_server(handler: Callable[[web.Request], Any]) -> TestServer:
     return server
 
 
+@pytest.mark.system
 @pytest.mark.parametrize(("status", "body", "headers", "fragment"), [
     (500, b"<html>oops</html>", {}, "500"),
     (502, b"Bad Gateway", {}, "502"),
@@ -445,6 +448,7 @@ async def test_cli_against_a_misbehaving_gateway_gives_a_clear_line(
     assert MANAGEMENT_TOKEN not in result.err + result.out
 
 
+@pytest.mark.system
 async def test_cli_gateway_answering_401_and_500_json(tmp_path: Path) -> None:
     """From the third review (the operator's side)."""
     async def handler(request: web.Request) -> web.Response:
@@ -496,6 +500,7 @@ def audit_rows(database: Path, action: str) -> list[dict[str, Any]]:
                                                   (action,))]
 
 
+@pytest.mark.system
 async def test_rotate_key_while_serving(make_gateway: Callable[..., Any], capsys: pytest.CaptureFixture[str],
                                         monkeypatch: pytest.MonkeyPatch) -> None:
     old = await make_gateway(ENCRYPTION_KEY=ENCRYPTION_KEY)
@@ -543,6 +548,7 @@ async def test_rotate_key_while_serving(make_gateway: Callable[..., Any], capsys
     assert verified.code == 0 and verified.out.startswith("audit_events: OK"), verified
 
 
+@pytest.mark.system
 async def test_rotate_key_reads_rows_under_either_previous_key(make_gateway: Callable[..., Any],
                                                                tmp_path: Path) -> None:
     """From the third review (the operator's side)."""
@@ -580,6 +586,7 @@ async def write_events(database: Path, audit_file: Path, count: int, when: datet
     await db.close()
 
 
+@pytest.mark.system
 async def test_audit_verify_and_prune(capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch,
                                       tmp_path: Path) -> None:
     database, audit_file = tmp_path / "data" / "gateway.db", tmp_path / "data" / "audit.log"
@@ -665,6 +672,7 @@ async def test_audit_verify_checks_the_files_against_the_databases_chain_head(
     assert unreadable.code == 0 and "unreadable" in unreadable.out and "verified alone" in unreadable.out
 
 
+@pytest.mark.system
 async def test_audit_verify_gz_rotation_with_dateext_in_order(tmp_path: Path) -> None:
     """logrotate with dateext + compress: audit.log-YYYYMMDD.gz files and the current file verify as one chain.
 
@@ -695,6 +703,7 @@ async def test_audit_verify_gz_rotation_with_dateext_in_order(tmp_path: Path) ->
 
 # ---- serve, for real ----
 
+@pytest.mark.system
 async def test_serve_runs_logs_and_stops_on_sigterm(tmp_path: Path) -> None:
     with closing(socket.socket()) as probe:
         probe.bind(("127.0.0.1", 0))

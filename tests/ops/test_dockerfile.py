@@ -4,7 +4,11 @@ from __future__ import annotations
 
 import re
 
+import pytest
+
 from tests.fakes import REPO
+
+pytestmark = pytest.mark.system  # reads the container recipe
 
 ROOT = REPO
 DOCKERFILE = (ROOT / "Dockerfile").read_text()

@@ -25,6 +25,8 @@ import pytest
 
 from tests.fakes import ENCRYPTION_KEY, MANAGEMENT_TOKEN, REPO, UPSTREAM_KEY, free_port
 
+pytestmark = pytest.mark.system  # builds and installs the wheel, runs the image's entry point
+
 ROOT = REPO
 DOCKERFILE = ROOT / "Dockerfile"
 

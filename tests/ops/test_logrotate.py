@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 import orjson
+import pytest
 
 from llm_proxy.auditchain import verify_files
 from llm_proxy.keys import AUDIT
@@ -37,6 +38,7 @@ def _lines(directory: Path) -> list[dict[str, Any]]:
     return events
 
 
+@pytest.mark.system
 async def test_rotation_under_load_loses_no_line(make_gateway: Any, tmp_path: Path) -> None:
     logrotate = shutil.which("logrotate") or shutil.which("logrotate", path="/usr/sbin:/sbin")
     assert logrotate, "logrotate is missing: `make test` installs it (make system-deps)"

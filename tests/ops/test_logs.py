@@ -341,6 +341,7 @@ def test_a_text_record_is_one_line_whatever_its_message_extras_and_traceback_hol
 
 # ---- a real `serve` ----
 
+@pytest.mark.system
 @pytest.mark.parametrize("log_format", ["json", "text"])
 async def test_serve_at_debug_level_never_logs_a_secret(upstream: Any, tmp_path: Path, log_format: str) -> None:
     """From the third review (the operator's side)."""

@@ -22,6 +22,8 @@ from aiohttp.test_utils import TestServer
 from llm_proxy.auditchain import verify_files
 from tests.fakes import ENCRYPTION_KEY, MANAGEMENT_TOKEN, REPO, UPSTREAM_KEY, UpstreamState, bearer, free_port
 
+pytestmark = pytest.mark.system  # every test runs `llm-proxy serve` as its own process
+
 CHAT = {"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "hi"}]}
 
 

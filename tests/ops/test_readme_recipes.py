@@ -12,10 +12,13 @@ from typing import Any
 
 import aiohttp
 import orjson
+import pytest
 
 from llm_proxy.cli import main
 from llm_proxy.keys import AUDIT
 from tests.fakes import REPO, Gateway, child_env, free_port, wait_healthy
+
+pytestmark = pytest.mark.system  # jq, curl and `llm-proxy serve` run for real
 
 README = REPO / "README.md"
 

@@ -30,6 +30,7 @@ def _serve(tmp_path: Path, **overrides: str) -> subprocess.CompletedProcess[str]
                           text=True, timeout=30, check=False)
 
 
+@pytest.mark.system
 @pytest.mark.parametrize("audit_file", ["missing-dir/audit.log", "."])
 def test_a_start_that_fails_after_the_database_opened_exits_at_once(tmp_path: Path, audit_file: str) -> None:
     """The database (and its worker threads) started before the audit file failed to open; the
@@ -57,6 +58,7 @@ async def _projects(database: Path, key: str, count: int) -> list[str]:
         await db.close()
 
 
+@pytest.mark.system
 async def test_an_encryption_key_that_opens_no_stored_key_stops_the_start(tmp_path: Path) -> None:
     """The likeliest cause is the wrong ENCRYPTION_KEY after a restart; refusing to start says so at
     once, where serving would answer every request with a 500 and point at nothing."""

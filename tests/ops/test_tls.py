@@ -184,6 +184,7 @@ def test_a_passphrase_protected_key_is_refused_without_asking(tmp_path: Path,
         build_ssl_context(make_settings(tmp_path, TLS_CERT_FILE=str(cert_file), TLS_KEY_FILE=str(encrypted)))
 
 
+@pytest.mark.system
 async def test_serve_with_an_encrypted_key_fails_at_once_even_on_a_terminal(tmp_path: Path,
                                                                           certificate: tuple[Path, Path]) -> None:
     cert_file, key_file = certificate
@@ -220,6 +221,7 @@ async def test_serve_with_an_encrypted_key_fails_at_once_even_on_a_terminal(tmp_
     assert "not supported" in lines[0]
 
 
+@pytest.mark.system
 async def test_serve_https_for_real_with_hsts_and_min_version(tmp_path: Path, certificate: tuple[Path, Path]) -> None:
     """From the third review (the operator's side)."""
     import ssl
