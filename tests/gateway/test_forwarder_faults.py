@@ -35,7 +35,6 @@ MB = 1024 * 1024
 
 # ---- helpers ----
 
-
 async def assert_healthy(gateway: Gateway, token: dict[str, Any]) -> None:
     """The gateway answers its health check and still proxies an ordinary request."""
     async with gateway.client.get("/health") as health:

@@ -236,7 +236,6 @@ async def test_lists_are_oldest_first_in_creation_order(gateway: Any) -> None:
 
 # ---- secrets at rest and in answers ----
 
-
 async def test_database_holds_neither_plaintext_token_nor_upstream_key(gateway: Gateway) -> None:
     token = await gateway.token()
     await gateway.manage("POST", f"/tokens/{token['id']}/refresh", {"grace_seconds": 5}, expect=201)

@@ -1,4 +1,5 @@
-"""Application logs: JSON and text lines, masking of secrets from any logger, logrotate, the access line."""
+"""Application logs: JSON and text lines, masking of secrets from any logger, logrotate, the access line, and a real
+`serve` at debug level."""
 
 from __future__ import annotations
 

@@ -1,4 +1,5 @@
-"""HTTPS with TLS_CERT_FILE/TLS_KEY_FILE: a certificate made at test time, minimum versions enforced, HSTS."""
+"""HTTPS with TLS_CERT_FILE/TLS_KEY_FILE: a certificate made at test time, minimum versions enforced, HSTS, and an
+operator's probe of a real `serve`."""
 
 from __future__ import annotations
 

@@ -1,4 +1,5 @@
-"""Token refresh through real HTTP: the old token's end after its grace, and one successor at most."""
+"""Token refresh through real HTTP: the old token's end after its grace, one successor at most, and no refresh
+undoing a project's deactivation."""
 
 from __future__ import annotations
 
