@@ -1,4 +1,5 @@
-"""Test doubles: a fake OpenAI upstream (a real aiohttp app) and a Gateway handle with shortcuts."""
+"""Test doubles: a fake OpenAI upstream (a real aiohttp app) and a Gateway handle with shortcuts; and the helpers
+several test modules share, each here once."""
 
 from __future__ import annotations
 
@@ -234,7 +235,6 @@ def read_all_bytes(path: Path) -> bytes:
     return data
 
 
-
 def bare_metrics() -> Metrics:
     """Metrics for a bare test app (the audit writer behind them is never started, its database never opened)."""
     audit = AuditWriter(Database(Path("unused.db")), enabled=False, file_path=None, create_dir=False,
@@ -242,13 +242,73 @@ def bare_metrics() -> Metrics:
     return Metrics(audit, ConcurrencyLimiter(0))
 
 
-# ---- helpers several test modules share ----
+# ---- requests, and what every answer must carry ----
 
 def bearer(token: dict[str, Any] | str) -> dict[str, str]:
     """The Authorization header of a client token: the management API's answer, or the secret itself."""
     secret = token if isinstance(token, str) else token["token"]
     return {"Authorization": f"Bearer {secret}"}
 
+
+async def call(gateway: Gateway, token: dict[str, Any] | str, headers: dict[str, str] | None = None,
+               ) -> tuple[int, str | None, Any]:
+    """GET /v1/models; return the status, the error code (if any) and the response headers."""
+    async with gateway.client.get("/v1/models", headers={**bearer(token), **(headers or {})}) as response:
+        body = await response.json()
+        code = body.get("error", {}).get("code") if isinstance(body, dict) else None
+        return response.status, code, response.headers
+
+
+async def manage_status(gateway: Gateway, secret: str, headers: dict[str, str] | None = None,
+                        ) -> tuple[int, str | None]:
+    """GET /manage/projects with `secret`; return the status and the error code (if any)."""
+    async with gateway.client.get("/manage/projects", headers={**bearer(secret), **(headers or {})}) as response:
+        body = await response.json()
+        return response.status, body.get("error", {}).get("code")
+
+
+MANAGEMENT_AUTH = {"Authorization": f"Bearer {MANAGEMENT_TOKEN}"}
+
+
+async def send(gw: Any, method: str, path: str, *, body: Any = None, raw: bytes | None = None,
+               headers: dict[str, str] | None = None, auth: bool = True) -> tuple[int, Any, Any]:
+    """Send any request (with the management token unless auth=False); return status, parsed body, headers."""
+    hdrs = dict(MANAGEMENT_AUTH) if auth else {}
+    hdrs.update(headers or {})
+    data = raw if raw is not None else (orjson.dumps(body) if body is not None else None)
+    if data is not None:
+        hdrs.setdefault("Content-Type", "application/json")
+    response = await gw.client.request(method, path, data=data, headers=hdrs)
+    text = await response.read()
+    try:
+        doc = orjson.loads(text) if text else None
+    except orjson.JSONDecodeError:
+        doc = text
+    return response.status, doc, response.headers
+
+
+def assert_error(doc: Any, code: str | None = None, param: str | None = None) -> None:
+    """An OpenAI-shaped error body: {"error": {"message", "type", "code"[, "param"]}}."""
+    assert isinstance(doc, dict) and set(doc) == {"error"}, doc
+    assert {"message", "type", "code"} <= set(doc["error"]), doc
+    if code is not None:
+        assert doc["error"]["code"] == code, doc
+    if param is not None:
+        assert doc["error"].get("param") == param, doc
+
+
+def assert_security(headers: Any, management: bool) -> None:
+    """The security headers of every answer, and those of management answers."""
+    assert headers.get("X-Content-Type-Options") == "nosniff", dict(headers)
+    assert "Server" not in headers, dict(headers)
+    assert headers.get("X-Request-ID"), dict(headers)
+    if management:
+        assert headers.get("Cache-Control") == "no-store", dict(headers)
+        assert headers.get("X-Frame-Options") == "DENY", dict(headers)
+        assert headers.get("Referrer-Policy") == "no-referrer", dict(headers)
+
+
+# ---- the audit file, the database, an upstream or a gateway of one's own ----
 
 async def access_events(gateway: Gateway) -> list[dict[str, Any]]:
     """Return the token.access events of the audit file, once everything emitted so far is written."""
@@ -323,22 +383,6 @@ async def locked(path: Path) -> AsyncIterator[None]:
     assert process.returncode == 0
 
 
-async def call(gateway: Gateway, token: dict[str, Any] | str, headers: dict[str, str] | None = None,
-               ) -> tuple[int, str | None, Any]:
-    """GET /v1/models; return the status, the error code (if any) and the response headers."""
-    async with gateway.client.get("/v1/models", headers={**bearer(token), **(headers or {})}) as response:
-        body = await response.json()
-        code = body.get("error", {}).get("code") if isinstance(body, dict) else None
-        return response.status, code, response.headers
-
-
-async def manage_status(gateway: Gateway, secret: str, headers: dict[str, str] | None = None,
-                        ) -> tuple[int, str | None]:
-    async with gateway.client.get("/manage/projects", headers={**bearer(secret), **(headers or {})}) as response:
-        body = await response.json()
-        return response.status, body.get("error", {}).get("code")
-
-
 # ---- the gateway and the CLI as processes ----
 
 def child_env(**values: str) -> dict[str, str]:
@@ -350,6 +394,7 @@ def child_env(**values: str) -> dict[str, str]:
 
 
 def free_port() -> int:
+    """A TCP port on 127.0.0.1 that nothing listens on just now."""
     with closing(socket.socket()) as probe:
         probe.bind(("127.0.0.1", 0))
         return int(probe.getsockname()[1])
@@ -376,46 +421,3 @@ async def wait_healthy(port: int, process: asyncio.subprocess.Process, scheme: s
             except aiohttp.ClientConnectionError:
                 pass
             await asyncio.sleep(0.05)
-
-
-# ---- any request, and what every answer must carry ----
-
-MANAGEMENT_AUTH = {"Authorization": f"Bearer {MANAGEMENT_TOKEN}"}
-
-
-async def send(gw: Any, method: str, path: str, *, body: Any = None, raw: bytes | None = None,
-               headers: dict[str, str] | None = None, auth: bool = True) -> tuple[int, Any, Any]:
-    """Send any request (with the management token unless auth=False); return status, parsed body, headers."""
-    hdrs = dict(MANAGEMENT_AUTH) if auth else {}
-    hdrs.update(headers or {})
-    data = raw if raw is not None else (orjson.dumps(body) if body is not None else None)
-    if data is not None:
-        hdrs.setdefault("Content-Type", "application/json")
-    response = await gw.client.request(method, path, data=data, headers=hdrs)
-    text = await response.read()
-    try:
-        doc = orjson.loads(text) if text else None
-    except orjson.JSONDecodeError:
-        doc = text
-    return response.status, doc, response.headers
-
-
-def assert_error(doc: Any, code: str | None = None, param: str | None = None) -> None:
-    """An OpenAI-shaped error body: {"error": {"message", "type", "code"[, "param"]}}."""
-    assert isinstance(doc, dict) and set(doc) == {"error"}, doc
-    assert {"message", "type", "code"} <= set(doc["error"]), doc
-    if code is not None:
-        assert doc["error"]["code"] == code, doc
-    if param is not None:
-        assert doc["error"].get("param") == param, doc
-
-
-def assert_security(headers: Any, management: bool) -> None:
-    """The security headers of every answer, and those of management answers."""
-    assert headers.get("X-Content-Type-Options") == "nosniff", dict(headers)
-    assert "Server" not in headers, dict(headers)
-    assert headers.get("X-Request-ID"), dict(headers)
-    if management:
-        assert headers.get("Cache-Control") == "no-store", dict(headers)
-        assert headers.get("X-Frame-Options") == "DENY", dict(headers)
-        assert headers.get("Referrer-Policy") == "no-referrer", dict(headers)
