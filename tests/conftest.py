@@ -11,7 +11,10 @@ import pytest
 from aiohttp.test_utils import TestClient, TestServer
 
 from llm_proxy.app import create_app
-from tests.fakes import Gateway, UpstreamState, make_settings, make_upstream
+
+pytest.register_assert_rewrite("tests.fakes")  # its shared assert helpers report like a test's own asserts
+
+from tests.fakes import Gateway, UpstreamState, make_settings, make_upstream  # noqa: E402
 
 
 @pytest.fixture

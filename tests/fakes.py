@@ -1,25 +1,38 @@
-"""Test doubles: a fake OpenAI upstream (a real aiohttp app) and a Gateway handle with shortcuts."""
+"""Test doubles: a fake OpenAI upstream (a real aiohttp app) and a Gateway handle with shortcuts; and the helpers
+several test modules share, each here once."""
 
 from __future__ import annotations
 
 import asyncio
 import base64
+import os
+import socket
+import sqlite3
+import sys
+import time
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager, closing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import aiohttp
 import openai
 import orjson
+import pytest
 from aiohttp import web
-from aiohttp.test_utils import TestClient
+from aiohttp.test_utils import TestClient, TestServer
 
+from llm_proxy.app import create_app
 from llm_proxy.audit.writer import AuditWriter
+from llm_proxy.keys import AUDIT
 from llm_proxy.limiting.memory import ConcurrencyLimiter
 from llm_proxy.ops.metrics import Metrics
-from llm_proxy.settings import Settings, load_settings
+from llm_proxy.settings import VARIABLES, Settings, load_settings
 from llm_proxy.storage.sqlite.audit import SqliteAudit
 from llm_proxy.storage.sqlite.database import Database
 
+REPO = Path(__file__).resolve().parent.parent  # the repository root, wherever a test module sits
 MANAGEMENT_TOKEN = "mgmt-" + "A1b2C3d4" * 6
 UPSTREAM_KEY = "sk-upstream-REAL-secret-key-0123456789abcdef"
 ENCRYPTION_KEY = base64.b64encode(bytes(range(32))).decode()
@@ -223,9 +236,189 @@ def read_all_bytes(path: Path) -> bytes:
     return data
 
 
-
 def bare_metrics() -> Metrics:
     """Metrics for a bare test app (the audit writer behind them is never started, its database never opened)."""
     audit = AuditWriter(SqliteAudit(Database(Path("unused.db"))), enabled=False, file_path=None, create_dir=False,
                         store_in_db=False, mask_client_ip=False)
     return Metrics(audit, ConcurrencyLimiter(0))
+
+
+# ---- requests, and what every answer must carry ----
+
+def bearer(token: dict[str, Any] | str) -> dict[str, str]:
+    """The Authorization header of a client token: the management API's answer, or the secret itself."""
+    secret = token if isinstance(token, str) else token["token"]
+    return {"Authorization": f"Bearer {secret}"}
+
+
+async def call(gateway: Gateway, token: dict[str, Any] | str, headers: dict[str, str] | None = None,
+               ) -> tuple[int, str | None, Any]:
+    """GET /v1/models; return the status, the error code (if any) and the response headers."""
+    async with gateway.client.get("/v1/models", headers={**bearer(token), **(headers or {})}) as response:
+        body = await response.json()
+        code = body.get("error", {}).get("code") if isinstance(body, dict) else None
+        return response.status, code, response.headers
+
+
+async def manage_status(gateway: Gateway, secret: str, headers: dict[str, str] | None = None,
+                        ) -> tuple[int, str | None]:
+    """GET /manage/projects with `secret`; return the status and the error code (if any)."""
+    async with gateway.client.get("/manage/projects", headers={**bearer(secret), **(headers or {})}) as response:
+        body = await response.json()
+        return response.status, body.get("error", {}).get("code")
+
+
+MANAGEMENT_AUTH = {"Authorization": f"Bearer {MANAGEMENT_TOKEN}"}
+
+
+async def send(gw: Any, method: str, path: str, *, body: Any = None, raw: bytes | None = None,
+               headers: dict[str, str] | None = None, auth: bool = True) -> tuple[int, Any, Any]:
+    """Send any request (with the management token unless auth=False); return status, parsed body, headers."""
+    hdrs = dict(MANAGEMENT_AUTH) if auth else {}
+    hdrs.update(headers or {})
+    data = raw if raw is not None else (orjson.dumps(body) if body is not None else None)
+    if data is not None:
+        hdrs.setdefault("Content-Type", "application/json")
+    response = await gw.client.request(method, path, data=data, headers=hdrs)
+    text = await response.read()
+    try:
+        doc = orjson.loads(text) if text else None
+    except orjson.JSONDecodeError:
+        doc = text
+    return response.status, doc, response.headers
+
+
+def assert_error(doc: Any, code: str | None = None, param: str | None = None) -> None:
+    """An OpenAI-shaped error body: {"error": {"message", "type", "code"[, "param"]}}."""
+    assert isinstance(doc, dict) and set(doc) == {"error"}, doc
+    assert {"message", "type", "code"} <= set(doc["error"]), doc
+    if code is not None:
+        assert doc["error"]["code"] == code, doc
+    if param is not None:
+        assert doc["error"].get("param") == param, doc
+
+
+def assert_security(headers: Any, management: bool) -> None:
+    """The security headers of every answer, and those of management answers."""
+    assert headers.get("X-Content-Type-Options") == "nosniff", dict(headers)
+    assert "Server" not in headers, dict(headers)
+    assert headers.get("X-Request-ID"), dict(headers)
+    if management:
+        assert headers.get("Cache-Control") == "no-store", dict(headers)
+        assert headers.get("X-Frame-Options") == "DENY", dict(headers)
+        assert headers.get("Referrer-Policy") == "no-referrer", dict(headers)
+
+
+# ---- the audit file, the database, an upstream or a gateway of one's own ----
+
+async def access_events(gateway: Gateway) -> list[dict[str, Any]]:
+    """Return the token.access events of the audit file, once everything emitted so far is written."""
+    await gateway.app[AUDIT].flush()
+    path = gateway.settings.audit_log_file
+    assert path is not None
+    events = (orjson.loads(line) for line in path.read_bytes().splitlines())
+    return [event for event in events if event["action"] == "token.access"]
+
+
+async def eventually(check: Callable[[], bool], what: str, timeout: float = 5.0) -> None:
+    """Poll `check` until it holds, failing after `timeout` seconds."""
+    deadline = time.monotonic() + timeout
+    while not check():
+        if time.monotonic() > deadline:
+            pytest.fail(f"timed out after {timeout:.0f} s waiting for {what}")
+        await asyncio.sleep(0.02)
+
+
+def scalar(path: Path, sql: str, params: tuple[Any, ...] = ()) -> Any:
+    """Read one value with a connection of our own, as an operator's sqlite3 shell would."""
+    with closing(sqlite3.connect(path)) as conn:
+        return conn.execute(sql, params).fetchone()[0]
+
+
+@asynccontextmanager
+async def serving(app: web.Application) -> AsyncIterator[str]:
+    """Run an aiohttp app as the upstream on 127.0.0.1; yield its base URL."""
+    server = TestServer(app, host="127.0.0.1")
+    await server.start_server()
+    try:
+        yield str(server.make_url("")).rstrip("/")
+    finally:
+        await server.close()
+
+
+@asynccontextmanager
+async def serving_like_serve(tmp_path: Path, upstream_url: str) -> AsyncIterator[Gateway]:
+    """A gateway whose handlers are cancelled when their client leaves, as `llm-proxy serve` runs it."""
+    settings = make_settings(tmp_path, upstream_url)
+    server = TestServer(create_app(settings), host="127.0.0.1", handler_cancellation=True)
+    gateway = Gateway(TestClient(server), settings, None)
+    await gateway.client.start_server()
+    try:
+        yield gateway
+    finally:
+        await gateway.close()
+
+
+LOCKER = """
+import sqlite3, sys
+conn = sqlite3.connect(sys.argv[1], timeout=5, isolation_level=None)
+conn.execute("BEGIN EXCLUSIVE")
+print("locked", flush=True)
+sys.stdin.read()  # hold the lock until the test closes our stdin
+conn.execute("ROLLBACK")
+conn.close()
+"""
+
+
+@asynccontextmanager
+async def locked(path: Path) -> AsyncIterator[None]:
+    """Hold BEGIN EXCLUSIVE on the database from another process for the duration of the block."""
+    process = await asyncio.create_subprocess_exec(sys.executable, "-c", LOCKER, str(path),
+                                                   stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE)
+    assert process.stdout is not None
+    try:
+        assert await asyncio.wait_for(process.stdout.readline(), 10) == b"locked\n"
+        yield
+    finally:
+        await process.communicate(b"")  # closing stdin releases the lock
+    assert process.returncode == 0
+
+
+# ---- the gateway and the CLI as processes ----
+
+def child_env(**values: str) -> dict[str, str]:
+    """The environment of a child `python -m llm_proxy`: this checkout's code, no gateway variable of ours."""
+    env = {name: value for name, value in os.environ.items() if name not in VARIABLES and name != "LLM_PROXY_URL"}
+    env["PYTHONPATH"] = str(REPO)
+    env.update(values)
+    return env
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that nothing listens on just now."""
+    with closing(socket.socket()) as probe:
+        probe.bind(("127.0.0.1", 0))
+        return int(probe.getsockname()[1])
+
+
+def serve_env(tmp_path: Path, **values: str) -> dict[str, str]:
+    """child_env for `llm-proxy serve` on a free port, with its files in tmp_path."""
+    defaults = {"MANAGEMENT_TOKEN": MANAGEMENT_TOKEN, "ENCRYPTION_KEY": ENCRYPTION_KEY,
+                "LISTEN_ADDR": f"127.0.0.1:{free_port()}", "DATABASE_PATH": str(tmp_path / "gw.db"),
+                "AUDIT_LOG_FILE": str(tmp_path / "audit.log"), "SHUTDOWN_GRACE": "1s"}
+    return child_env(**{**defaults, **values})
+
+
+async def wait_healthy(port: int, process: asyncio.subprocess.Process, scheme: str = "http") -> None:
+    """Poll /health of a `serve` process (bounded) until it answers 200 or the process has ended."""
+    async with aiohttp.ClientSession() as session:
+        for _ in range(200):
+            if process.returncode is not None:
+                return
+            try:
+                async with session.get(f"{scheme}://127.0.0.1:{port}/health") as response:
+                    if response.status == 200:
+                        return
+            except aiohttp.ClientConnectionError:
+                pass
+            await asyncio.sleep(0.05)

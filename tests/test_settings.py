@@ -11,9 +11,9 @@ from pathlib import Path
 import pytest
 
 from llm_proxy.settings import VARIABLES, ConfigError, Settings, load_settings
-from tests.fakes import ENCRYPTION_KEY, MANAGEMENT_TOKEN
+from tests.fakes import ENCRYPTION_KEY, MANAGEMENT_TOKEN, REPO
 
-README = Path(__file__).resolve().parent.parent / "README.md"
+README = REPO / "README.md"
 BASE = {"MANAGEMENT_TOKEN": MANAGEMENT_TOKEN, "ENCRYPTION_KEY": ENCRYPTION_KEY}
 
 
@@ -150,23 +150,25 @@ def test_settings_repr_hides_secrets() -> None:
     assert MANAGEMENT_TOKEN not in text and "encryption_key" not in text
 
 
+@pytest.mark.system
 def test_serve_with_bad_config_prints_one_line_and_exits_nonzero(tmp_path: Path) -> None:
     secret = "too-short-but-secret"
     result = subprocess.run([sys.executable, "-m", "llm_proxy", "serve"], cwd=tmp_path, capture_output=True,
                             text=True, timeout=60, env={"MANAGEMENT_TOKEN": secret, "ENCRYPTION_KEY": ENCRYPTION_KEY,
-                                                        "PATH": "/usr/bin:/bin"})
+                                                        "PATH": "/usr/bin:/bin", "PYTHONPATH": str(REPO)})
     assert result.returncode != 0
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and "MANAGEMENT_TOKEN" in lines[0]
     assert "Traceback" not in result.stderr and secret not in result.stderr
 
 
+@pytest.mark.system
 def test_serve_names_every_invalid_variable_on_its_own_line(tmp_path: Path) -> None:
     secret = "too-short-but-secret"
     result = subprocess.run([sys.executable, "-m", "llm_proxy", "serve"], cwd=tmp_path, capture_output=True,
                             text=True, timeout=60, env={"MANAGEMENT_TOKEN": secret, "ENCRYPTION_KEY": ENCRYPTION_KEY,
                                                         "LISTEN_ADDR": "127.0.0.1:0", "LOG_LEVEL": "loud",
-                                                        "PATH": "/usr/bin:/bin"})
+                                                        "PATH": "/usr/bin:/bin", "PYTHONPATH": str(REPO)})
     assert result.returncode == 2
     assert result.stderr.splitlines() == [
         "llm-proxy: configuration error: MANAGEMENT_TOKEN: token #1 is shorter than 32 characters",
