@@ -12,7 +12,7 @@ from aiohttp import web
 from llm_proxy.audit.writer import AuditWriter
 from llm_proxy.crypto import DecryptionError, KeyRing
 from llm_proxy.gateway.admission import Admission, IpBlock, add_rate_limit_headers, ip_block_middleware
-from llm_proxy.gateway.auth import ClientAuth, ManagementAuth, ManagementTokens, management_auth_middleware
+from llm_proxy.gateway.client_auth import ClientAuth
 from llm_proxy.gateway.context import add_request_id_header
 from llm_proxy.gateway.cors import cors_headers
 from llm_proxy.gateway.edge import edge_middleware
@@ -20,10 +20,11 @@ from llm_proxy.gateway.forwarder import Forwarder
 from llm_proxy.gateway.proxy import ProxyRoute
 from llm_proxy.gateway.security_headers import response_hook, security_headers
 from llm_proxy.keys import ANOMALIES, AUDIT, EXPIRY_JOB, KEYRING, SETTINGS, STORE, TOKEN_CACHE, TOKEN_SERVICE
-from llm_proxy.limiting.memory import ConcurrencyLimiter, FailureCounter, RateLimiter
+from llm_proxy.limiting.memory import ConcurrencyLimiter, FailureCounter, MemoryLimiter
 from llm_proxy.manage.api import Management
-from llm_proxy.ops.health import health_routes
-from llm_proxy.ops.metrics import Metrics, metrics_route
+from llm_proxy.manage.auth import ManagementAuth, ManagementTokens, management_auth_middleware
+from llm_proxy.ops.endpoints import health_routes, metrics_route
+from llm_proxy.ops.metrics import Metrics
 from llm_proxy.settings import ConfigError, Settings
 from llm_proxy.storage.base import Store
 from llm_proxy.storage.factory import open_store
@@ -54,11 +55,13 @@ def create_app(settings: Settings, *, clock: Callable[[], float] = time.time,
                         mask_client_ip=settings.audit_mask_client_ip)
     concurrency = ConcurrencyLimiter(settings.max_concurrent_requests)
     metrics = Metrics(audit, concurrency)
-    forwarder = Forwarder(settings, cache, audit, metrics)
     management = Management(settings, service, store, cache, audit)
     anomalies = AnomalyDetector(max_ips_per_hour=settings.anomaly_max_ips_per_hour,
                                 rate_factor=settings.anomaly_rate_factor, auto_suspend=settings.anomaly_auto_suspend,
                                 service=service, audit=audit, clock=clock)
+    admission = Admission(MemoryLimiter(global_rate=settings.global_rate_limit, clock=clock, monotonic=monotonic),
+                          cache, audit, metrics, anomalies, default_rate=settings.rate_limit_per_minute)
+    forwarder = Forwarder(settings, cache, audit, metrics, refund=admission.refund)
     expiry = ExpiryJob(service, audit)
 
     # Every request passes one middleware (request context, CORS preflight, error bodies, the
@@ -85,9 +88,7 @@ def create_app(settings: Settings, *, clock: Callable[[], float] = time.time,
                                      audit, failures)
     app.add_routes([*health_routes(store), metrics_route(metrics, ip_block, management_auth)])
     proxy = ProxyRoute(
-        ip_block=ip_block, auth=ClientAuth(cache, audit, failures, anomalies),
-        admission=Admission(cache, audit, metrics, anomalies, default_rate=settings.rate_limit_per_minute,
-                            global_rate=settings.global_rate_limit, limiter=RateLimiter(clock=monotonic)),
+        ip_block=ip_block, auth=ClientAuth(cache, audit, failures, anomalies), admission=admission,
         concurrency=concurrency, forwarder=forwarder, metrics=metrics)
     app.router.add_route("*", "/v1/{tail:.*}", proxy.handle)
     manage = web.Application(middlewares=[

@@ -9,7 +9,7 @@ import json
 import logging
 import re
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from email.parser import BytesParser
 from typing import Any
 
@@ -34,6 +34,7 @@ from llm_proxy.errors import (
 from llm_proxy.gateway import metering as usage
 from llm_proxy.keys import CLIENT_IP, CREDENTIAL, REQUEST_ID, REQUEST_STARTED, UPSTREAM_BROKEN
 from llm_proxy.manage.validation import read_body, refusing_deep_nesting
+from llm_proxy.models import Credential
 from llm_proxy.ops.metrics import Metrics
 from llm_proxy.settings import Settings
 from llm_proxy.tokens.cache import TokenCache
@@ -67,10 +68,12 @@ _UNSAFE_PATH = re.compile(r"%2e|%2f|%5c|\\|//|/\.\.?(/|$)", re.IGNORECASE)
 class Forwarder:
     """The /v1 handler: validates the path and body, then streams request and response through."""
 
-    def __init__(self, settings: Settings, store: TokenCache, audit: AuditWriter, metrics: Metrics) -> None:
+    def __init__(self, settings: Settings, cache: TokenCache, audit: AuditWriter, metrics: Metrics,
+                 refund: Callable[[Credential], Awaitable[None]]) -> None:
         self.session: aiohttp.ClientSession | None = None
         self._loop: asyncio.AbstractEventLoop  # set with the session, in the running loop
-        self._store = store
+        self._cache = cache
+        self._refund = refund
         self._audit = audit
         self._metrics = metrics
         self._upstream = settings.openai_api_url
@@ -125,7 +128,7 @@ class Forwarder:
             except ApiError:
                 # Refused by the gateway's own checks before anything went upstream: no quota spent.
                 # The rate allowance stays spent: it bounds how often a token makes the gateway read a body.
-                self._store.refund(credential)
+                await self._refund(credential)
                 raise
             response = await self._forward(request, url, body, tap)
             status = response.status
@@ -153,7 +156,7 @@ class Forwarder:
                 "upstream_status": upstream_status}
             spent = tap.result() if tap is not None and status in (200, 499) else None
             if spent is not None:
-                self._store.add_usage(credential, spent.prompt_tokens, spent.completion_tokens, spent.total_tokens)
+                self._cache.add_usage(credential, spent.prompt_tokens, spent.completion_tokens, spent.total_tokens)
                 details.update(prompt_tokens=spent.prompt_tokens, completion_tokens=spent.completion_tokens,
                                total_tokens=spent.total_tokens, usage_estimated=spent.estimated or None)
             self._audit.emit("token.access", actor="client", result=result, project_id=credential.project.id,

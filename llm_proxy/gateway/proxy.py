@@ -6,7 +6,7 @@ from aiohttp import web
 
 from llm_proxy.errors import MethodNotAllowed, Overloaded
 from llm_proxy.gateway.admission import Admission, IpBlock
-from llm_proxy.gateway.auth import ClientAuth
+from llm_proxy.gateway.client_auth import ClientAuth
 from llm_proxy.gateway.forwarder import Forwarder
 from llm_proxy.keys import CREDENTIAL, RATE_DECISION
 from llm_proxy.limiting.memory import ConcurrencyLimiter
@@ -46,7 +46,7 @@ class ProxyRoute:
 
     async def handle(self, request: web.Request) -> web.StreamResponse:
         """Answer one /v1 request."""
-        self._ip_block.check(request, "client")
+        await self._ip_block.check(request, "client")
         request[CREDENTIAL] = credential = await self._auth.authenticate(request)
         if request.method not in FORWARDED_METHODS:
             wrong = MethodNotAllowed(f"{request.method} is not forwarded; the gateway forwards {ALLOW}",
@@ -60,7 +60,7 @@ class ProxyRoute:
             self._admission.audit_refusal(request, credential, refusal)
             raise refusal
         try:
-            decision = self._admission.admit(request, credential)
+            decision = await self._admission.admit(request, credential)
             if decision.limit:
                 request[RATE_DECISION] = decision
             return await self._forwarder.handle(request)

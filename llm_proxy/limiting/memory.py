@@ -1,12 +1,15 @@
-"""Admission control on the request hot path: per-key GCRA rate limits, failed-auth blocking and a concurrency cap."""
+"""The limiters of one process, in memory: the admission decision (quota, budget, GCRA rates), failed
+authentications per IP, and the concurrency cap."""
 
 from __future__ import annotations
 
-import math
 import time
 from collections import OrderedDict
 from collections.abc import Callable, Hashable
-from typing import NamedTuple
+
+from llm_proxy.errors import BudgetExceeded, QuotaExceeded, RateLimited
+from llm_proxy.limiting.base import UNLIMITED, Decision
+from llm_proxy.models import Credential
 
 _FS = 10**15  # femtoseconds per second: RateLimiter says why time is so fine an integer
 _WINDOW = 60 * _FS  # every limit here is "per minute"
@@ -18,23 +21,6 @@ _CAPACITY = _WINDOW + 1_000_000 - 1
 # idle keys shrinks while new keys arrive, and each hit does bounded work.
 _SWEEP = 2
 
-
-class Decision(NamedTuple):
-    """Outcome of a rate-limit check, with what the `X-RateLimit-*` and `Retry-After` headers need."""
-
-    allowed: bool
-    limit: int  # requests per minute; 0 = unlimited (send no rate-limit headers)
-    remaining: int  # whole requests that could still be made right now (after this one, for hit)
-    retry_after: float  # seconds until a request would be allowed; 0.0 when allowed
-
-    @property
-    def retry_after_seconds(self) -> int:
-        """Return `retry_after` rounded up to whole seconds for `Retry-After` (≥ 1 when denied)."""
-        # Rounding down would invite a retry that is denied again.
-        return max(1, math.ceil(self.retry_after)) if not self.allowed else 0
-
-
-UNLIMITED = Decision(True, 0, 0, 0.0)
 
 # A NamedTuple's generated __new__ costs three times a plain tuple build, on every request.
 _new = tuple.__new__
@@ -180,20 +166,20 @@ class FailureCounter:
         """Return the failures per minute an IP may make before it is blocked."""
         return self._limit
 
-    def record_failure(self, ip: str) -> None:
+    async def record_failure(self, ip: str) -> None:
         """Count one failed authentication from `ip`."""
         if self._limit:
             self._limiter.hit(ip, self._limit)
 
-    def retry_after(self, ip: str) -> float:
+    async def retry_after(self, ip: str) -> float:
         """Return the seconds `ip` stays blocked, 0.0 if it is not blocked."""
         if not self._limit or ip not in self._limiter:  # fast path for the usual, clean IP
             return 0.0
         return self._limiter.peek(ip, self._limit).retry_after
 
-    def is_blocked(self, ip: str) -> bool:
+    async def is_blocked(self, ip: str) -> bool:
         """Tell whether requests from `ip` must be refused with 429."""
-        return self.retry_after(ip) > 0.0
+        return await self.retry_after(ip) > 0.0
 
 
 class ConcurrencyLimiter:
@@ -230,3 +216,59 @@ class ConcurrencyLimiter:
             # An unmatched release would silently raise the cap for the rest of the process.
             raise RuntimeError("release() called more times than try_acquire() succeeded")
         self._in_flight -= 1
+
+
+_GLOBAL_KEY = object()  # the global rate's key: no token id can equal it
+
+
+def _until_expiry(credential: Credential, now: float) -> str:
+    # The quota and budget never refill: Retry-After points at the token's expiry (SDKs are also
+    # told not to retry at all).
+    return str(max(1, int(credential.expires_at - now)))
+
+
+class MemoryLimiter:
+    """The Limiter of one process: counters on the cached credential, rates in one GCRA table.
+
+    admit() has no await before its last check passes and the quota is counted, so it is exact on
+    one event loop however many requests arrive at once.
+    """
+
+    def __init__(self, *, global_rate: int, clock: Callable[[], float] = time.time,
+                 monotonic: Callable[[], float] = time.monotonic, max_keys: int = 100_000) -> None:
+        self._rates = RateLimiter(max_keys, monotonic)
+        self._global_rate = global_rate
+        self._clock = clock
+
+    async def admit(self, credential: Credential, rate_per_minute: int) -> Decision:
+        # A token out of quota or budget must not spend the rate or global allowance either.
+        limit = credential.max_requests
+        if limit is not None and credential.request_count >= limit:
+            raise QuotaExceeded(headers={"Retry-After": _until_expiry(credential, self._clock()),
+                                         "x-should-retry": "false"})
+        budget = credential.max_tokens_total
+        if budget is not None and credential.total_tokens >= budget:
+            raise BudgetExceeded(headers={"Retry-After": _until_expiry(credential, self._clock()),
+                                          "x-should-retry": "false"})
+        rates, global_rate = self._rates, self._global_rate
+        # Peek at the global rate before spending the token's, so a denial by one costs nothing of the other.
+        if global_rate:
+            overall = rates.peek(_GLOBAL_KEY, global_rate)
+            if not overall.allowed:
+                raise RateLimited("the gateway's global rate limit is exceeded",
+                                  headers={**rate_headers(overall), "Retry-After": str(overall.retry_after_seconds)})
+        decision = rates.hit(credential.id, rate_per_minute)
+        if not decision.allowed:
+            raise RateLimited(headers={**rate_headers(decision), "Retry-After": str(decision.retry_after_seconds)})
+        if global_rate:
+            rates.hit(_GLOBAL_KEY, global_rate)
+        credential.request_count += 1
+        return decision
+
+    async def refund(self, credential: Credential) -> None:
+        credential.request_count -= 1
+
+
+def rate_headers(decision: Decision) -> dict[str, str]:
+    """Return the X-RateLimit-* headers a rate decision implies."""
+    return {"X-RateLimit-Limit": str(decision.limit), "X-RateLimit-Remaining": str(decision.remaining)}

@@ -7,20 +7,16 @@ from bisect import bisect_left
 from collections.abc import Iterator
 from typing import TYPE_CHECKING
 
-from aiohttp import web
-from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
+from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
 from prometheus_client.registry import Collector
 from prometheus_client.utils import floatToGoString
 
 from llm_proxy.audit.writer import AuditWriter
-from llm_proxy.gateway.auth import ManagementAuth
 from llm_proxy.limiting.memory import ConcurrencyLimiter
 
 if TYPE_CHECKING:
-    from llm_proxy.gateway.admission import (
-        IpBlock,  # limits counts denials in Metrics: a runtime import would be circular
-    )
+    pass
 
 _STATUS_CLASSES = ("1xx", "2xx", "3xx", "4xx", "5xx")
 _ROUTES = ("proxy", "manage", "other")
@@ -132,17 +128,3 @@ class Metrics:
     def render(self) -> bytes:
         """Return the Prometheus text exposition."""
         return generate_latest(self.registry)
-
-
-def metrics_route(metrics: Metrics, ip_block: IpBlock, auth: ManagementAuth) -> web.RouteDef:
-    """Return GET /metrics: open to a management token, or to MANAGEMENT_ALLOWED_IPS when that is set."""
-
-    async def handler(request: web.Request) -> web.Response:
-        # The same checks, counting and audit as /manage, so /metrics is no side door for guessing
-        # the management token; only the allow-list works differently (it opens, for scrapers).
-        ip_block.check(request, "management")
-        if not auth.ip_listed(request):
-            auth.authenticate(request)
-        return web.Response(body=metrics.render(), headers={"Content-Type": CONTENT_TYPE_LATEST})
-
-    return web.get("/metrics", handler, allow_head=False)

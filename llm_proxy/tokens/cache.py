@@ -9,7 +9,7 @@ from collections import OrderedDict
 from collections.abc import Callable
 
 from llm_proxy.crypto import KeyRing
-from llm_proxy.errors import BudgetExceeded, InvalidToken, ProjectInactive, QuotaExceeded, TokenExpired, TokenRevoked
+from llm_proxy.errors import InvalidToken, ProjectInactive, TokenExpired, TokenRevoked
 from llm_proxy.models import Credential, Project, ProjectState, TokenRecord, epoch, iso
 from llm_proxy.storage.base import Store
 from llm_proxy.tokens.credentials import hash_token, is_token_shaped
@@ -81,35 +81,15 @@ class TokenCache:
         """Tell whether a token was revoked, refreshed away or has expired (not merely paused)."""
         return credential.revoked or credential.expires_at <= self._clock()
 
-    def check_quota(self, credential: Credential) -> None:
-        """Raise QuotaExceeded when the token's lifetime quota is used up."""
-        limit = credential.max_requests
-        if limit is not None and credential.request_count >= limit:
-            # The quota never refills: Retry-After points at the token's expiry, and the SDKs are
-            # told not to retry at all.
-            raise QuotaExceeded(headers={"Retry-After": str(max(1, int(credential.expires_at - self._clock()))),
-                                         "x-should-retry": "false"})
-
-    def check_budget(self, credential: Credential) -> None:
-        """Raise BudgetExceeded once the token has used its max_tokens_total."""
-        budget = credential.max_tokens_total
-        if budget is not None and credential.total_tokens >= budget:
-            raise BudgetExceeded(headers={"Retry-After": str(max(1, int(credential.expires_at - self._clock()))),
-                                          "x-should-retry": "false"})
-
-    def consume(self, credential: Credential) -> None:
-        """Count one request against the token's lifetime quota, or raise QuotaExceeded."""
-        # No await between the check and the increment: exact under any concurrency.
-        self.check_quota(credential)
+    def record_request(self, credential: Credential) -> None:
+        """Note a request the limiter admitted (its quota counted there): last use, the project's day, a flush."""
         now = self._clock()
-        credential.request_count += 1
         credential.last_used_at = now
         self._dirty[credential.id] = credential
         self._day_totals(credential.project.id, now)[0] += 1
 
-    def refund(self, credential: Credential) -> None:
-        """Give back the quota consume() took, for a request the gateway refused before it went upstream."""
-        credential.request_count -= 1
+    def record_refund(self, credential: Credential) -> None:
+        """Note a request the limiter gave its quota back: it no longer counts in the project's day."""
         self._dirty[credential.id] = credential
         self._day_totals(credential.project.id, self._clock())[0] -= 1
 

@@ -10,7 +10,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from llm_proxy.limiting.memory import UNLIMITED, Decision, RateLimiter
+from llm_proxy.limiting.base import UNLIMITED, Decision
+from llm_proxy.limiting.memory import RateLimiter
 from tests.fakes import FakeClock
 
 

@@ -1,0 +1,49 @@
+"""What the limiters decide, and the Protocols every backend implements (in memory today, Redis next)."""
+
+from __future__ import annotations
+
+import math
+from typing import NamedTuple, Protocol
+
+from llm_proxy.models import Credential
+
+
+class Decision(NamedTuple):
+    """Outcome of a rate-limit check, with what the `X-RateLimit-*` and `Retry-After` headers need."""
+
+    allowed: bool
+    limit: int  # requests per minute; 0 = unlimited (send no rate-limit headers)
+    remaining: int  # whole requests that could still be made right now (after this one, for hit)
+    retry_after: float  # seconds until a request would be allowed; 0.0 when allowed
+
+    @property
+    def retry_after_seconds(self) -> int:
+        """Return `retry_after` rounded up to whole seconds for `Retry-After` (≥ 1 when denied)."""
+        # Rounding down would invite a retry that is denied again.
+        return max(1, math.ceil(self.retry_after)) if not self.allowed else 0
+
+
+UNLIMITED = Decision(True, 0, 0, 0.0)
+
+
+
+class Limiter(Protocol):
+    async def admit(self, credential: Credential, rate_per_minute: int) -> Decision:
+        """Count one request of `credential` against its quota, its budget, its rate (`rate_per_minute`,
+        0 = unlimited) and the global rate, all or none.
+
+        Raise QuotaExceeded, BudgetExceeded or RateLimited, counting nothing, when one refuses it;
+        otherwise return the token's rate decision (what its X-RateLimit-* headers say). Exact under
+        any concurrency: two requests can never both take the quota's last request.
+        """
+    async def refund(self, credential: Credential) -> None:
+        """Give back the quota of a request admitted just before and refused before it reached the upstream."""
+
+
+class FailureLimiter(Protocol):
+    @property
+    def limit(self) -> int:
+        """Failed authentications a client IP may make per minute before it is blocked (0: never)."""
+    async def record_failure(self, ip: str) -> None: ...
+    async def retry_after(self, ip: str) -> float:
+        """Seconds `ip` stays blocked; 0.0 when it is not."""
