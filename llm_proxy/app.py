@@ -19,7 +19,6 @@ from llm_proxy.gateway.edge import edge_middleware
 from llm_proxy.gateway.forwarder import Forwarder
 from llm_proxy.gateway.proxy import ProxyRoute
 from llm_proxy.gateway.security_headers import response_hook, security_headers
-from llm_proxy.keys import ANOMALIES, AUDIT, EXPIRY_JOB, KEYRING, SETTINGS, STORE, TOKEN_CACHE, TOKEN_SERVICE
 from llm_proxy.limiting.memory import ConcurrencyLimiter, FailureCounter, MemoryLimiter
 from llm_proxy.manage.api import Management
 from llm_proxy.manage.auth import ManagementAuth, ManagementTokens, management_auth_middleware
@@ -33,6 +32,16 @@ from llm_proxy.tokens.cache import TokenCache
 from llm_proxy.tokens.expiry import ExpiryJob
 from llm_proxy.tokens.feed import LocalFeed
 from llm_proxy.tokens.service import TokenService
+
+# The application's resources, for tests and tools that reach into a running app.
+SETTINGS: web.AppKey[Settings] = web.AppKey("settings")
+KEYRING: web.AppKey[KeyRing] = web.AppKey("keyring")
+STORE: web.AppKey[Store] = web.AppKey("store")
+TOKEN_CACHE: web.AppKey[TokenCache] = web.AppKey("token_cache")
+TOKEN_SERVICE: web.AppKey[TokenService] = web.AppKey("token_service")
+AUDIT: web.AppKey[AuditWriter] = web.AppKey("audit")
+ANOMALIES: web.AppKey[AnomalyDetector] = web.AppKey("anomalies")
+EXPIRY_JOB: web.AppKey[ExpiryJob] = web.AppKey("expiry_job")
 
 log = logging.getLogger(__name__)
 

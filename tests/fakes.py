@@ -23,9 +23,8 @@ import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestClient, TestServer
 
-from llm_proxy.app import create_app
+from llm_proxy.app import AUDIT, create_app
 from llm_proxy.audit.writer import AuditWriter
-from llm_proxy.keys import AUDIT
 from llm_proxy.limiting.memory import ConcurrencyLimiter
 from llm_proxy.ops.metrics import Metrics
 from llm_proxy.settings import VARIABLES, Settings, load_settings

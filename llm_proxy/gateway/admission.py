@@ -9,13 +9,16 @@ from aiohttp.typedefs import Handler, Middleware
 
 from llm_proxy.audit.writer import AuditWriter
 from llm_proxy.errors import ApiError, RateLimited, TooManyRequests
-from llm_proxy.keys import CLIENT_IP, RATE_DECISION, REQUEST_ID
+from llm_proxy.gateway.context import CLIENT_IP, REQUEST_ID
 from llm_proxy.limiting.base import Decision, FailureLimiter, Limiter
 from llm_proxy.limiting.memory import rate_headers
 from llm_proxy.models import Credential
 from llm_proxy.ops.metrics import Metrics
 from llm_proxy.tokens.anomaly import AnomalyDetector
 from llm_proxy.tokens.cache import TokenCache
+
+# The token's rate decision, for the X-RateLimit-* headers of an admitted request.
+RATE_DECISION: web.RequestKey[Decision] = web.RequestKey("rate_decision")
 
 
 class IpBlock:

@@ -7,11 +7,14 @@ from aiohttp import web
 from llm_proxy.audit.masking import obfuscate
 from llm_proxy.audit.writer import AuditWriter
 from llm_proxy.errors import ApiError, InvalidToken
-from llm_proxy.keys import CLIENT_IP, REQUEST_ID
+from llm_proxy.gateway.context import CLIENT_IP, REQUEST_ID
 from llm_proxy.limiting.base import FailureLimiter
 from llm_proxy.models import Credential
 from llm_proxy.tokens.anomaly import AnomalyDetector
 from llm_proxy.tokens.cache import TokenCache
+
+# The credential of an authenticated /v1 request.
+CREDENTIAL: web.RequestKey[Credential] = web.RequestKey("credential")
 
 
 def bearer(request: web.Request) -> str | None:

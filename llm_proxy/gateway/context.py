@@ -10,8 +10,12 @@ from collections.abc import Callable
 
 from aiohttp import web
 
-from llm_proxy.keys import CLIENT_IP, REQUEST_ID, REQUEST_STARTED
 from llm_proxy.settings import IPNetwork
+
+# Set for every request by the edge's first step; read by every later one, error bodies and audit events too.
+REQUEST_ID = web.RequestKey("request_id", str)
+CLIENT_IP = web.RequestKey("client_ip", str)
+REQUEST_STARTED = web.RequestKey("request_started", float)
 
 _SANE_ID = re.compile(r"[A-Za-z0-9._-]{1,128}")
 _ID_BATCH = 256  # ids drawn from the OS's random source per read

@@ -8,9 +8,8 @@ from aiohttp import web
 from aiohttp.typedefs import Handler, Middleware
 
 from llm_proxy.errors import ApiError, Overloaded, error_body, error_response
-from llm_proxy.gateway.context import request_context
+from llm_proxy.gateway.context import REQUEST_ID, request_context
 from llm_proxy.gateway.cors import cors_preflight
-from llm_proxy.keys import REQUEST_ID
 from llm_proxy.ops.metrics import Metrics
 from llm_proxy.settings import IPNetwork
 from llm_proxy.storage.errors import StorageBusy, StorageError

@@ -5,10 +5,9 @@ from __future__ import annotations
 from aiohttp import web
 
 from llm_proxy.errors import MethodNotAllowed, Overloaded
-from llm_proxy.gateway.admission import Admission, IpBlock
-from llm_proxy.gateway.client_auth import ClientAuth
+from llm_proxy.gateway.admission import RATE_DECISION, Admission, IpBlock
+from llm_proxy.gateway.client_auth import CREDENTIAL, ClientAuth
 from llm_proxy.gateway.forwarder import Forwarder
-from llm_proxy.keys import CREDENTIAL, RATE_DECISION
 from llm_proxy.limiting.memory import ConcurrencyLimiter
 from llm_proxy.ops.metrics import Metrics
 

@@ -12,7 +12,7 @@ from aiohttp import web
 
 from llm_proxy.audit.writer import AuditWriter
 from llm_proxy.errors import ApiError, BadRequest, MethodNotAllowed
-from llm_proxy.keys import CLIENT_IP, REQUEST_ID
+from llm_proxy.gateway.context import CLIENT_IP, REQUEST_ID
 from llm_proxy.manage.openapi import openapi_handler
 from llm_proxy.manage.validation import (
     Field,

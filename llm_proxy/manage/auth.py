@@ -10,8 +10,7 @@ from aiohttp.typedefs import Handler, Middleware
 from llm_proxy.audit.writer import AuditWriter
 from llm_proxy.errors import InvalidManagementToken, IPNotAllowed
 from llm_proxy.gateway.client_auth import bearer, rejection_details
-from llm_proxy.gateway.context import ip_in
-from llm_proxy.keys import CLIENT_IP, REQUEST_ID
+from llm_proxy.gateway.context import CLIENT_IP, REQUEST_ID, ip_in
 from llm_proxy.limiting.base import FailureLimiter
 from llm_proxy.settings import IPNetwork
 

@@ -21,7 +21,8 @@ from aiohttp.abc import AbstractAccessLogger
 from aiohttp.web import BaseRequest, StreamResponse
 
 from llm_proxy.audit.masking import mask_request_id, mask_secrets, mask_secrets_cached
-from llm_proxy.keys import CLIENT_IP, CREDENTIAL, REQUEST_ID, REQUEST_STARTED
+from llm_proxy.gateway.client_auth import CREDENTIAL
+from llm_proxy.gateway.context import CLIENT_IP, REQUEST_ID, REQUEST_STARTED
 from llm_proxy.ops.control_characters import escape_controls
 from llm_proxy.settings import ConfigError, Settings
 

@@ -12,9 +12,9 @@ from typing import Any
 import orjson
 import pytest
 
+from llm_proxy.app import AUDIT
 from llm_proxy.audit.chain import verify_files
 from llm_proxy.audit.masking import obfuscate
-from llm_proxy.keys import AUDIT
 from tests.fakes import (
     ENCRYPTION_KEY,
     MANAGEMENT_TOKEN,

@@ -9,7 +9,7 @@ import openai
 import orjson
 import pytest
 
-from llm_proxy.keys import AUDIT
+from llm_proxy.app import AUDIT
 from tests.fakes import FakeClock, Gateway, bearer, call
 
 CHAT = {"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "hi"}]}

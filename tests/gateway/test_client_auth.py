@@ -7,7 +7,7 @@ from typing import Any
 import openai
 import pytest
 
-from llm_proxy.keys import STORE
+from llm_proxy.app import STORE
 from llm_proxy.storage.sqlite.database import Database
 from llm_proxy.storage.sqlite.store import SqliteStore
 from tests.fakes import MANAGEMENT_TOKEN, FakeClock, Gateway, bearer

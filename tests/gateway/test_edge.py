@@ -12,8 +12,8 @@ from aiohttp import web
 from aiohttp.test_utils import TestClient
 
 from llm_proxy.errors import InvalidToken, RateLimited
+from llm_proxy.gateway.context import CLIENT_IP, REQUEST_ID, REQUEST_STARTED
 from llm_proxy.gateway.edge import edge_middleware
-from llm_proxy.keys import CLIENT_IP, REQUEST_ID, REQUEST_STARTED
 from llm_proxy.ops.metrics import Metrics
 from llm_proxy.storage.errors import StorageBusy
 from tests.fakes import bare_metrics

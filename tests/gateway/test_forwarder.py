@@ -12,7 +12,7 @@ import openai
 import orjson
 import pytest
 
-from llm_proxy.keys import AUDIT
+from llm_proxy.app import AUDIT
 from tests.fakes import UPSTREAM_KEY, Gateway, bearer
 
 

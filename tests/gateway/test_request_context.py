@@ -12,8 +12,8 @@ from hypothesis import given
 from hypothesis import strategies as st
 from multidict import CIMultiDict
 
+from llm_proxy.app import AUDIT
 from llm_proxy.gateway.context import RequestIds, ip_in, resolve_client_ip
-from llm_proxy.keys import AUDIT
 from llm_proxy.settings import IPNetwork
 from tests.fakes import send
 

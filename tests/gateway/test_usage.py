@@ -19,8 +19,8 @@ from aiohttp import web
 from hypothesis import given
 from hypothesis import strategies as st
 
+from llm_proxy.app import AUDIT, TOKEN_CACHE
 from llm_proxy.gateway.metering import Usage, UsageTap, prepare
-from llm_proxy.keys import AUDIT, TOKEN_CACHE
 from tests.fakes import (
     FakeClock,
     Gateway,

@@ -7,7 +7,7 @@ from typing import Any
 
 import pytest
 
-from llm_proxy.keys import STORE
+from llm_proxy.app import STORE
 from llm_proxy.tokens.credentials import hash_token
 from tests.fakes import (
     ENCRYPTION_KEY,

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from llm_proxy import __version__
-from llm_proxy.keys import STORE
+from llm_proxy.app import STORE
 from tests.fakes import Gateway
 
 

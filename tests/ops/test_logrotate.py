@@ -12,8 +12,8 @@ from typing import Any
 import orjson
 import pytest
 
+from llm_proxy.app import AUDIT
 from llm_proxy.audit.chain import verify_files
-from llm_proxy.keys import AUDIT
 from tests.fakes import REPO
 
 RECIPE = REPO / "logrotate.conf"

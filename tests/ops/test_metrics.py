@@ -12,7 +12,7 @@ from hypothesis import strategies as st
 from prometheus_client import CollectorRegistry
 from prometheus_client import Histogram as PrometheusHistogram
 
-from llm_proxy.keys import AUDIT
+from llm_proxy.app import AUDIT
 from llm_proxy.ops.metrics import Histogram
 from tests.fakes import MANAGEMENT_TOKEN, FakeClock, Gateway
 

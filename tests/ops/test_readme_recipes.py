@@ -14,7 +14,7 @@ import aiohttp
 import orjson
 import pytest
 
-from llm_proxy.keys import AUDIT
+from llm_proxy.app import AUDIT
 from llm_proxy.ops.cli import main
 from tests.fakes import REPO, Gateway, child_env, free_port, wait_healthy
 

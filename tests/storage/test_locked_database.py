@@ -17,8 +17,8 @@ import orjson
 import pytest
 from aiohttp.test_utils import TestServer
 
+from llm_proxy.app import AUDIT
 from llm_proxy.audit.writer import AuditWriter
-from llm_proxy.keys import AUDIT
 from llm_proxy.storage.sqlite import database
 from tests.fakes import Gateway, bearer, eventually, locked, scalar, serving_like_serve
 

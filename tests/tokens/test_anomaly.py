@@ -7,7 +7,7 @@ from typing import Any
 
 import orjson
 
-from llm_proxy.keys import ANOMALIES, AUDIT, EXPIRY_JOB
+from llm_proxy.app import ANOMALIES, AUDIT, EXPIRY_JOB
 from tests.fakes import FakeClock, Gateway
 
 

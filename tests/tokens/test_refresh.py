@@ -8,7 +8,7 @@ from typing import Any
 
 import pytest
 
-from llm_proxy.keys import EXPIRY_JOB, STORE
+from llm_proxy.app import EXPIRY_JOB, STORE
 from tests.fakes import FakeClock, Gateway, bearer
 
 
