@@ -26,7 +26,8 @@ from aiohttp.test_utils import TestServer
 from llm_proxy.audit.writer import AuditWriter
 from llm_proxy.crypto import KeyRing
 from llm_proxy.keys import AUDIT
-from llm_proxy.ops.cli import format_record, format_table, main
+from llm_proxy.ops.cli import main
+from llm_proxy.ops.cli.output import format_record, format_table
 from llm_proxy.settings import VARIABLES, load_settings
 from llm_proxy.storage.sqlite.audit import SqliteAudit
 from llm_proxy.storage.sqlite.database import Database

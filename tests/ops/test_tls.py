@@ -25,7 +25,9 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
 from llm_proxy.app import create_app
-from llm_proxy.ops.cli import UsageError, build_ssl_context, main
+from llm_proxy.ops.cli import main
+from llm_proxy.ops.command_errors import UsageError
+from llm_proxy.ops.tls import build_ssl_context
 from tests.fakes import ENCRYPTION_KEY, MANAGEMENT_TOKEN, REPO, free_port, make_settings, serve_env
 
 # Runs `llm-proxy serve` with a terminal as its controlling tty, as an operator's shell would:

@@ -1,0 +1,123 @@
+"""`llm-proxy audit …`: verify the audit hash chain of the files or the table, and prune old rows."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+from pathlib import Path
+from typing import Any
+
+from llm_proxy.audit import chain as auditchain
+from llm_proxy.audit.writer import AuditWriter
+from llm_proxy.ops.cli.arguments import add_command, add_group, json_option, non_negative, positive
+from llm_proxy.ops.cli.configuration import command_settings
+from llm_proxy.ops.cli.local_database import with_database, with_store
+from llm_proxy.ops.cli.output import print_json
+from llm_proxy.ops.command_errors import EXIT_FAILED, EXIT_OK, CommandError, UsageError
+from llm_proxy.settings import Settings
+from llm_proxy.storage.base import PruneResult, Store
+from llm_proxy.storage.errors import StorageError
+from llm_proxy.storage.factory import peek_audit_head
+
+
+def cmd_audit_prune(args: argparse.Namespace) -> int:
+    """Delete audit rows older than N days in batches; record the prune as an audit.prune event."""
+    settings = command_settings()
+    days = settings.audit_retention_days if args.older_than_days is None else args.older_than_days
+
+    async def work(store: Store, audit: AuditWriter) -> PruneResult:
+        try:
+            result = await auditchain.prune(store.audit, days, args.batch_size)
+        except Exception:
+            audit.emit("audit.prune", actor="system", result="error",
+                        details={"older_than_days": days, "batch_size": args.batch_size})
+            raise
+        audit.emit("audit.prune", actor="system", result="success",
+                   details={**result.details(), "older_than_days": days, "batch_size": args.batch_size})
+        return result
+
+    result = asyncio.run(with_database(settings, work))
+    if args.json:
+        print_json({**result.details(), "batches": result.batches, "older_than_days": days})
+    else:
+        print(f"pruned {result.deleted} audit event(s) older than {days} day(s) in {result.batches} batch(es)")
+    return EXIT_OK
+
+
+def _result_document(result: auditchain.VerifyResult) -> dict[str, Any]:
+    problem = result.problem
+    return {"ok": result.ok, "events": result.events, "start": result.start, "first_seq": result.first_seq,
+            "last_seq": result.last_seq, "message": result.describe(),
+            "problem": None if problem is None else {"kind": problem.kind, "where": problem.where,
+                                                     "seq": problem.seq, "message": problem.message}}
+
+
+async def _verify_db(settings: Settings) -> auditchain.VerifyResult:
+    async def verify(store: Store) -> auditchain.VerifyResult:
+        # The head is read first: events a gateway appends meanwhile are accepted when they chain on.
+        head = await store.audit.head() if settings.audit_store_in_db else None
+        return await auditchain.verify_table(store.audit, head=head, growing=True)
+
+    return await with_store(settings, verify)
+
+
+def _files_chain_head(settings: Settings) -> tuple[tuple[int, str] | None, str]:
+    """Return the database's chain head (None if unavailable) and a note for the operator saying which."""
+    unchecked = "newest lines removed from the files would go unnoticed"
+    database = settings.database_path
+    if not database.is_file():
+        return None, f"no database at {database} (DATABASE_PATH): files verified alone, {unchecked}"
+    try:
+        head = peek_audit_head(settings)
+    except StorageError as exc:
+        return None, (f"database at {database} unreadable ({type(exc).__name__}): files verified alone, "
+                      f"{unchecked}")
+    if head is None:
+        return None, f"no audit chain in {database}: files verified alone, {unchecked}"
+    return head, f"checked up to the database's chain head, seq {head[0]}"
+
+
+def cmd_audit_verify(args: argparse.Namespace) -> int:
+    """Check the audit hash chain of files (default: AUDIT_LOG_FILE and rotated siblings) or, with --db, the table."""
+    outcomes: dict[str, auditchain.VerifyResult] = {}
+    notes: dict[str, str] = {}
+    if args.files:
+        paths = [Path(name) for name in args.files]
+        for path in paths:
+            if not path.is_file():
+                raise UsageError(f"no audit file at {path}")
+        outcomes["files"] = auditchain.verify_files(paths)
+    elif not args.db:
+        settings = command_settings()
+        if settings.audit_log_file is None:
+            raise UsageError("AUDIT_LOG_FILE is empty: there are no audit files (use --db)")
+        paths = auditchain.audit_files(settings.audit_log_file)
+        if not paths:
+            raise CommandError(f"no audit files at {settings.audit_log_file}")
+        # Read before the files, so a gateway writing meanwhile only adds lines past it.
+        head, head_note = _files_chain_head(settings)
+        outcomes["files"] = auditchain.verify_files(paths, head=head, growing=True)
+        notes["files"] = head_note
+    if args.db:
+        outcomes["db"] = asyncio.run(_verify_db(command_settings()))
+    if args.json:
+        print_json({name: {**_result_document(result), **({"note": notes[name]} if name in notes else {})}
+                    for name, result in outcomes.items()})
+    else:
+        labels = {"files": "files", "db": auditchain.TABLE}
+        for name, result in outcomes.items():
+            print(f"{labels[name]}: {result.describe()}{f'; {notes[name]}' if name in notes else ''}")
+    return EXIT_OK if all(result.ok for result in outcomes.values()) else EXIT_FAILED
+
+
+def add_commands(commands: Any) -> None:
+    """Add `audit prune` and `audit verify`."""
+    output = json_option()
+    audit = add_group(commands, "audit", "check and prune the audit trail (on the gateway's host)")
+    prune = add_command(audit, "prune", cmd_audit_prune, "delete old audit rows", (output,))
+    prune.add_argument("--older-than-days", type=non_negative, metavar="N",
+                       help="default: AUDIT_RETENTION_DAYS")
+    prune.add_argument("--batch-size", type=positive, default=1000, metavar="N", help="rows per transaction")
+    verify = add_command(audit, "verify", cmd_audit_verify, "verify the audit hash chain", (output,))
+    verify.add_argument("files", nargs="*", metavar="FILE", help="audit files, rotated ones included (.gz too)")
+    verify.add_argument("--db", action="store_true", help="verify the audit_events table")

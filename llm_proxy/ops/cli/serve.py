@@ -1,0 +1,103 @@
+"""`llm-proxy serve`: run the gateway until SIGINT/SIGTERM, a startup failure shown as one line."""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import logging
+import os
+from pathlib import Path
+from typing import Any
+
+from aiohttp import web
+
+from llm_proxy import __version__
+from llm_proxy.app import CONNECTION_IDLE_TIMEOUT, create_app
+from llm_proxy.ops.cli.arguments import add_command
+from llm_proxy.ops.cli.configuration import command_settings, configuration_error
+from llm_proxy.ops.command_errors import EXIT_OK, CommandError, UsageError
+from llm_proxy.ops.logs import ACCESS_LOGGER, AccessLogger, configure_logging
+from llm_proxy.ops.tls import build_ssl_context
+from llm_proxy.settings import ConfigError, Settings
+from llm_proxy.storage.errors import StorageError
+
+log = logging.getLogger("llm_proxy")
+
+
+def _with_frozen_gc(app: web.Application) -> web.Application:
+    """Move what startup allocated out of the collector's sight: fewer and shorter GC passes per request."""
+    async def freeze(app: web.Application) -> None:
+        gc.collect()
+        gc.freeze()
+    app.on_startup.append(freeze)
+    return app
+
+
+def _startup_file_error(settings: Settings, failed: Path, reason: str) -> CommandError:
+    """Return the one line for a file that could not be opened at startup, naming its variable."""
+    failed = failed.absolute()
+    paths = [(variable, path.absolute()) for variable, path in (
+        ("DATABASE_PATH", settings.database_path), ("AUDIT_LOG_FILE", settings.audit_log_file),
+        ("LOG_FILE", settings.log_file)) if path is not None]
+    own = {variable: {path, path.with_name(path.name + "-wal"), path.with_name(path.name + "-shm")}
+           for variable, path in paths}
+    # The file itself first, then a directory on its way (created by mkdir -p); the database opens
+    # first, so a directory shared by both paths is reported against it.
+    for variable, path in paths:
+        if failed in own[variable]:
+            return UsageError(f"configuration error: {variable}: cannot use {path}: {reason}")
+    for variable, path in paths:
+        if failed in path.parents:
+            return UsageError(f"configuration error: {variable}: cannot use {path} ({failed}: {reason})")
+    return CommandError(f"cannot start: {failed}: {reason}")
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    """Run the gateway until SIGINT/SIGTERM."""
+    settings = command_settings()
+    context = build_ssl_context(settings)
+    try:
+        listener = configure_logging(settings)
+    except ConfigError as exc:
+        raise configuration_error(exc) from None
+    try:
+        try:
+            import uvloop
+        except ImportError:
+            loop = None
+        else:
+            loop = uvloop.new_event_loop()
+        scheme = "https" if context is not None else "http"
+
+        def listening(_banner: str) -> None:
+            # run_app calls this once every socket is bound and listening: never claim it before.
+            log.info("llm-proxy %s listening on %s://%s:%d", __version__, scheme, settings.listen_host or "*",
+                     settings.listen_port, extra={"event_loop": "uvloop" if loop is not None else "asyncio"})
+
+        try:
+            web.run_app(_with_frozen_gc(create_app(settings)), host=settings.listen_host or None,
+                        port=settings.listen_port,
+                        ssl_context=context, shutdown_timeout=settings.shutdown_grace, handler_cancellation=True,
+                        access_log_class=AccessLogger, access_log=logging.getLogger(ACCESS_LOGGER),
+                        print=listening, loop=loop, keepalive_timeout=CONNECTION_IDLE_TIMEOUT)
+        except OSError as exc:
+            reason = exc.strerror or type(exc).__name__
+            if isinstance(exc, FileExistsError):  # mkdir -p met a file where a directory belongs
+                reason = "Not a directory"
+            if exc.filename is not None:  # a file opened at startup (audit log, database directory)
+                raise _startup_file_error(settings, Path(os.fsdecode(exc.filename)), reason) from None
+            raise CommandError(f"cannot listen on {settings.listen_host or '*'}:{settings.listen_port}: "
+                               f"{reason}") from None
+        except StorageError as exc:
+            raise CommandError(f"DATABASE_PATH: cannot use {settings.database_path} ({exc})") from None
+        except ConfigError as exc:  # found at startup, e.g. an ENCRYPTION_KEY that opens no stored key
+            raise configuration_error(exc) from None
+        log.info("llm-proxy stopped")
+    finally:
+        listener.stop()
+    return EXIT_OK
+
+
+def add_commands(commands: Any) -> None:
+    """Add `serve`."""
+    add_command(commands, "serve", cmd_serve, "run the gateway")
