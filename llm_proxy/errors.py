@@ -31,6 +31,7 @@
 from __future__ import annotations
 
 from collections.abc import Mapping
+from typing import Literal
 
 import orjson
 from aiohttp import web
@@ -119,7 +120,8 @@ class PayloadTooLarge(ApiError):
 
 
 class TooManyRequests(ApiError):
-    status, type, code, message = 429, "rate_limit_error", "rate_limited", "too many requests"
+    status, type, message = 429, "rate_limit_error", "too many requests"
+    code: Literal["rate_limited", "quota_exceeded", "budget_exceeded"] = "rate_limited"
 
 
 class RateLimited(TooManyRequests):

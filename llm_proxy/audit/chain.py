@@ -36,7 +36,12 @@ def canonical(event: dict[str, Any]) -> bytes:
 
 def chain_hash(prev_hash: str, event_without_hash: dict[str, Any]) -> str:
     """Return hex SHA-256 of the previous hash (hex text) followed by the event's canonical JSON."""
-    return hashlib.sha256(prev_hash.encode() + canonical(event_without_hash)).hexdigest()
+    return link_hash(prev_hash, canonical(event_without_hash))
+
+
+def link_hash(prev_hash: str, body: bytes) -> str:
+    """Return hex SHA-256 of the previous hash (hex text) followed by an event's canonical JSON (`body`)."""
+    return hashlib.sha256(prev_hash.encode() + body).hexdigest()
 
 
 # ---- verification ----
@@ -266,14 +271,15 @@ def verify_lines(lines: Iterable[tuple[str, int, str | bytes]], *, anchor: tuple
     return walk.finish(head)
 
 
-_ROTATED = re.compile(r"^(?P<base>.+?)(?:\.(?P<n>\d+)|-(?P<date>\d{8,14}))?$")
+# logrotate's names for a rotated file: NAME.N, or NAME-DATE with dateext; compressed, + .gz.
+_ROTATED_SUFFIX = r"(?:\.(?P<n>\d+)|-(?P<date>\d{8,14}))?(?:\.gz)?"
+_ROTATED = re.compile(r"(?P<base>.+?)" + _ROTATED_SUFFIX)
 
 
 def rotation_order(paths: Iterable[Path]) -> list[Path]:
     """Sort logrotate's files oldest first: audit.log.N[.gz] (higher N older), dated by date, then the current."""
     def key(path: Path) -> tuple[int, int]:
-        name = path.name.removesuffix(".gz")
-        match = _ROTATED.match(name)
+        match = _ROTATED.fullmatch(path.name)
         if match and match.group("n"):
             return (0, -int(match.group("n")))
         if match and match.group("date"):
@@ -285,7 +291,7 @@ def rotation_order(paths: Iterable[Path]) -> list[Path]:
 def audit_files(current: Path) -> list[Path]:
     """Return the audit file and logrotate's siblings of it (name.N, name-DATE, optionally .gz)."""
     # Only regular files: /dev/full or a FIFO would read forever or block.
-    pattern = re.compile(re.escape(current.name) + r"(?:\.\d+|-\d{8,14})?(?:\.gz)?")
+    pattern = re.compile(re.escape(current.name) + _ROTATED_SUFFIX)
     try:
         return sorted(path for path in current.parent.iterdir() if pattern.fullmatch(path.name) and path.is_file())
     except OSError:

@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import functools
-import hashlib
 import ipaddress
 import logging
 import os
@@ -26,8 +25,10 @@ from llm_proxy.audit.chain import (
     canonical,
     chained_events,
     lines_after,
+    link_hash,
     newest_event,
 )
+from llm_proxy.audit.events import Action, Actor, Result
 from llm_proxy.audit.masking import mask_request_id, mask_secrets_cached
 from llm_proxy.storage.base import AuditStore, ChainHead, InsertEvents
 from llm_proxy.storage.errors import DuplicateKey, StorageError
@@ -396,7 +397,7 @@ class AuditWriter:
 
     # ---- hot path ----
 
-    def emit(self, action: str, *, actor: str, result: str, project_id: str | None = None,
+    def emit(self, action: Action, *, actor: Actor, result: Result, project_id: str | None = None,
              request_id: str | None = None, client_ip: str | None = None,
              details: dict[str, Any] | None = None) -> None:
         """Queue one event; never blocks, never raises (a full queue drops it and counts it).
@@ -534,7 +535,7 @@ class AuditWriter:
                 event = batch[index] = _sanitized(event)
                 body = canonical(event)
             seq += 1
-            prev = event["hash"] = _sha256_hex(prev, body)
+            prev = event["hash"] = link_hash(prev, body)
             chained.lines.append(orjson.dumps(event, default=str))
             if self._store_in_db:
                 chained.events.append(event)
@@ -618,6 +619,3 @@ class AuditWriter:
             log.error("audit file %s: write failed (%s); %d events missing from the file, %s "
                       "(%d file errors in total)", self._file.path, error, lost, where, self._file_errors)
 
-
-def _sha256_hex(prev_hash: str, body: bytes) -> str:
-    return hashlib.sha256(prev_hash.encode() + body).hexdigest()

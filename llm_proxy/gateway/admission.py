@@ -7,6 +7,7 @@ import math
 from aiohttp import web
 from aiohttp.typedefs import Handler, Middleware
 
+from llm_proxy.audit.events import Actor
 from llm_proxy.audit.writer import AuditWriter
 from llm_proxy.errors import ApiError, RateLimited, TooManyRequests
 from llm_proxy.gateway.context import CLIENT_IP, REQUEST_ID
@@ -29,7 +30,7 @@ class IpBlock:
         self._audit = audit
         self._metrics = metrics
 
-    async def check(self, request: web.Request, actor: str) -> None:
+    async def check(self, request: web.Request, actor: Actor) -> None:
         """Raise RateLimited (429) while the request's client IP is blocked; audit the refusal."""
         client_ip = request[CLIENT_IP]
         # Everything from a blocked IP is refused, valid credentials included: answering those
@@ -45,7 +46,7 @@ class IpBlock:
                                        "Retry-After": str(max(1, math.ceil(wait)))})
 
 
-def ip_block_middleware(block: IpBlock, actor: str) -> Middleware:
+def ip_block_middleware(block: IpBlock, actor: Actor) -> Middleware:
     """Build the middleware running IpBlock.check before the handler (the management API's first step)."""
 
     @web.middleware

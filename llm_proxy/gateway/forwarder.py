@@ -19,6 +19,7 @@ from aiohttp import web
 from multidict import CIMultiDict
 from yarl import URL
 
+from llm_proxy.audit.events import Result
 from llm_proxy.audit.writer import AuditWriter
 from llm_proxy.errors import (
     ApiError,
@@ -122,7 +123,8 @@ class Forwarder:
         """Forward the request; charge its usage and audit it as token.access whatever happens."""
         started = time.perf_counter()
         credential = request[CREDENTIAL]
-        status, result, model, tap, reason, upstream_status = 0, "error", None, None, None, None
+        result: Result = "error"
+        status, model, tap, reason, upstream_status = 0, None, None, None, None
         try:
             try:
                 url = self.upstream_url(request.raw_path)

@@ -10,6 +10,7 @@ from typing import Any
 import orjson
 from aiohttp import web
 
+from llm_proxy.audit.events import Action, Result
 from llm_proxy.audit.writer import AuditWriter
 from llm_proxy.errors import ApiError, BadRequest, MethodNotAllowed
 from llm_proxy.gateway.context import CLIENT_IP, REQUEST_ID
@@ -50,12 +51,12 @@ def json_response(document: Any, status: int = 200) -> web.Response:
 Route = Callable[["Management", web.Request], Awaitable[web.StreamResponse]]
 
 
-def audited(action: str) -> Callable[[ActionHandler], Route]:
+def audited(action: Action) -> Callable[[ActionHandler], Route]:
     """Emit one audit event per call of the handler, whatever its outcome."""
     def wrap(handler: ActionHandler) -> Route:
         async def run(self: Management, request: web.Request) -> web.StreamResponse:
             details: Details = {"http_method": request.method, "endpoint": request.path}
-            result = "success"
+            result: Result = "success"
             try:
                 return await handler(self, request, details)
             except ApiError as exc:

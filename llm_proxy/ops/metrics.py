@@ -5,7 +5,7 @@ from __future__ import annotations
 import math
 from bisect import bisect_left
 from collections.abc import Iterator
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Literal, get_args
 
 from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
@@ -20,8 +20,11 @@ if TYPE_CHECKING:
 
 _STATUS_CLASSES = ("1xx", "2xx", "3xx", "4xx", "5xx")
 _ROUTES = ("proxy", "manage", "other")
-_DENIAL_REASONS = ("rate_limited", "quota_exceeded", "budget_exceeded", "ip_blocked", "overloaded")
-CUT_REASONS = ("upstream_broke", "client_stalled")
+# Why a request was refused before it was forwarded (llm_proxy_rate_limit_denials_total's `reason`).
+DenialReason = Literal["rate_limited", "quota_exceeded", "budget_exceeded", "ip_blocked", "overloaded"]
+CutReason = Literal["upstream_broke", "client_stalled"]
+_DENIAL_REASONS: tuple[DenialReason, ...] = get_args(DenialReason)
+CUT_REASONS: tuple[CutReason, ...] = get_args(CutReason)
 _LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0)
 
 
@@ -78,8 +81,8 @@ class _LiveCollector(Collector):
         cut = CounterMetricFamily("llm_proxy_responses_cut",
                                   "Proxied answers cut off after their status was sent (counted by that status in "
                                   "llm_proxy_requests_total), by reason", labels=("reason",))
-        for reason, count in metrics.cut.items():
-            cut.add_metric((reason,), count)
+        for cut_reason, count in metrics.cut.items():
+            cut.add_metric((cut_reason,), count)
         yield cut
         yield metrics.upstream_latency.family()
         yield metrics.upstream_ttfb.family()
@@ -116,12 +119,12 @@ class Metrics:
         route = "proxy" if path.startswith("/v1/") else "manage" if path.startswith("/manage/") else "other"
         self.requests[route, _STATUS_CLASSES[min(max(status // 100, 1), 5) - 1]] += 1
 
-    def count_denial(self, reason: str) -> None:
+    def count_denial(self, reason: DenialReason) -> None:
         """Count one request refused by a limit."""
         if reason in self.denials:
             self.denials[reason] += 1
 
-    def count_cut(self, reason: str) -> None:
+    def count_cut(self, reason: CutReason) -> None:
         """Count one answer cut off after its status was sent: the upstream broke, or the client stopped reading."""
         self.cut[reason] += 1
 

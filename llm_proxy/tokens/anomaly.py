@@ -19,6 +19,7 @@ from collections import OrderedDict
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 
+from llm_proxy.audit.events import Result
 from llm_proxy.audit.writer import AuditWriter
 from llm_proxy.models import Credential
 from llm_proxy.tokens.service import TokenService
@@ -149,7 +150,7 @@ class AnomalyDetector:
     async def _suspend(self, credential: Credential, rule: str, write: Awaitable[object]) -> None:
         try:
             await write
-            result = "success"
+            result: Result = "success"
         except Exception:
             log.exception("could not persist the suspension of a token")
             result = "error"

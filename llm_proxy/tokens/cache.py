@@ -14,6 +14,7 @@ from llm_proxy.models import Credential, Project, ProjectState, TokenRecord, epo
 from llm_proxy.storage.base import Store
 from llm_proxy.tokens.credentials import hash_token, is_token_shaped
 from llm_proxy.tokens.feed import Change, ChangeFeed, TokenChanged, TokensDeactivated, TokensRevoked
+from llm_proxy.tokens.periodic import Periodic
 
 log = logging.getLogger(__name__)
 
@@ -42,7 +43,7 @@ class TokenCache:
         self._day = ""
         # Bumped by every published change, so a load that raced with one is redone.
         self._generation = 0
-        self._flusher: asyncio.Task[None] | None = None
+        self._flusher = Periodic("token-counter-flusher", FLUSH_INTERVAL, self.flush, wait_first=True)
         self._saving: asyncio.Future[None] | None = None  # the counter write in flight, if any
         feed.subscribe(self._apply_change)
 
@@ -261,21 +262,11 @@ class TokenCache:
         finally:
             self._saving = None
 
-    async def _flush_forever(self) -> None:
-        while True:
-            await asyncio.sleep(FLUSH_INTERVAL)
-            await self.flush()
-
     def start(self) -> None:
         """Start the background task that persists counters every second."""
-        self._flusher = asyncio.create_task(self._flush_forever(), name="token-counter-flusher")
+        self._flusher.start()
 
     async def close(self) -> None:
         """Stop the flusher and persist what is left."""
-        if self._flusher is not None:
-            self._flusher.cancel()
-            try:
-                await self._flusher
-            except asyncio.CancelledError:
-                pass
+        await self._flusher.close()
         await self.flush()

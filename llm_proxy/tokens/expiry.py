@@ -2,13 +2,9 @@
 
 from __future__ import annotations
 
-import asyncio
-import logging
-
 from llm_proxy.audit.writer import AuditWriter
+from llm_proxy.tokens.periodic import Periodic
 from llm_proxy.tokens.service import TokenService
-
-log = logging.getLogger(__name__)
 
 EXPIRY_INTERVAL = 60.0
 
@@ -19,7 +15,7 @@ class ExpiryJob:
     def __init__(self, service: TokenService, audit: AuditWriter) -> None:
         self._service = service
         self._audit = audit
-        self._task: asyncio.Task[None] | None = None
+        self._job = Periodic("token-expiry", EXPIRY_INTERVAL, self.run_once)
 
     async def run_once(self) -> int:
         """Deactivate what has expired now; return how many tokens changed."""
@@ -29,23 +25,10 @@ class ExpiryJob:
                              details={"token_id": token.token_hint, "token_uuid": token.id})
         return len(expired)
 
-    async def _forever(self) -> None:
-        while True:
-            try:
-                await self.run_once()
-            except Exception:
-                log.exception("token expiry job failed; will retry")
-            await asyncio.sleep(EXPIRY_INTERVAL)
-
     def start(self) -> None:
         """Start the periodic job."""
-        self._task = asyncio.create_task(self._forever(), name="token-expiry")
+        self._job.start()
 
     async def close(self) -> None:
         """Stop the periodic job."""
-        if self._task is not None:
-            self._task.cancel()
-            try:
-                await self._task
-            except asyncio.CancelledError:
-                pass
+        await self._job.close()
