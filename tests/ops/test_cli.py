@@ -23,9 +23,9 @@ import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestServer
 
+from llm_proxy.app import AUDIT
 from llm_proxy.audit.writer import AuditWriter
 from llm_proxy.crypto import KeyRing
-from llm_proxy.keys import AUDIT
 from llm_proxy.ops.cli import main
 from llm_proxy.ops.cli.output import format_record, format_table
 from llm_proxy.settings import VARIABLES, load_settings
