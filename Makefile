@@ -33,9 +33,11 @@ system-deps:
 test: $(STAMP) system-deps
 	$(BIN)/python -m pytest
 
+# ruff; mypy --strict (setup.cfg); import-linter: the layers and no cycles (.importlinter).
 lint: $(STAMP)
 	$(BIN)/ruff check llm_proxy tests
 	$(BIN)/mypy llm_proxy
+	$(BIN)/lint-imports --no-cache .importlinter
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache build *.egg-info

@@ -254,9 +254,22 @@ def _parse_endpoints(raw: str) -> tuple[str, ...]:
     return endpoints
 
 
-def _parse_origins(raw: str) -> tuple[str, ...]:
-    from llm_proxy.gateway.cors import normalize_origin
+_ORIGIN = re.compile(r"(https?)://([a-z0-9.-]+|\[[0-9a-f:.]+\])(?::([0-9]{1,5}))?", re.IGNORECASE)
+_DEFAULT_PORTS = {"http": 80, "https": 443}
 
+
+def normalize_origin(origin: str) -> str | None:
+    """Return `scheme://host:port` in lower case, or None for anything but a plain http(s) origin."""
+    match = _ORIGIN.fullmatch(origin)
+    if match is None:
+        return None
+    scheme, host, port = match.group(1).lower(), match.group(2).lower(), match.group(3)
+    number = int(port) if port else _DEFAULT_PORTS[scheme]
+    return f"{scheme}://{host}:{number}" if 0 < number < 65536 else None
+
+
+
+def _parse_origins(raw: str) -> tuple[str, ...]:
     origins = tuple(_split(raw))
     for origin in origins:
         if origin != "*" and normalize_origin(origin) is None:

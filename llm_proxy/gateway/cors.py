@@ -9,6 +9,7 @@ from aiohttp import hdrs, web
 from multidict import CIMultiDict
 
 from llm_proxy.errors import PermissionDenied, error_body
+from llm_proxy.settings import normalize_origin
 
 ALLOWED_METHODS = "GET, POST, PATCH, DELETE, OPTIONS"
 EXPOSED_HEADERS = "X-Request-ID, X-RateLimit-Limit, X-RateLimit-Remaining, Retry-After, X-LLM-Proxy-Overhead-Ms"
@@ -18,18 +19,6 @@ _SAFE_REQUEST_HEADERS = frozenset({"authorization", "content-type", "x-request-i
                                    "openai-project", "openai-beta"})
 # The openai JS SDK sends a family of x-stainless-* headers (lang, os, arch, retry-count, …).
 _SDK_HEADER = re.compile(r"x-stainless-[a-z0-9-]+")
-_ORIGIN = re.compile(r"(https?)://([a-z0-9.-]+|\[[0-9a-f:.]+\])(?::([0-9]{1,5}))?", re.IGNORECASE)
-_DEFAULT_PORTS = {"http": 80, "https": 443}
-
-
-def normalize_origin(origin: str) -> str | None:
-    """Return `scheme://host:port` in lower case, or None for anything but a plain http(s) origin."""
-    match = _ORIGIN.fullmatch(origin)
-    if match is None:
-        return None
-    scheme, host, port = match.group(1).lower(), match.group(2).lower(), match.group(3)
-    number = int(port) if port else _DEFAULT_PORTS[scheme]
-    return f"{scheme}://{host}:{number}" if 0 < number < 65536 else None
 
 
 class CorsPolicy:

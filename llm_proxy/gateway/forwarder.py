@@ -33,9 +33,9 @@ from llm_proxy.errors import (
     UpstreamUnavailable,
 )
 from llm_proxy.gateway import metering as usage
+from llm_proxy.gateway.bodies import read_body, refusing_deep_nesting
 from llm_proxy.gateway.client_auth import CREDENTIAL
 from llm_proxy.gateway.context import CLIENT_IP, REQUEST_ID, REQUEST_STARTED
-from llm_proxy.manage.validation import read_body, refusing_deep_nesting
 from llm_proxy.models import Credential
 from llm_proxy.ops.metrics import Metrics
 from llm_proxy.settings import Settings

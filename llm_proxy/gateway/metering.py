@@ -10,7 +10,7 @@ from typing import Any
 
 import orjson
 
-from llm_proxy.manage.validation import refusing_deep_nesting
+from llm_proxy.gateway.bodies import refusing_deep_nesting
 
 # Endpoints whose answers carry a `usage` object.
 USAGE_ENDPOINTS = ("/v1/chat/completions", "/v1/completions", "/v1/embeddings", "/v1/responses")

@@ -13,15 +13,19 @@ from aiohttp import web
 from llm_proxy.audit.events import Action, Result
 from llm_proxy.audit.writer import AuditWriter
 from llm_proxy.errors import ApiError, BadRequest, MethodNotAllowed
+from llm_proxy.gateway.bodies import read_body
 from llm_proxy.gateway.context import CLIENT_IP, REQUEST_ID
 from llm_proxy.manage.openapi import openapi_handler
 from llm_proxy.manage.validation import (
+    API_KEY_MAX_LENGTH,
+    LIMIT_MAX,
+    MAX_GRACE_SECONDS,
+    NAME_MAX_LENGTH,
     Field,
     parse_json_object,
     query_bool,
     query_int,
     query_timestamp,
-    read_body,
     validate,
 )
 from llm_proxy.models import TokenRecord
@@ -30,11 +34,6 @@ from llm_proxy.storage.base import Store
 from llm_proxy.tokens.cache import TokenCache
 from llm_proxy.tokens.service import Limits, TokenService
 
-MAX_GRACE_SECONDS = 86_400
-# Bounds of the request bodies; the OpenAPI document (openapi.py) states the same ones from here.
-NAME_MAX_LENGTH = 200
-API_KEY_MAX_LENGTH = 4096
-LIMIT_MAX = 2**53
 _NAME = Field(str, max_length=NAME_MAX_LENGTH)
 _API_KEY = Field(str, max_length=API_KEY_MAX_LENGTH)
 _LIMIT = Field(int, nullable=True, minimum=0, maximum=LIMIT_MAX)

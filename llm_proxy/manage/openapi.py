@@ -11,7 +11,13 @@ import orjson
 from aiohttp import web
 
 from llm_proxy import __version__
-from llm_proxy.manage.validation import UNPRINTABLE
+from llm_proxy.manage.validation import (
+    API_KEY_MAX_LENGTH,
+    LIMIT_MAX,
+    MAX_GRACE_SECONDS,
+    NAME_MAX_LENGTH,
+    UNPRINTABLE,
+)
 from llm_proxy.models import TOKEN_FIELDS
 from llm_proxy.settings import Settings
 
@@ -58,9 +64,6 @@ _BODY_ERRORS = (400, 408, 413)
 
 def build_document(settings: Settings | None = None) -> dict[str, Any]:
     """Return the OpenAPI document, reflecting the token lifetime limits of `settings` (defaults when None)."""
-    # Imported here: management serves this document, so it imports this module first.
-    from llm_proxy.manage.api import API_KEY_MAX_LENGTH, LIMIT_MAX, MAX_GRACE_SECONDS, NAME_MAX_LENGTH
-
     if settings is None:
         settings = Settings(management_tokens=(), encryption_key=b"")
     duration: Schema = {"type": "integer", "minimum": 1, "maximum": settings.max_token_duration_minutes,

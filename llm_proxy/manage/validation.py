@@ -2,19 +2,23 @@
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
 import json
 import re
-from collections.abc import Iterator, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
 import orjson
-from aiohttp import web
 
-from llm_proxy.errors import BadRequest, PayloadTooLarge, RequestTimeout
+from llm_proxy.errors import BadRequest
+from llm_proxy.gateway.bodies import refusing_deep_nesting
+
+MAX_GRACE_SECONDS = 86_400
+# Bounds of the management bodies; the OpenAPI document (openapi.py) states the same ones from here.
+NAME_MAX_LENGTH = 200
+API_KEY_MAX_LENGTH = 4096
+LIMIT_MAX = 2**53
 
 
 @dataclass(frozen=True, slots=True)
@@ -52,19 +56,6 @@ def parse_json_object(raw: bytes) -> dict[str, Any]:
     with refusing_deep_nesting():
         json.loads(raw, object_pairs_hook=_refuse_repeated_keys)
     return document
-
-
-@contextlib.contextmanager
-def refusing_deep_nesting() -> Iterator[None]:
-    """Turn the standard library's RecursionError on a deeply nested body into a 400 naming the body.
-
-    orjson accepts 1,024 levels; json.loads and json.dumps recurse and give up near Python's
-    recursion limit. Without this a body orjson read could still end in a 500 and a traceback.
-    """
-    try:
-        yield
-    except RecursionError:
-        raise BadRequest("request body is nested too deeply") from None
 
 
 def _refuse_repeated_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
@@ -162,18 +153,3 @@ def query_int(query: Mapping[str, str], name: str, *, default: int | None, minim
     if not _WHOLE_NUMBER.fullmatch(raw) or not minimum <= int(raw) <= maximum:
         raise BadRequest(f"query parameter `{name}` must be an integer from {minimum} to {maximum}", param=name)
     return int(raw)
-
-
-async def read_body(request: web.Request, limit_seconds: float) -> bytes:
-    """Read a whole (size-capped) request body, refusing a client that sends it too slowly or too much."""
-    try:
-        if request.content.is_eof():
-            return await request.read()  # it all came with the headers: no timer needed
-        async with asyncio.timeout(limit_seconds):
-            return await request.read()
-    except TimeoutError:
-        raise RequestTimeout() from None
-    except web.HTTPRequestEntityTooLarge:
-        # aiohttp's own exception past client_max_size: the gateway's 413, so that it is answered
-        # in the OpenAI shape and audited as the client's invalid input, not as our error.
-        raise PayloadTooLarge(f"request body exceeds {request.client_max_size} bytes") from None

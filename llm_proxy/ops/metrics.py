@@ -54,7 +54,7 @@ class Histogram:
         buckets, running = [], 0
         for bound, count in zip((*self._bounds, math.inf), self._counts, strict=True):
             running += count
-            buckets.append((floatToGoString(bound), running))
+            buckets.append((floatToGoString(bound), running))  # type: ignore[no-untyped-call]
         return HistogramMetricFamily(self.name, self.documentation, buckets=buckets, sum_value=self._sum)
 
 

@@ -12,9 +12,10 @@ from aiohttp import web
 from aiohttp.typedefs import Handler
 
 from llm_proxy.errors import InvalidToken, RateLimited
-from llm_proxy.gateway.cors import EXPOSED_HEADERS, CorsPolicy, cors_headers, normalize_origin
+from llm_proxy.gateway.cors import EXPOSED_HEADERS, CorsPolicy, cors_headers
 from llm_proxy.gateway.edge import edge_middleware
 from llm_proxy.gateway.security_headers import response_hook
+from llm_proxy.settings import normalize_origin
 from tests.fakes import assert_error, assert_security, bare_metrics, send
 
 APP_ORIGIN = "https://app.example.com"

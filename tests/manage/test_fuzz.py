@@ -30,9 +30,8 @@ from schemathesis.specs.openapi.checks import (
 )
 
 from llm_proxy.errors import BadRequest
-from llm_proxy.manage.api import MAX_GRACE_SECONDS
 from llm_proxy.manage.openapi import build_document
-from llm_proxy.manage.validation import Field, query_int, query_timestamp, validate
+from llm_proxy.manage.validation import MAX_GRACE_SECONDS, Field, query_int, query_timestamp, validate
 from llm_proxy.settings import Settings
 from tests.fakes import Gateway
 from tests.manage.test_openapi import app_routes, documented_routes

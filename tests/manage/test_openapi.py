@@ -11,8 +11,8 @@ from aiohttp import web
 
 import llm_proxy
 from llm_proxy.app import create_app
-from llm_proxy.manage.api import MAX_GRACE_SECONDS
 from llm_proxy.manage.openapi import build_document, render
+from llm_proxy.manage.validation import MAX_GRACE_SECONDS
 from tests.fakes import MANAGEMENT_TOKEN, UPSTREAM_KEY, Gateway, assert_security, make_settings, send
 
 COMMITTED = Path(llm_proxy.__file__).parent / "manage" / "openapi.json"

@@ -7,6 +7,7 @@ import sys
 from collections.abc import Sequence
 
 from llm_proxy import __version__
+from llm_proxy.audit.masking import mask_secrets
 from llm_proxy.ops.cli import (
     audit_commands,
     initialize,
@@ -18,7 +19,6 @@ from llm_proxy.ops.cli import (
 from llm_proxy.ops.cli.arguments import CommandParser
 from llm_proxy.ops.command_errors import EXIT_FAILED, EXIT_USAGE, CommandError
 from llm_proxy.ops.control_characters import escape_controls
-from llm_proxy.ops.logs import mask_secrets
 
 # In the order `llm-proxy --help` lists them.
 _JOBS = (serve, initialize, project_commands, token_commands, audit_commands, key_rotation)

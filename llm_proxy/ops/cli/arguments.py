@@ -21,7 +21,8 @@ class CommandParser(argparse.ArgumentParser):
 def add_command(commands: Any, name: str, run: Callable[[argparse.Namespace], int], help_text: str,
                 parents: Sequence[argparse.ArgumentParser] = ()) -> argparse.ArgumentParser:
     """Add a command that runs `run`, described by its docstring."""
-    parser = commands.add_parser(name, help=help_text, description=run.__doc__, parents=list(parents))
+    parser: argparse.ArgumentParser = commands.add_parser(name, help=help_text, description=run.__doc__,
+                                                          parents=list(parents))
     parser.set_defaults(run=run)
     return parser
 

@@ -12,9 +12,9 @@ import aiohttp
 import orjson
 
 from llm_proxy import __version__
+from llm_proxy.audit.masking import mask_secrets
 from llm_proxy.ops.cli.arguments import CommandParser
 from llm_proxy.ops.command_errors import CommandError, UsageError
-from llm_proxy.ops.logs import mask_secrets
 from llm_proxy.settings import read_client_variable
 
 DEFAULT_URL = "http://127.0.0.1:8080"
