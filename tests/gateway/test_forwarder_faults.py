@@ -25,7 +25,7 @@ import orjson
 import pytest
 from aiohttp import web
 
-from llm_proxy.gateway.forwarder import WHOLE_BODY_LIMIT
+from llm_proxy.gateway.relay import WHOLE_BODY_LIMIT
 from tests.fakes import Gateway, access_events, bearer, call, eventually, serving, serving_like_serve
 
 CHAT = {"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "hi"}]}
