@@ -22,7 +22,9 @@ from aiohttp import web
 from aiohttp.test_utils import TestClient, TestServer
 
 from llm_proxy.app import create_app
-from llm_proxy.ops.logs import ACCESS_LOGGER, AccessLogger, AccessSink, LogListener, configure_logging, mask_secrets
+from llm_proxy.audit.masking import mask_secrets
+from llm_proxy.ops.access_log import ACCESS_LOGGER, AccessLogger, AccessSink
+from llm_proxy.ops.logs import LogListener, configure_logging
 from llm_proxy.settings import ConfigError
 from tests.fakes import ENCRYPTION_KEY as GATEWAY_ENCRYPTION_KEY
 from tests.fakes import (
@@ -222,7 +224,7 @@ def test_access_logger_is_off_below_info() -> None:
 
 
 def test_the_masking_filter_also_works_without_the_queue() -> None:
-    from llm_proxy.ops.logs import JsonFormatter, SecretMaskingFilter
+    from llm_proxy.ops.log_format import JsonFormatter, SecretMaskingFilter
 
     stream = io.StringIO()
     handler = logging.StreamHandler(stream)

@@ -13,10 +13,11 @@ from aiohttp import web
 
 from llm_proxy import __version__
 from llm_proxy.app import CONNECTION_IDLE_TIMEOUT, create_app
+from llm_proxy.ops.access_log import ACCESS_LOGGER, AccessLogger
 from llm_proxy.ops.cli.arguments import add_command
 from llm_proxy.ops.cli.configuration import command_settings, configuration_error
 from llm_proxy.ops.command_errors import EXIT_OK, CommandError, UsageError
-from llm_proxy.ops.logs import ACCESS_LOGGER, AccessLogger, configure_logging
+from llm_proxy.ops.logs import configure_logging
 from llm_proxy.ops.tls import build_ssl_context
 from llm_proxy.settings import ConfigError, Settings
 from llm_proxy.storage.errors import StorageError
