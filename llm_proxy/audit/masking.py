@@ -1,5 +1,7 @@
-"""Obfuscate token-like values the one way SPEC §5 prescribes (audit, logs and API responses)."""
+"""Obfuscate token-like values the one way SPEC §5 prescribes (audit, logs and API responses), and mask IPs."""
 
+import functools
+import ipaddress
 import re
 
 KNOWN_PREFIXES = ("tok-", "sk-", "api_", "Bearer ", "ghp_")
@@ -88,3 +90,19 @@ def mask_request_id(value: str) -> str:
     """Mask a request id like any text (a client may send a secret as X-Request-ID), except ids of
     the gateway's own shape (32 hex digits), which are kept whole so that they stay greppable."""
     return value if _OWN_REQUEST_ID.fullmatch(value) else mask_secrets(value)
+
+
+@functools.lru_cache(maxsize=4096)
+def mask_ip(value: str) -> str:
+    """Mask an IP for storage: IPv4 to its /24 (last octet 0), IPv6 to its /48; anything else to `****`."""
+    try:
+        address = ipaddress.ip_address(value)
+    except ValueError:
+        # Not an address we can mask (e.g. "host:port"): storing it raw could leak the full IP.
+        return "****"
+    if isinstance(address, ipaddress.IPv6Address):
+        if address.ipv4_mapped is not None:
+            address = address.ipv4_mapped
+        else:
+            return str(ipaddress.IPv6Address(int(address) & ~((1 << 80) - 1)))
+    return str(ipaddress.IPv4Address(int(address) & ~0xFF))

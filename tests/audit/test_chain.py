@@ -15,18 +15,9 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from llm_proxy.audit.chain import (
-    ZERO_HASH,
-    canonical,
-    chain_hash,
-    lines_after,
-    newest_event,
-    prune,
-    rotation_order,
-    verify_files,
-    verify_lines,
-    verify_table,
-)
+from llm_proxy.audit.chain import ZERO_HASH, canonical, chain_hash
+from llm_proxy.audit.files import lines_after, newest_event, rotation_order
+from llm_proxy.audit.verify import prune, verify_files, verify_lines, verify_table
 from llm_proxy.audit.writer import AuditWriter
 from llm_proxy.storage.sqlite.audit import SqliteAudit
 from llm_proxy.storage.sqlite.database import Database
@@ -201,7 +192,7 @@ def test_corrupt_gzip_is_unreadable(tmp_path: Path) -> None:
 @pytest.mark.parametrize("last_newline", [True, False])
 def test_lines_after_reads_from_the_end_across_blocks_and_rotated_files(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch, block: int, last_newline: bool) -> None:
-    monkeypatch.setattr("llm_proxy.audit.chain._TAIL_BYTES", block)  # 16: every line spans blocks
+    monkeypatch.setattr("llm_proxy.audit.files._TAIL_BYTES", block)  # 16: every line spans blocks
     events = build_chain(30)
     write_rotated(tmp_path, events)
     current = tmp_path / "audit.log"

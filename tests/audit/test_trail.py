@@ -13,8 +13,8 @@ import orjson
 import pytest
 
 from llm_proxy.app import AUDIT
-from llm_proxy.audit.chain import verify_files
 from llm_proxy.audit.masking import obfuscate
+from llm_proxy.audit.verify import verify_files
 from tests.fakes import (
     ENCRYPTION_KEY,
     MANAGEMENT_TOKEN,
@@ -392,7 +392,7 @@ async def test_an_undecodable_user_agent_keeps_the_rest_of_its_event(gateway: Ga
 
 async def test_client_controlled_text_cannot_forge_audit_lines_and_the_chain_verifies(gateway: Gateway) -> None:
     """From the security review."""
-    from llm_proxy.audit.chain import verify_files
+    from llm_proxy.audit.verify import verify_files
     token = (await gateway.token())["token"]
     forged_model = 'x"}\n{"action":"token.revoke","actor":"management","result":"success"}\r\n'
     await (await gateway.client.post("/v1/chat/completions", headers={**bearer(token), "User-Agent": 'ua","a":"b'},

@@ -20,8 +20,11 @@ import aiosqlite
 import orjson
 import pytest
 
-from llm_proxy.audit.chain import ZERO_HASH, chain_hash, verify_files, verify_table
-from llm_proxy.audit.writer import AuditWriter, _AppendFile, mask_ip
+from llm_proxy.audit.chain import ZERO_HASH, chain_hash
+from llm_proxy.audit.files import AppendFile as _AppendFile
+from llm_proxy.audit.masking import mask_ip
+from llm_proxy.audit.verify import verify_files, verify_table
+from llm_proxy.audit.writer import AuditWriter
 from llm_proxy.storage.sqlite.audit import COLUMNS, INSERT_ROWS, SqliteAudit, event_from_row
 from llm_proxy.storage.sqlite.database import Database
 
@@ -279,8 +282,8 @@ async def lose_from_database(db: Database, events: list[dict[str, Any]], kept: i
 async def test_restart_restores_the_events_the_database_lost(
         make_writer: WriterFactory, db: Database, audit_path: Path, caplog: pytest.LogCaptureFixture,
         monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr("llm_proxy.audit.writer.RESTORE_CHUNK", 2)  # several chunks in one transaction
-    monkeypatch.setattr("llm_proxy.audit.chain._TAIL_BYTES", 64)  # read back in blocks shorter than a line
+    monkeypatch.setattr("llm_proxy.audit.restore.RESTORE_CHUNK", 2)  # several chunks in one transaction
+    monkeypatch.setattr("llm_proxy.audit.files._TAIL_BYTES", 64)  # read back in blocks shorter than a line
     first = make_writer()
     await first.start()
     emit_numbered(first, 6)

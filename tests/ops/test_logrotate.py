@@ -13,7 +13,7 @@ import orjson
 import pytest
 
 from llm_proxy.app import AUDIT
-from llm_proxy.audit.chain import verify_files
+from llm_proxy.audit.verify import verify_files
 from tests.fakes import REPO
 
 RECIPE = REPO / "logrotate.conf"

@@ -19,7 +19,7 @@ import orjson
 import pytest
 from aiohttp.test_utils import TestServer
 
-from llm_proxy.audit.chain import verify_files
+from llm_proxy.audit.verify import verify_files
 from tests.fakes import ENCRYPTION_KEY, MANAGEMENT_TOKEN, REPO, UPSTREAM_KEY, UpstreamState, bearer, free_port
 
 pytestmark = pytest.mark.system  # every test runs `llm-proxy serve` as its own process

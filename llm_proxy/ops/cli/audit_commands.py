@@ -7,7 +7,9 @@ import asyncio
 from pathlib import Path
 from typing import Any
 
-from llm_proxy.audit import chain as auditchain
+from llm_proxy.audit.chain import TABLE, VerifyResult
+from llm_proxy.audit.files import audit_files
+from llm_proxy.audit.verify import prune, verify_files, verify_table
 from llm_proxy.audit.writer import AuditWriter
 from llm_proxy.ops.cli.arguments import add_command, add_group, json_option, non_negative, positive
 from llm_proxy.ops.cli.configuration import command_settings
@@ -27,7 +29,7 @@ def cmd_audit_prune(args: argparse.Namespace) -> int:
 
     async def work(store: Store, audit: AuditWriter) -> PruneResult:
         try:
-            result = await auditchain.prune(store.audit, days, args.batch_size)
+            result = await prune(store.audit, days, args.batch_size)
         except Exception:
             audit.emit("audit.prune", actor="system", result="error",
                         details={"older_than_days": days, "batch_size": args.batch_size})
@@ -44,7 +46,7 @@ def cmd_audit_prune(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
-def _result_document(result: auditchain.VerifyResult) -> dict[str, Any]:
+def _result_document(result: VerifyResult) -> dict[str, Any]:
     problem = result.problem
     return {"ok": result.ok, "events": result.events, "start": result.start, "first_seq": result.first_seq,
             "last_seq": result.last_seq, "message": result.describe(),
@@ -52,11 +54,11 @@ def _result_document(result: auditchain.VerifyResult) -> dict[str, Any]:
                                                      "seq": problem.seq, "message": problem.message}}
 
 
-async def _verify_db(settings: Settings) -> auditchain.VerifyResult:
-    async def verify(store: Store) -> auditchain.VerifyResult:
+async def _verify_db(settings: Settings) -> VerifyResult:
+    async def verify(store: Store) -> VerifyResult:
         # The head is read first: events a gateway appends meanwhile are accepted when they chain on.
         head = await store.audit.head() if settings.audit_store_in_db else None
-        return await auditchain.verify_table(store.audit, head=head, growing=True)
+        return await verify_table(store.audit, head=head, growing=True)
 
     return await with_store(settings, verify)
 
@@ -79,24 +81,24 @@ def _files_chain_head(settings: Settings) -> tuple[tuple[int, str] | None, str]:
 
 def cmd_audit_verify(args: argparse.Namespace) -> int:
     """Check the audit hash chain of files (default: AUDIT_LOG_FILE and rotated siblings) or, with --db, the table."""
-    outcomes: dict[str, auditchain.VerifyResult] = {}
+    outcomes: dict[str, VerifyResult] = {}
     notes: dict[str, str] = {}
     if args.files:
         paths = [Path(name) for name in args.files]
         for path in paths:
             if not path.is_file():
                 raise UsageError(f"no audit file at {path}")
-        outcomes["files"] = auditchain.verify_files(paths)
+        outcomes["files"] = verify_files(paths)
     elif not args.db:
         settings = command_settings()
         if settings.audit_log_file is None:
             raise UsageError("AUDIT_LOG_FILE is empty: there are no audit files (use --db)")
-        paths = auditchain.audit_files(settings.audit_log_file)
+        paths = audit_files(settings.audit_log_file)
         if not paths:
             raise CommandError(f"no audit files at {settings.audit_log_file}")
         # Read before the files, so a gateway writing meanwhile only adds lines past it.
         head, head_note = _files_chain_head(settings)
-        outcomes["files"] = auditchain.verify_files(paths, head=head, growing=True)
+        outcomes["files"] = verify_files(paths, head=head, growing=True)
         notes["files"] = head_note
     if args.db:
         outcomes["db"] = asyncio.run(_verify_db(command_settings()))
@@ -104,7 +106,7 @@ def cmd_audit_verify(args: argparse.Namespace) -> int:
         print_json({name: {**_result_document(result), **({"note": notes[name]} if name in notes else {})}
                     for name, result in outcomes.items()})
     else:
-        labels = {"files": "files", "db": auditchain.TABLE}
+        labels = {"files": "files", "db": TABLE}
         for name, result in outcomes.items():
             print(f"{labels[name]}: {result.describe()}{f'; {notes[name]}' if name in notes else ''}")
     return EXIT_OK if all(result.ok for result in outcomes.values()) else EXIT_FAILED
