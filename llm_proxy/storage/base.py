@@ -40,7 +40,7 @@ class ProjectStore(Protocol):
         """Insert an active project; DuplicateKey when the name is taken."""
     async def get(self, project_id: str) -> Project | None: ...
     async def all(self, active: bool | None = None) -> list[Project]:
-        """Every project (or only active / only inactive ones), oldest first."""
+        """Every project (or only active / only inactive ones), oldest first (ties in the order created)."""
     async def update(self, project_id: str, columns: Mapping[str, Any], now: float) -> Project | None:
         """Set any of name, api_key_encrypted, api_key_hint, is_active; DuplicateKey on a taken name."""
     async def rekey(self, reencrypt: Callable[[str], str | None]) -> int:
@@ -57,13 +57,15 @@ class TokenStore(Protocol):
         """The token with this digest, and its project."""
     async def all(self, project_id: str | None = None, *, active_only: bool = False,
                    now: float = 0.0) -> list[TokenRecord]:
-        """Tokens oldest first; active_only leaves out revoked, inactive and (at `now`) expired ones."""
+        """Tokens oldest first (ties in the order created); active_only leaves out revoked, inactive and
+        (at `now`) expired ones."""
     async def update(self, token_id: str, columns: Mapping[str, Any]) -> TokenRecord | None:
         """Set any of is_active, max_requests, rate_limit_per_minute, max_tokens_total, expires_at."""
     async def revoke(self, token_ids: Sequence[str], now: float) -> list[str]:
         """Revoke each token not revoked yet; return the ids this call revoked."""
     async def revoke_project(self, project_id: str, now: float) -> tuple[list[str], int]:
-        """In one transaction, revoke every token of a project; return the ids this call revoked and the total."""
+        """In one transaction, revoke every token of a project; return the ids this call revoked and how
+        many tokens the project has in all (revoked before included)."""
     async def refresh(self, token_id: str, *, check: Callable[[TokenRecord], None], token_hash: str,
                       token_hint: str, expires_at: float, old_stops_at: float, now: float) -> TokenRecord | None:
         """In one transaction: check(old) (it raises to refuse), issue a successor with the old token's
@@ -78,7 +80,11 @@ class UsageStore(Protocol):
         """In one transaction, set token counters (request_count, prompt, completion, total, last_used_at, id)
         and add daily deltas (project_id, day, requests, prompt, completion, total)."""
     async def daily(self, project_id: str, since: str | None, until: str | None) -> list[dict[str, Any]]:
-        """A project's daily totals, oldest first, for the UTC days that overlap [since, until)."""
+        """A project's daily totals, oldest first, for the UTC days that overlap [since, until).
+
+        Each bound is a date (YYYY-MM-DD, meaning its midnight) or a timestamp (YYYY-MM-DDTHH:MM:SSZ);
+        days are whole, so an `until` within a day keeps that day and one at its midnight leaves it out.
+        """
 
 
 class AuditStore(Protocol):
@@ -91,7 +97,12 @@ class AuditStore(Protocol):
         """
     async def query(self, *, filters: Mapping[str, str], since: str | None, until: str | None,
                     before: int | None, limit: int) -> list[dict[str, Any]]:
-        """Events newest first, on exact action/project_id/result, a time range and a seq cursor."""
+        """Events newest first, on exact action/project_id/result, a time range and a seq cursor.
+
+        `since` and `until` are timestamps (YYYY-MM-DDTHH:MM:SSZ), `until` exclusive; `before` a seq,
+        exclusive. An event whose details are unreadable is listed without them, with
+        "details_unreadable": true, so one damaged row never hides the others.
+        """
     async def walk(self, after: int, limit: int) -> list[tuple[int, dict[str, Any] | None]]:
         """Up to `limit` events with seq > after, oldest first; None for one whose details are unreadable."""
     async def prune_anchor(self) -> ChainHead | None:
@@ -111,7 +122,7 @@ class Store(Protocol):
     def audit(self) -> AuditStore: ...
 
     async def open(self) -> None:
-        """Connect, creating what is missing and applying the schema."""
+        """Connect, creating what is missing and applying the schema; opening an open store does nothing."""
     async def close(self) -> None: ...
     async def ping(self) -> bool:
         """Tell whether the database answers (for /ready)."""

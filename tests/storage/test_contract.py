@@ -60,14 +60,6 @@ BACKENDS: dict[str, Callable[[Path], AbstractAsyncContextManager[Backend]]] = {
 
 # (backend, test) -> why it fails: each is run as xfail(strict=True), so a fix makes it fail until removed here.
 KNOWN_BUGS: dict[tuple[str, str], str] = {
-    ("sqlite", "test_daily_until_a_date_leaves_that_day_out"):
-        "SqliteUsage.daily leaves a day out only for an `until` ending in T00:00:00Z; a bare date keeps its day",
-    ("sqlite", "test_opening_an_open_store_again_leaves_no_connection_behind"):
-        "Database.connect() on a connected Database replaces the writer and reader without closing them: their"
-        " threads are left running and keep the process from exiting until garbage collection finds them",
-    ("sqlite", "test_insert_raises_duplicate_key_into_the_step"):
-        "the insert given to an extend step raises sqlite3.IntegrityError; it is translated only when it leaves"
-        " extend(), so the step (caller code) sees a driver's exception",
 }
 
 
@@ -861,6 +853,15 @@ async def test_walk_gives_none_for_an_event_whose_details_are_unreadable(
     assert await store.audit.walk(0, 10) == [(1, five_events[0]), (2, five_events[1]), (3, None),
                                              (4, five_events[3]), (5, five_events[4])]
     assert await store.audit.walk(2, 1) == [(3, None)]
+
+
+async def test_query_lists_an_event_whose_details_are_unreadable_without_them(
+        backend: Backend, store: Store, five_events: list[dict[str, Any]]) -> None:
+    await backend.corrupt_details(store, 3)
+    damaged = {key: value for key, value in five_events[2].items() if key != "details"}
+    listed = await store.audit.query(filters={}, since=None, until=None, before=None, limit=10)
+    assert listed == [five_events[4], five_events[3], {**damaged, "details_unreadable": True},
+                      five_events[1], five_events[0]]
 
 
 # ---- audit: pruning ----

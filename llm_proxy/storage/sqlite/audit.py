@@ -62,6 +62,17 @@ def event_from_row(row: sqlite3.Row | tuple[Any, ...]) -> dict[str, Any]:
     return event
 
 
+def _listed(row: sqlite3.Row) -> dict[str, Any]:
+    """The event of a row for a listing: one with unreadable details is shown without them, and says so."""
+    try:
+        return event_from_row(row)
+    except orjson.JSONDecodeError:
+        kept = tuple(None if key == "details" else value for key, value in zip(COLUMNS, row, strict=True))
+        event = event_from_row(kept)
+        event["details_unreadable"] = True
+        return event
+
+
 async def _insert(conn: aiosqlite.Connection, events: Sequence[Mapping[str, Any]]) -> None:
     rows = [_row(event) for event in events]
     for first in range(0, len(rows), INSERT_ROWS):
@@ -83,7 +94,10 @@ class SqliteAudit:
             head = _newest([await (await conn.execute(sql)).fetchone() for sql in _HEAD_QUERIES])
 
             async def insert(events: Sequence[Mapping[str, Any]]) -> None:
-                await _insert(conn, events)
+                # Translated here, not only when extend() returns: the step is caller code and should
+                # see a DuplicateKey, never a driver's exception.
+                with translated():
+                    await _insert(conn, events)
 
             new = await step(head, insert)
             if new is not None:
@@ -110,7 +124,7 @@ class SqliteAudit:
             params.append(before)
         clause = f" WHERE {' AND '.join(where)}" if where else ""
         rows = await self._db.fetchall(f"{_SELECT}{clause} ORDER BY seq DESC LIMIT ?", (*params, limit))
-        return [event_from_row(row) for row in rows]
+        return [_listed(row) for row in rows]
 
     async def walk(self, after: int, limit: int) -> list[tuple[int, dict[str, Any] | None]]:
         rows = await self._db.fetchall(f"{_SELECT} WHERE seq > ? ORDER BY seq LIMIT ?", (after, limit))

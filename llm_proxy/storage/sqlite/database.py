@@ -86,6 +86,8 @@ class Database:
             await self._connect()
 
     async def _connect(self) -> None:
+        if self._writer is not None:
+            return  # already open: opening again is harmless and leaves no connection behind
         self.path.parent.mkdir(parents=True, exist_ok=True)
         if not self.path.exists():
             # Encrypted keys and token digests are nobody else's business: owner-only from the start

@@ -40,8 +40,9 @@ class SqliteUsage:
             params.append(since[:10])
         if until is not None:
             # Days are whole: an `until` within a day (not at its midnight) keeps that day, since part of
-            # it is before `until`; at midnight the day starts there and is left out.
-            where.append("day < ?" if until.endswith("T00:00:00Z") else "day <= ?")
+            # it is before `until`; at midnight (a bare date means its midnight) the day is left out.
+            at_midnight = len(until) == 10 or until.endswith("T00:00:00Z")
+            where.append("day < ?" if at_midnight else "day <= ?")
             params.append(until[:10])
         rows = await self._db.fetchall(
             "SELECT day, requests, prompt_tokens, completion_tokens, total_tokens FROM usage_daily"
