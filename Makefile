@@ -3,15 +3,17 @@ PYTHON ?= python3
 VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed-stamp
-# Debian packages the test suite drives for real (the audit rotation test runs logrotate, README recipes run jq).
-SYSTEM_PACKAGES := logrotate jq
+# Debian packages the test suite drives for real, as program:package (the audit rotation test runs
+# logrotate, README recipes run jq, the backend tests start private PostgreSQL and Redis servers).
+# Debian keeps PostgreSQL's programs off PATH, in /usr/lib/postgresql/<version>/bin.
+SYSTEM_PACKAGES := logrotate:logrotate jq:jq redis-server:redis-server initdb:postgresql
 
 .PHONY: install run test lint bench soak system-deps clean
 
 $(STAMP): setup.cfg pyproject.toml
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --disable-pip-version-check --upgrade pip
-	$(BIN)/python -m pip install --quiet --disable-pip-version-check -e '.[test,dev,fast]'
+	$(BIN)/python -m pip install --quiet --disable-pip-version-check -e '.[test,dev,fast,postgres,redis]'
 	@touch $(STAMP)
 
 install: $(STAMP)
@@ -23,7 +25,9 @@ run: $(STAMP) .env
 	$(BIN)/llm-proxy serve
 
 system-deps:
-	@missing=""; for p in $(SYSTEM_PACKAGES); do command -v $$p >/dev/null 2>&1 || missing="$$missing $$p"; done; \
+	@missing=""; for entry in $(SYSTEM_PACKAGES); do program=$${entry%%:*}; \
+		command -v $$program >/dev/null 2>&1 || ls /usr/lib/postgresql/*/bin/$$program >/dev/null 2>&1 \
+			|| missing="$$missing $${entry#*:}"; done; \
 	if [ -n "$$missing" ]; then \
 		echo "installing Debian packages:$$missing"; \
 		SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
