@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
+import socket
 import time
 from collections.abc import AsyncIterator, Callable
 
@@ -22,6 +24,7 @@ from llm_proxy.gateway.security_headers import response_hook, security_headers
 from llm_proxy.limiting.memory import ConcurrencyLimiter, FailureCounter, MemoryLimiter
 from llm_proxy.manage.api import Management
 from llm_proxy.manage.auth import ManagementAuth, ManagementTokens, management_auth_middleware
+from llm_proxy.models import iso
 from llm_proxy.ops.endpoints import health_routes, metrics_route
 from llm_proxy.ops.metrics import Metrics
 from llm_proxy.settings import ConfigError, Settings
@@ -125,6 +128,8 @@ def _lifetime(store: Store, keyring: KeyRing, audit: AuditWriter, cache: TokenCa
         async with contextlib.AsyncExitStack() as started:
             await store.open()
             started.push_async_callback(store.close)
+            # One serving process per database: the others would trust their own memory and disagree.
+            await store.claim(f"pid {os.getpid()} on {socket.gethostname()} since {iso(time.time())}")
             await _check_stored_keys(store, keyring)
             await audit.start()
             started.push_async_callback(audit.close)

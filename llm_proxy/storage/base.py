@@ -123,6 +123,9 @@ class Store(Protocol):
 
     async def open(self) -> None:
         """Connect, creating what is missing and applying the schema; opening an open store does nothing."""
+    async def claim(self, owner: str) -> None:
+        """Make this process the database's one serving process until close(), recording `owner` (who
+        it is); raise DatabaseOwned naming the process that already is. CLI commands never claim."""
     async def close(self) -> None: ...
     async def ping(self) -> bool:
         """Tell whether the database answers (for /ready)."""

@@ -3,7 +3,8 @@
     StorageError            the backend failed (a driver error not named below)
     ├── StorageBusy         another process held the database past the busy timeout: retry shortly
     ├── StorageUnavailable  the database cannot be reached, opened or used (closed, I/O error, gone)
-    └── DuplicateKey        a unique constraint refused the write (a taken name, a seq already stored)
+    ├── DuplicateKey        a unique constraint refused the write (a taken name, a seq already stored)
+    └── DatabaseOwned       another serving process owns the database (its args[0] says which)
 """
 
 from __future__ import annotations
@@ -23,3 +24,11 @@ class StorageUnavailable(StorageError):
 
 class DuplicateKey(StorageError):
     """A unique constraint refused the write."""
+
+
+class DatabaseOwned(StorageError):
+    """Another serving process owns the database; args[0] describes it (pid, host, since when)."""
+
+    @property
+    def holder(self) -> str:
+        return str(self.args[0])

@@ -67,6 +67,7 @@ async def test_management_allow_list_matches_ipv6_cidrs(make_gateway: Any, clien
 async def test_a_disallowed_ip_does_not_affect_the_proxy(make_gateway: Any) -> None:
     gateway = await make_gateway(MANAGEMENT_ALLOWED_IPS="127.0.0.1")
     token = await gateway.token()
+    await gateway.close()  # one serving process per database: the restricted one takes it over
     restricted = await make_gateway(MANAGEMENT_ALLOWED_IPS="10.0.0.0/8")
 
     assert (await call(restricted, token))[0] == 200

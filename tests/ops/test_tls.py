@@ -133,9 +133,9 @@ async def test_tls_min_version_1_3_refuses_1_2(https_gateway: Callable[..., Any]
 
 async def test_https_responses_carry_hsts(https_gateway: Callable[..., Any], certificate: tuple[Path, Path]) -> None:
     cert_file, _ = certificate
-    for overrides, expected in (({}, "max-age=31536000"), ({"HSTS_MAX_AGE": "600"}, "max-age=600"),
-                                ({"HSTS_MAX_AGE": "0"}, None)):
-        server = await https_gateway(**overrides)
+    for number, (overrides, expected) in enumerate((({}, "max-age=31536000"), ({"HSTS_MAX_AGE": "600"}, "max-age=600"),
+                                                    ({"HSTS_MAX_AGE": "0"}, None))):
+        server = await https_gateway(DATABASE_PATH=str(cert_file.parent / f"gateway-{number}.db"), **overrides)
         async with aiohttp.ClientSession() as session, session.get(
                 server.make_url("/health"), ssl=ssl.create_default_context(cafile=cert_file)) as response:
             header = response.headers.get("Strict-Transport-Security")

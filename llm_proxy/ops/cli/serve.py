@@ -20,7 +20,7 @@ from llm_proxy.ops.command_errors import EXIT_OK, CommandError, UsageError
 from llm_proxy.ops.logs import configure_logging
 from llm_proxy.ops.tls import build_ssl_context
 from llm_proxy.settings import ConfigError, Settings
-from llm_proxy.storage.errors import StorageError
+from llm_proxy.storage.errors import DatabaseOwned, StorageError
 
 log = logging.getLogger("llm_proxy")
 
@@ -89,6 +89,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
                 raise _startup_file_error(settings, Path(os.fsdecode(exc.filename)), reason) from None
             raise CommandError(f"cannot listen on {settings.listen_host or '*'}:{settings.listen_port}: "
                                f"{reason}") from None
+        except DatabaseOwned as exc:
+            raise CommandError(f"cannot start: DATABASE_PATH {settings.database_path} is already served by "
+                               f"{exc.holder}; stop that process first (one serving process per database)") from None
         except StorageError as exc:
             raise CommandError(f"DATABASE_PATH: cannot use {settings.database_path} ({exc})") from None
         except ConfigError as exc:  # found at startup, e.g. an ENCRYPTION_KEY that opens no stored key

@@ -6,6 +6,7 @@ from pathlib import Path
 
 from llm_proxy.storage.sqlite.audit import SqliteAudit
 from llm_proxy.storage.sqlite.database import Database
+from llm_proxy.storage.sqlite.ownership import OwnerLock
 from llm_proxy.storage.sqlite.projects import SqliteProjects
 from llm_proxy.storage.sqlite.tokens import SqliteTokens
 from llm_proxy.storage.sqlite.usage import SqliteUsage
@@ -21,12 +22,19 @@ class SqliteStore:
         self.tokens = SqliteTokens(self.db)
         self.usage = SqliteUsage(self.db)
         self.audit = SqliteAudit(self.db)
+        self._owner = OwnerLock(path)
 
     async def open(self) -> None:
         await self.db.connect()
 
+    async def claim(self, owner: str) -> None:
+        self._owner.claim(owner)
+
     async def close(self) -> None:
-        await self.db.close()
+        try:
+            await self.db.close()
+        finally:
+            self._owner.release()
 
     async def ping(self) -> bool:
         return await self.db.ping()

@@ -1,0 +1,62 @@
+"""Who serves a SQLite database: an exclusive lock on a file beside it, held while a process serves.
+
+Two serving processes on one database would each trust their own memory (token counters, rates,
+the audit chain's head) and silently disagree: a token revoked through one would still be served
+by the other. So a serving process claims `<database>.owner` with flock(2) and writes who it is
+into it; a second one finds the lock taken, reads who holds it, and refuses to start. The kernel
+drops the lock when the holder's file is closed, however the process ends (`kill -9` included), so
+a lock can never be left behind. CLI commands do not claim: they may run beside a server.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import os
+from pathlib import Path
+
+from llm_proxy.storage.errors import DatabaseOwned
+
+_MAX_OWNER_TEXT = 512
+
+
+def owner_lock_path(database: Path) -> Path:
+    """The lock file of a database: beside it, named after it."""
+    return database.with_name(database.name + ".owner")
+
+
+class OwnerLock:
+    """The claim of one serving process on one SQLite database."""
+
+    def __init__(self, database: Path) -> None:
+        self.path = owner_lock_path(database)
+        self._fd: int | None = None
+
+    def claim(self, owner: str) -> None:
+        """Take the lock and record `owner` in it; raise DatabaseOwned naming the holder when it is taken.
+
+        Claiming a lock this object already holds does nothing.
+        """
+        if self._fd is not None:
+            return
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(fd, _MAX_OWNER_TEXT, 0).decode("utf-8", "replace").strip()
+            os.close(fd)
+            raise DatabaseOwned(holder or "another process") from None
+        except BaseException:
+            os.close(fd)
+            raise
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, owner.encode()[:_MAX_OWNER_TEXT], 0)
+        self._fd = fd
+
+    def release(self) -> None:
+        """Give the lock up (closing the file releases it); releasing an unheld lock does nothing."""
+        if self._fd is None:
+            return
+        fd, self._fd = self._fd, None
+        os.ftruncate(fd, 0)  # nobody serves it any more: a later reader must not name this process
+        os.close(fd)
