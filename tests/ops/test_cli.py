@@ -522,6 +522,7 @@ async def test_rotate_key_while_serving(make_gateway: Callable[..., Any], capsys
     # The running gateway keeps its decrypted keys; a fresh one knows only the new key.
     headers = {"Authorization": f"Bearer {token['token']}"}
     assert (await old.client.get("/v1/models", headers=headers)).status == 200
+    await old.close()  # its audit events are written as it stops; then another process may serve the database
     fresh = await make_gateway(ENCRYPTION_KEY=OTHER_KEY)
     assert (await fresh.client.get("/v1/models", headers=headers)).status == 200
     assert fresh.upstream.requests[-1].headers["Authorization"] == f"Bearer {UPSTREAM_KEY}"
@@ -540,7 +541,6 @@ async def test_rotate_key_while_serving(make_gateway: Callable[..., Any], capsys
     assert_one_line_error(failed, 1, "nothing was changed")
     assert stored_key_ciphertexts(database) == after
 
-    await old.app[AUDIT].flush()
     await fresh.app[AUDIT].flush()
     events = audit_rows(database, "key.rotate")
     assert [(event["actor"], event["result"]) for event in events] == [
@@ -556,8 +556,10 @@ async def test_rotate_key_reads_rows_under_either_previous_key(make_gateway: Cal
     """From the third review (the operator's side)."""
     first = await make_gateway(ENCRYPTION_KEY=ENCRYPTION_KEY)
     await first.project("under-first")
+    await first.close()  # one serving process per database
     second = await make_gateway(ENCRYPTION_KEY=OTHER_KEY, ENCRYPTION_KEY_PREVIOUS=ENCRYPTION_KEY)
     await second.project("under-second")
+    await second.close()
     database = first.settings.database_path
     env = child_env(MANAGEMENT_TOKEN=MANAGEMENT_TOKEN, ENCRYPTION_KEY=THIRD_KEY,
                     ENCRYPTION_KEY_PREVIOUS=f"{OTHER_KEY}, {ENCRYPTION_KEY}", DATABASE_PATH=str(database),
