@@ -11,6 +11,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TypeVar
+from urllib.parse import parse_qsl, quote, unquote, unquote_plus, urlsplit, urlunsplit
 
 from dotenv import dotenv_values
 
@@ -53,6 +54,7 @@ class Settings:
     listen_host: str = ""
     listen_port: int = 8080
     database_path: Path = Path("./data/llm-proxy.db")
+    database_url: str = field(default="", repr=False)  # a PostgreSQL URL; empty = SQLite at database_path
     log_level: str = "info"
     log_format: str = "json"
     log_file: Path | None = None
@@ -233,6 +235,60 @@ def _parse_listen(raw: str) -> tuple[str, int]:
     return host.strip("[]"), port
 
 
+_SCHEME = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]*)://")
+_POSTGRES_SCHEMES = ("postgresql", "postgres")
+_DATABASE_URL_FORMS = "empty (SQLite at DATABASE_PATH), sqlite:///PATH or postgresql://USER:PASSWORD@HOST:PORT/DB"
+
+
+def _parse_database_url(raw: str) -> Path | str:
+    """Return the SQLite file a sqlite:/// URL names, or the PostgreSQL URL as given (never echoed in an error)."""
+    url = raw.strip()
+    scheme = _SCHEME.match(url)
+    if scheme is None:
+        raise ValueError(f"must be {_DATABASE_URL_FORMS}")
+    name = scheme.group(1).lower()
+    if name == "sqlite":
+        rest = url[scheme.end():]
+        if not rest.startswith("/"):
+            raise ValueError("a sqlite URL has no host: sqlite:///relative/path or sqlite:////absolute/path")
+        if not rest[1:]:
+            raise ValueError("sqlite:/// needs the database file's path after it")
+        return Path(unquote(rest[1:]))
+    if name not in _POSTGRES_SCHEMES:
+        raise ValueError(f"the scheme {name}:// is not supported: {_DATABASE_URL_FORMS}")
+    if any(character.isspace() or not character.isprintable() for character in url):
+        raise ValueError("must not contain spaces or control characters")
+    parts = urlsplit(url)
+    if "," not in parts.netloc:  # several hosts (host1:5432,host2:5432) are asyncpg's to check
+        try:
+            parts.port  # noqa: B018 (reading it checks it)
+        except ValueError:
+            raise ValueError("has a port that is not a number from 0 to 65535") from None
+    return url
+
+
+def database_url_passwords(url: str) -> tuple[str, ...]:
+    """Every password a database URL holds (in its user info or a password= parameter), as written and decoded."""
+    parts = urlsplit(url)
+    written = parts.password or ""
+    decoded = [unquote(written)]
+    decoded += [value for key, value in parse_qsl(parts.query, keep_blank_values=True) if key == "password"]
+    forms = {written} | {form for password in decoded for form in (password, quote(password, safe=""))}
+    return tuple(sorted(forms - {""}, key=len, reverse=True))  # longest first: a masked form hides no other
+
+
+def redact_database_url(url: str) -> str:
+    """Return a database URL fit to show: each password replaced by ***."""
+    parts = urlsplit(url)
+    netloc = parts.netloc
+    if parts.password is not None:
+        userinfo, _, hosts = netloc.rpartition("@")
+        netloc = f"{userinfo.partition(':')[0]}:***@{hosts}"
+    query = "&".join(f"{pair.partition('=')[0]}=***" if unquote_plus(pair.partition("=")[0]) == "password" else pair
+                     for pair in parts.query.split("&")) if parts.query else ""
+    return urlunsplit(parts._replace(netloc=netloc, query=query))
+
+
 def _parse_choice(choices: tuple[str, ...]) -> Callable[[str], str]:
     def parse(raw: str) -> str:
         value = raw.strip().lower()
@@ -305,6 +361,10 @@ def load_settings(environ: Mapping[str, str] | None = None, env_file: str | Path
         return parsed(name, parse, source.get(name, ""), stand_in)
 
     host, port = get("LISTEN_ADDR", _parse_listen, ("", 8080))
+    database_path = get("DATABASE_PATH", lambda raw: Path(raw.strip()), Path("./data/llm-proxy.db"))
+    # DATABASE_URL, when set, names the database: sqlite:///PATH wins over DATABASE_PATH.
+    unset: Path | str = ""
+    database = get("DATABASE_URL", _parse_database_url, unset)
     settings = Settings(
         management_tokens=required("MANAGEMENT_TOKEN", _parse_management_tokens, ()),
         encryption_key=required("ENCRYPTION_KEY", _parse_encryption_key, b""),
@@ -313,7 +373,8 @@ def load_settings(environ: Mapping[str, str] | None = None, env_file: str | Path
         openai_api_url=get("OPENAI_API_URL", _parse_url, "https://api.openai.com"),
         listen_host=host,
         listen_port=port,
-        database_path=get("DATABASE_PATH", lambda raw: Path(raw.strip()), Path("./data/llm-proxy.db")),
+        database_path=database if isinstance(database, Path) else database_path,
+        database_url=database if isinstance(database, str) else "",
         log_level=get("LOG_LEVEL", _parse_choice(LOG_LEVELS), "info"),
         log_format=get("LOG_FORMAT", _parse_choice(("json", "text")), "json"),
         log_file=get("LOG_FILE", _parse_optional_path, None),
@@ -372,7 +433,7 @@ def read_client_variable(name: str, env_file: str | Path = ".env") -> str | None
 # Every gateway environment variable this module reads; the README's configuration table must match it.
 VARIABLES = (
     "MANAGEMENT_TOKEN", "MANAGEMENT_ALLOWED_IPS", "ENCRYPTION_KEY", "ENCRYPTION_KEY_PREVIOUS",
-    "OPENAI_API_URL", "LISTEN_ADDR", "DATABASE_PATH", "LOG_LEVEL", "LOG_FORMAT", "LOG_FILE",
+    "OPENAI_API_URL", "LISTEN_ADDR", "DATABASE_PATH", "DATABASE_URL", "LOG_LEVEL", "LOG_FORMAT", "LOG_FILE",
     "AUDIT_ENABLED", "AUDIT_LOG_FILE", "AUDIT_CREATE_DIR", "AUDIT_STORE_IN_DB", "AUDIT_MASK_CLIENT_IP",
     "AUDIT_RETENTION_DAYS", "TRUSTED_PROXIES", "CORS_ALLOWED_ORIGINS", "ALLOWED_ENDPOINTS",
     "ALLOWED_MODELS", "DEFAULT_TOKEN_DURATION_MINUTES", "MAX_TOKEN_DURATION_MINUTES",

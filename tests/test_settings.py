@@ -10,7 +10,14 @@ from pathlib import Path
 
 import pytest
 
-from llm_proxy.settings import VARIABLES, ConfigError, Settings, load_settings
+from llm_proxy.settings import (
+    VARIABLES,
+    ConfigError,
+    Settings,
+    database_url_passwords,
+    load_settings,
+    redact_database_url,
+)
 from tests.fakes import ENCRYPTION_KEY, MANAGEMENT_TOKEN, REPO
 
 README = REPO / "README.md"
@@ -148,6 +155,68 @@ def test_listen_addr_says_what_is_wrong_with_the_port(listen: str, problem: str)
 def test_settings_repr_hides_secrets() -> None:
     text = repr(load_settings(BASE, env_file=None))
     assert MANAGEMENT_TOKEN not in text and "encryption_key" not in text
+
+
+# ---- DATABASE_URL ----
+
+
+@pytest.mark.parametrize(("given", "path", "url"), [
+    ("", Path("./data/llm-proxy.db"), ""),
+    ("   ", Path("./data/llm-proxy.db"), ""),
+    ("sqlite:///data/other.db", Path("data/other.db"), ""),  # relative, as SQLAlchemy reads it
+    ("sqlite:////srv/llm/gateway.db", Path("/srv/llm/gateway.db"), ""),
+    ("SQLITE:///x.db", Path("x.db"), ""),
+    ("postgresql://llm:pw@db.internal:5432/gateway", Path("./data/llm-proxy.db"),
+     "postgresql://llm:pw@db.internal:5432/gateway"),
+    ("postgres://llm@db/gateway?sslmode=require", Path("./data/llm-proxy.db"),
+     "postgres://llm@db/gateway?sslmode=require"),
+    (" postgresql:///gateway?host=/run/postgresql ", Path("./data/llm-proxy.db"),
+     "postgresql:///gateway?host=/run/postgresql"),
+])
+def test_database_url_names_sqlite_or_postgresql(given: str, path: Path, url: str) -> None:
+    settings = load_settings({**BASE, "DATABASE_URL": given}, env_file=None)
+    assert (settings.database_path, settings.database_url) == (path, url)
+
+
+def test_a_sqlite_database_url_wins_over_database_path() -> None:
+    settings = load_settings({**BASE, "DATABASE_PATH": "/a.db", "DATABASE_URL": "sqlite:////b.db"}, env_file=None)
+    assert (settings.database_path, settings.database_url) == (Path("/b.db"), "")
+
+
+@pytest.mark.parametrize(("given", "problem"), [
+    ("mysql://root:Secret-42@db/gateway", "the scheme mysql:// is not supported"),
+    ("root:Secret-42@db:5432/gateway", "must be empty (SQLite at DATABASE_PATH), sqlite:///PATH or postgresql://"),
+    ("db.internal/gateway?password=Secret-42", "must be empty (SQLite at DATABASE_PATH)"),
+    ("postgresql://root:Secret-42@db:54x2/gateway", "has a port that is not a number"),
+    ("postgresql://root:Secret-42@db:99999/gateway", "has a port that is not a number"),
+    ("postgresql://root:Secret-42@db/gate way", "must not contain spaces or control characters"),
+    ("sqlite://Secret-42/x.db", "a sqlite URL has no host"),
+    ("sqlite:///", "sqlite:/// needs the database file's path"),
+])
+def test_a_bad_database_url_is_named_without_its_password(given: str, problem: str) -> None:
+    with pytest.raises(ConfigError) as caught:
+        load_settings({**BASE, "DATABASE_URL": given}, env_file=None)
+    assert caught.value.variable == "DATABASE_URL"
+    assert str(caught.value).startswith(f"DATABASE_URL: {problem}")
+    assert "Secret-42" not in str(caught.value)
+
+
+def test_settings_repr_hides_the_database_url() -> None:
+    settings = load_settings({**BASE, "DATABASE_URL": "postgresql://llm:Secret-42@db/gateway"}, env_file=None)
+    assert "Secret-42" not in repr(settings)
+
+
+@pytest.mark.parametrize(("url", "shown", "passwords"), [
+    ("postgresql://llm:Secret-42@db:5432/gw", "postgresql://llm:***@db:5432/gw", ("Secret-42",)),
+    ("postgresql://llm:p%40ss@db/gw", "postgresql://llm:***@db/gw", ("p%40ss", "p@ss")),
+    ("postgresql://llm:a:b@db/gw", "postgresql://llm:***@db/gw", ("a:b", "a%3Ab")),
+    ("postgresql://db/gw?user=llm&password=Secret-42&sslmode=require",
+     "postgresql://db/gw?user=llm&password=***&sslmode=require", ("Secret-42",)),
+    ("postgresql://llm@db/gw", "postgresql://llm@db/gw", ()),
+])
+def test_a_database_url_is_shown_without_its_passwords(url: str, shown: str, passwords: tuple[str, ...]) -> None:
+    assert redact_database_url(url) == shown
+    assert sorted(database_url_passwords(url)) == sorted(passwords)
 
 
 @pytest.mark.system

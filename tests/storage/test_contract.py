@@ -5,8 +5,10 @@ on a database of its own. A test speaks only the Protocols' methods (no SQL, no 
 internals) and asserts what base.py's docstrings (and the README where they point to it) promise.
 The one exception is Backend.corrupt_details, a backend-specific way to make an event unreadable.
 
-Adding a backend is one entry in BACKENDS: an async context manager that gives this test's database
-(and drops it afterwards). A bug a backend is known to have is listed in KNOWN_BUGS, next to it.
+Adding a backend is one entry in BACKENDS: a function that gives the Backend on this test's database,
+taking it from the test's fixtures, which also drop it afterwards (SQLite: tmp_path; PostgreSQL:
+postgres_url, a new database on a real server, tests/servers.py). A bug a backend is known to have
+is listed in KNOWN_BUGS, next to it.
 """
 
 from __future__ import annotations
@@ -17,7 +19,6 @@ import gc
 import itertools
 import warnings
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Sequence
-from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -48,13 +49,26 @@ async def _sqlite_corrupt_details(store: Store, seq: int) -> None:
     assert await store.db.execute("UPDATE audit_events SET details = '{\"torn' WHERE seq = ?", (seq,)) == 1
 
 
-@contextlib.asynccontextmanager
-async def sqlite_backend(tmp_path: Path) -> AsyncIterator[Backend]:
-    path = tmp_path / "llm-proxy.db"
-    yield Backend("sqlite", lambda: SqliteStore(path), _sqlite_corrupt_details)
+def sqlite_backend(request: pytest.FixtureRequest) -> Backend:
+    path: Path = request.getfixturevalue("tmp_path") / "llm-proxy.db"
+    return Backend("sqlite", lambda: SqliteStore(path), _sqlite_corrupt_details)
 
 
-BACKENDS: dict[str, Callable[[Path], AbstractAsyncContextManager[Backend]]] = {
+async def _postgres_corrupt_details(store: Store, seq: int) -> None:
+    """PostgreSQL only: write details that are not JSON (details is TEXT, not jsonb, so it takes them)."""
+    from llm_proxy.storage.postgres.store import PostgresStore
+    assert isinstance(store, PostgresStore)
+    assert await store.db.execute("UPDATE audit_events SET details = '{\"torn' WHERE seq = $1", seq) == 1
+
+
+def postgres_backend(request: pytest.FixtureRequest) -> Backend:
+    url: str = request.getfixturevalue("postgres_url")  # skipped (failed under CI) without a server or asyncpg
+    from llm_proxy.storage.postgres.store import PostgresStore  # the `postgres` extra: imported only here
+    return Backend("postgres", lambda: PostgresStore(url), _postgres_corrupt_details)
+
+
+BACKENDS: dict[str, Callable[[pytest.FixtureRequest], Backend]] = {
+    "postgres": postgres_backend,
     "sqlite": sqlite_backend,
 }
 
@@ -64,9 +78,8 @@ KNOWN_BUGS: dict[tuple[str, str], str] = {
 
 
 @pytest.fixture(params=sorted(BACKENDS))
-async def backend(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[Backend]:
-    async with BACKENDS[request.param](tmp_path) as opened:
-        yield opened
+def backend(request: pytest.FixtureRequest) -> Backend:
+    return BACKENDS[request.param](request)
 
 
 @pytest.fixture

@@ -3,19 +3,19 @@
 from __future__ import annotations
 
 import sqlite3
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import aiosqlite
-import orjson
 
 from llm_proxy.storage.base import ChainHead, ChainStep, PruneResult
+from llm_proxy.storage.rows import COLUMNS, event_from_row, event_row, listed_event, newest, prune_anchor, walked_event
 from llm_proxy.storage.sqlite.database import Database, translated
 
-ZERO_HEAD: ChainHead = (0, "0" * 64)
-# Column order = key order of an event in the file; NULL columns are keys left out.
-COLUMNS = ("timestamp", "action", "actor", "project_id", "request_id", "client_ip", "result", "details", "seq", "hash")
+# COLUMNS, INSERT_ROWS and event_from_row are also what the writer's tests read rows with.
+__all__ = ["COLUMNS", "INSERT_ROWS", "SqliteAudit", "event_from_row", "peek_chain_head"]
+
 _SELECT = f"SELECT {', '.join(COLUMNS)} FROM audit_events"
 # Where the head of the chain is read from: both, in case rows were written past the recorded head
 # (the recorded head is normally the newer of the two).
@@ -34,47 +34,8 @@ _INSERT_HEAD = ("INSERT INTO audit_events (seq, timestamp, action, actor, projec
 _ROW = "(" + ", ".join("?" * 10) + ")"
 
 
-def _newest(rows: Iterable[Sequence[Any] | None]) -> ChainHead:
-    head = ZERO_HEAD
-    for row in rows:
-        if row is not None and row[0] > head[0]:
-            head = (row[0], row[1])
-    return head
-
-
-def _row(event: Mapping[str, Any]) -> tuple[Any, ...]:
-    details = event.get("details")
-    return (event["seq"], event["timestamp"], event["action"], event["actor"], event.get("project_id"),
-            event.get("request_id"), event.get("client_ip"), event["result"],
-            None if details is None else orjson.dumps(details, default=str).decode(), event["hash"])
-
-
-def event_from_row(row: sqlite3.Row | tuple[Any, ...]) -> dict[str, Any]:
-    """Rebuild the event of an audit_events row (COLUMNS order) with the file's key order and omissions.
-
-    Raises orjson.JSONDecodeError when its details are not JSON.
-    """
-    event: dict[str, Any] = {}
-    for key, value in zip(COLUMNS, row, strict=True):
-        if value is None:
-            continue
-        event[key] = orjson.loads(value) if key == "details" else value
-    return event
-
-
-def _listed(row: sqlite3.Row) -> dict[str, Any]:
-    """The event of a row for a listing: one with unreadable details is shown without them, and says so."""
-    try:
-        return event_from_row(row)
-    except orjson.JSONDecodeError:
-        kept = tuple(None if key == "details" else value for key, value in zip(COLUMNS, row, strict=True))
-        event = event_from_row(kept)
-        event["details_unreadable"] = True
-        return event
-
-
 async def _insert(conn: aiosqlite.Connection, events: Sequence[Mapping[str, Any]]) -> None:
-    rows = [_row(event) for event in events]
+    rows = [event_row(event) for event in events]
     for first in range(0, len(rows), INSERT_ROWS):
         chunk = rows[first:first + INSERT_ROWS]
         await conn.execute(_INSERT_HEAD + ", ".join([_ROW] * len(chunk)), [value for row in chunk for value in row])
@@ -87,11 +48,11 @@ class SqliteAudit:
         self._db = db
 
     async def head(self) -> ChainHead:
-        return _newest([await self._db.fetchone(sql) for sql in _HEAD_QUERIES])
+        return newest([await self._db.fetchone(sql) for sql in _HEAD_QUERIES])
 
     async def extend(self, step: ChainStep) -> ChainHead | None:
         async def work(conn: aiosqlite.Connection) -> ChainHead | None:
-            head = _newest([await (await conn.execute(sql)).fetchone() for sql in _HEAD_QUERIES])
+            head = newest([await (await conn.execute(sql)).fetchone() for sql in _HEAD_QUERIES])
 
             async def insert(events: Sequence[Mapping[str, Any]]) -> None:
                 # Translated here, not only when extend() returns: the step is caller code and should
@@ -124,31 +85,16 @@ class SqliteAudit:
             params.append(before)
         clause = f" WHERE {' AND '.join(where)}" if where else ""
         rows = await self._db.fetchall(f"{_SELECT}{clause} ORDER BY seq DESC LIMIT ?", (*params, limit))
-        return [_listed(row) for row in rows]
+        return [listed_event(row) for row in rows]
 
     async def walk(self, after: int, limit: int) -> list[tuple[int, dict[str, Any] | None]]:
         rows = await self._db.fetchall(f"{_SELECT} WHERE seq > ? ORDER BY seq LIMIT ?", (after, limit))
-        walked: list[tuple[int, dict[str, Any] | None]] = []
-        for row in rows:
-            try:
-                walked.append((row["seq"], event_from_row(row)))
-            except orjson.JSONDecodeError:
-                walked.append((row["seq"], None))
-        return walked
+        return [walked_event(row) for row in rows]
 
     async def prune_anchor(self) -> ChainHead | None:
         rows = await self._db.fetchall(
             "SELECT details FROM audit_events WHERE action = 'audit.prune' ORDER BY seq DESC")
-        for row in rows:
-            try:
-                details = orjson.loads(row[0]) if row[0] else None
-            except orjson.JSONDecodeError:
-                continue
-            if isinstance(details, dict):
-                seq, digest = details.get("last_pruned_seq"), details.get("last_pruned_hash")
-                if type(seq) is int and isinstance(digest, str):
-                    return seq, digest
-        return None
+        return prune_anchor(row[0] for row in rows)
 
     async def prune(self, cutoff: str, batch_size: int) -> PruneResult:
         # Only a prefix of the chain is ever deleted: rows from the first one at or after the cutoff
@@ -197,7 +143,7 @@ def peek_chain_head(database: Path) -> ChainHead | None:
                 except sqlite3.OperationalError as exc:
                     if "no such table" not in str(exc):
                         raise
-            return _newest(rows) if rows else None
+            return newest(rows) if rows else None
         finally:
             conn.close()
 

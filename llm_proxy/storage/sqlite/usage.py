@@ -7,6 +7,7 @@ from typing import Any
 
 import aiosqlite
 
+from llm_proxy.storage.rows import usage_days
 from llm_proxy.storage.sqlite.database import Database
 
 
@@ -35,15 +36,13 @@ class SqliteUsage:
 
     async def daily(self, project_id: str, since: str | None, until: str | None) -> list[dict[str, Any]]:
         where, params = ["project_id = ?"], [project_id]
-        if since is not None:
+        first, last, last_included = usage_days(since, until)
+        if first is not None:
             where.append("day >= ?")
-            params.append(since[:10])
-        if until is not None:
-            # Days are whole: an `until` within a day (not at its midnight) keeps that day, since part of
-            # it is before `until`; at midnight (a bare date means its midnight) the day is left out.
-            at_midnight = len(until) == 10 or until.endswith("T00:00:00Z")
-            where.append("day < ?" if at_midnight else "day <= ?")
-            params.append(until[:10])
+            params.append(first)
+        if last is not None:
+            where.append("day <= ?" if last_included else "day < ?")
+            params.append(last)
         rows = await self._db.fetchall(
             "SELECT day, requests, prompt_tokens, completion_tokens, total_tokens FROM usage_daily"
             f" WHERE {' AND '.join(where)} ORDER BY day", params)
