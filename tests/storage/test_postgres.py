@@ -232,10 +232,12 @@ async def test_connections_the_server_ends_are_replaced(postgres_url: str, store
                        " WHERE application_name = 'llm-proxy' AND pid <> pg_backend_pid()")
     assert ended and all(done for (done,) in ended)
     outcomes: list[str] = []
-    for _ in range(3):  # one call may still meet a connection the pool has not seen end
+    # A call may still meet a connection whose end the pool has not seen yet: each ended connection
+    # can fail at most one call, and then the pool replaces it.
+    for _ in range(len(ended) + 1):
         try:
             outcomes.append(",".join(p.name for p in await store.projects.all()))
         except StorageUnavailable:
             outcomes.append("unavailable")
-    assert outcomes[-1] == "before" and outcomes.count("unavailable") <= 1, outcomes
+    assert outcomes[-1] == "before" and outcomes.count("unavailable") <= len(ended), outcomes
     assert await store.ping() is True

@@ -12,14 +12,14 @@ from llm_proxy.audit.files import audit_files
 from llm_proxy.audit.verify import prune, verify_files, verify_table
 from llm_proxy.audit.writer import AuditWriter
 from llm_proxy.ops.cli.arguments import add_command, add_group, json_option, non_negative, positive
-from llm_proxy.ops.cli.configuration import command_settings
+from llm_proxy.ops.cli.configuration import command_settings, configuration_error
 from llm_proxy.ops.cli.local_database import with_database, with_store
 from llm_proxy.ops.cli.output import print_json
 from llm_proxy.ops.command_errors import EXIT_FAILED, EXIT_OK, CommandError, UsageError
-from llm_proxy.settings import Settings
+from llm_proxy.settings import ConfigError, Settings
 from llm_proxy.storage.base import PruneResult, Store
 from llm_proxy.storage.errors import StorageError
-from llm_proxy.storage.factory import peek_audit_head
+from llm_proxy.storage.factory import database_variable, describe_database, is_postgres, peek_audit_head
 
 
 def cmd_audit_prune(args: argparse.Namespace) -> int:
@@ -66,11 +66,14 @@ async def _verify_db(settings: Settings) -> VerifyResult:
 def _files_chain_head(settings: Settings) -> tuple[tuple[int, str] | None, str]:
     """Return the database's chain head (None if unavailable) and a note for the operator saying which."""
     unchecked = "newest lines removed from the files would go unnoticed"
-    database = settings.database_path
-    if not database.is_file():
-        return None, f"no database at {database} (DATABASE_PATH): files verified alone, {unchecked}"
+    database = describe_database(settings)
+    variable = database_variable(settings)
+    if not is_postgres(settings) and not settings.database_path.is_file():
+        return None, f"no database at {database} ({variable}): files verified alone, {unchecked}"
     try:
         head = peek_audit_head(settings)
+    except ConfigError as exc:  # PostgreSQL without its driver installed
+        raise configuration_error(exc) from None
     except StorageError as exc:
         return None, (f"database at {database} unreadable ({type(exc).__name__}): files verified alone, "
                       f"{unchecked}")

@@ -6,25 +6,30 @@ from collections.abc import Awaitable, Callable
 from typing import TypeVar
 
 from llm_proxy.audit.writer import AuditWriter
+from llm_proxy.ops.cli.configuration import configuration_error
 from llm_proxy.ops.command_errors import CommandError, UsageError
-from llm_proxy.settings import Settings
+from llm_proxy.settings import ConfigError, Settings
 from llm_proxy.storage.base import Store
 from llm_proxy.storage.errors import StorageError
-from llm_proxy.storage.factory import open_store
+from llm_proxy.storage.factory import describe_database, is_postgres, open_store
 
 T = TypeVar("T")
 
 
 async def with_store(settings: Settings, work: Callable[[Store], Awaitable[T]]) -> T:
-    """Open the store at DATABASE_PATH, run work(store), close it; a storage failure becomes a CommandError."""
-    if not settings.database_path.is_file():
+    """Open the store (DATABASE_URL, else DATABASE_PATH), run work(store), close it; a storage failure becomes a
+    CommandError naming the database (never its password)."""
+    if not is_postgres(settings) and not settings.database_path.is_file():
         raise UsageError(f"DATABASE_PATH: no database at {settings.database_path}")
-    store = open_store(settings)
+    try:
+        store = open_store(settings)
+    except ConfigError as exc:  # PostgreSQL without its driver installed
+        raise configuration_error(exc) from None
     try:
         await store.open()
         return await work(store)
     except StorageError as exc:
-        raise CommandError(f"database error at {settings.database_path}: {exc}") from None
+        raise CommandError(f"database error at {describe_database(settings)}: {exc}") from None
     finally:
         await store.close()
 

@@ -21,6 +21,7 @@ from llm_proxy.ops.logs import configure_logging
 from llm_proxy.ops.tls import build_ssl_context
 from llm_proxy.settings import ConfigError, Settings
 from llm_proxy.storage.errors import DatabaseOwned, StorageError
+from llm_proxy.storage.factory import database_variable, describe_database, is_postgres
 
 log = logging.getLogger("llm_proxy")
 
@@ -37,8 +38,9 @@ def _with_frozen_gc(app: web.Application) -> web.Application:
 def _startup_file_error(settings: Settings, failed: Path, reason: str) -> CommandError:
     """Return the one line for a file that could not be opened at startup, naming its variable."""
     failed = failed.absolute()
+    database = None if is_postgres(settings) else settings.database_path
     paths = [(variable, path.absolute()) for variable, path in (
-        ("DATABASE_PATH", settings.database_path), ("AUDIT_LOG_FILE", settings.audit_log_file),
+        ("DATABASE_PATH", database), ("AUDIT_LOG_FILE", settings.audit_log_file),
         ("LOG_FILE", settings.log_file)) if path is not None]
     own = {variable: {path, path.with_name(path.name + "-wal"), path.with_name(path.name + "-shm")}
            for variable, path in paths}
@@ -90,10 +92,12 @@ def cmd_serve(args: argparse.Namespace) -> int:
             raise CommandError(f"cannot listen on {settings.listen_host or '*'}:{settings.listen_port}: "
                                f"{reason}") from None
         except DatabaseOwned as exc:
-            raise CommandError(f"cannot start: DATABASE_PATH {settings.database_path} is already served by "
-                               f"{exc.holder}; stop that process first (one serving process per database)") from None
+            raise CommandError(f"cannot start: {database_variable(settings)} {describe_database(settings)} is already "
+                               f"served by {exc.holder}; stop that process first (one serving process per "
+                               "database)") from None
         except StorageError as exc:
-            raise CommandError(f"DATABASE_PATH: cannot use {settings.database_path} ({exc})") from None
+            raise CommandError(f"{database_variable(settings)}: cannot use {describe_database(settings)} "
+                               f"({exc})") from None
         except ConfigError as exc:  # found at startup, e.g. an ENCRYPTION_KEY that opens no stored key
             raise configuration_error(exc) from None
         log.info("llm-proxy stopped")
