@@ -5,7 +5,17 @@ from __future__ import annotations
 import math
 from typing import NamedTuple, Protocol
 
+from llm_proxy.errors import ApiError
 from llm_proxy.models import Credential
+
+
+class SharedStateUnavailable(ApiError):
+    """A shared backend (Redis) could not be reached: what a limiter raises instead of its driver's errors.
+
+    Answered 503 with Retry-After (REDIS_FAILURE_MODE=closed); a caller that keeps serving instead
+    (open) catches this one class, never a backend's own exceptions.
+    """
+    status, type, code, message = 503, "server_error", "shared_state_unavailable", "shared state is unavailable"
 
 
 class Decision(NamedTuple):
