@@ -85,6 +85,10 @@ class Settings:
     anomaly_max_ips_per_hour: int = 10
     anomaly_rate_factor: float = 10.0
     anomaly_auto_suspend: bool = False
+    redis_url: str = field(default="", repr=False)  # empty: this process alone owns its database
+    redis_failure_mode: str = "closed"
+    workers: int = 1
+    instance_id: str = ""  # empty: the host name (and the worker's number under --workers)
 
 
 # ---- value parsers: each raises ValueError with a message that never repeats a secret ----
@@ -289,6 +293,31 @@ def redact_database_url(url: str) -> str:
     return urlunsplit(parts._replace(netloc=netloc, query=query))
 
 
+_REDIS_SCHEMES = ("redis", "rediss", "unix")
+
+
+def _parse_redis_url(raw: str) -> str:
+    """Return a Redis URL as given (never echoed in an error): redis://, rediss:// (TLS) or unix://."""
+    url = raw.strip()
+    scheme = _SCHEME.match(url)
+    if scheme is None or scheme.group(1).lower() not in _REDIS_SCHEMES:
+        raise ValueError("must be redis://[:PASSWORD@]HOST:PORT/DB, rediss://… (TLS) or unix:///path/to/socket")
+    if any(character.isspace() or not character.isprintable() for character in url):
+        raise ValueError("must not contain spaces or control characters")
+    try:
+        urlsplit(url).port  # noqa: B018 (reading it checks it)
+    except ValueError:
+        raise ValueError("has a port that is not a number from 0 to 65535") from None
+    return url
+
+
+def _parse_instance_id(raw: str) -> str:
+    value = raw.strip()
+    if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._:-]{0,63}", value):
+        raise ValueError("must be 1 to 64 letters, digits, '.', '_', ':' or '-', starting with a letter or digit")
+    return value
+
+
 def _parse_choice(choices: tuple[str, ...]) -> Callable[[str], str]:
     def parse(raw: str) -> str:
         value = raw.strip().lower()
@@ -407,6 +436,10 @@ def load_settings(environ: Mapping[str, str] | None = None, env_file: str | Path
         anomaly_max_ips_per_hour=get("ANOMALY_MAX_IPS_PER_HOUR", _int_parser(1), 10),
         anomaly_rate_factor=get("ANOMALY_RATE_FACTOR", _parse_positive_float, 10.0),
         anomaly_auto_suspend=get("ANOMALY_AUTO_SUSPEND", _parse_bool, False),
+        redis_url=get("REDIS_URL", _parse_redis_url, ""),
+        redis_failure_mode=get("REDIS_FAILURE_MODE", _parse_choice(("closed", "open")), "closed"),
+        workers=get("WORKERS", _int_parser(1), 1),
+        instance_id=get("INSTANCE_ID", _parse_instance_id, ""),
     )
     invalid = {name for name, _ in problems}
     # Checks across variables, made only on values that parsed (a stand-in would give a false one).
@@ -416,6 +449,8 @@ def load_settings(environ: Mapping[str, str] | None = None, env_file: str | Path
     if (settings.tls_cert_file is None) != (settings.tls_key_file is None):
         problems.append(("TLS_CERT_FILE" if settings.tls_cert_file is None else "TLS_KEY_FILE",
                          "TLS_CERT_FILE and TLS_KEY_FILE must be set together"))
+    if not invalid & {"WORKERS", "REDIS_URL"} and settings.workers > 1 and not settings.redis_url:
+        problems.append(("WORKERS", "more than 1 worker needs REDIS_URL (the workers share their limits through it)"))
     if problems:
         problems.sort(key=lambda problem: VARIABLES.index(problem[0]))  # the README table's order
         raise ConfigError(*problems[0], *problems[1:])
@@ -440,5 +475,5 @@ VARIABLES = (
     "RATE_LIMIT_PER_MINUTE", "IP_RATE_LIMIT", "GLOBAL_RATE_LIMIT", "MAX_REQUEST_SIZE", "REQUEST_TIMEOUT",
     "STREAM_IDLE_TIMEOUT", "MAX_CONCURRENT_REQUESTS", "TLS_CERT_FILE", "TLS_KEY_FILE", "TLS_MIN_VERSION",
     "HSTS_MAX_AGE", "SHUTDOWN_GRACE", "ANOMALY_MAX_IPS_PER_HOUR", "ANOMALY_RATE_FACTOR",
-    "ANOMALY_AUTO_SUSPEND",
+    "ANOMALY_AUTO_SUSPEND", "REDIS_URL", "REDIS_FAILURE_MODE", "WORKERS", "INSTANCE_ID",
 )

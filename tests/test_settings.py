@@ -219,6 +219,44 @@ def test_a_database_url_is_shown_without_its_passwords(url: str, shown: str, pas
     assert sorted(database_url_passwords(url)) == sorted(passwords)
 
 
+# ---- REDIS_URL, REDIS_FAILURE_MODE, WORKERS, INSTANCE_ID ----
+
+
+def test_several_processes_are_off_by_default() -> None:
+    settings = load_settings(BASE, env_file=None)
+    assert (settings.redis_url, settings.redis_failure_mode, settings.workers, settings.instance_id) == \
+        ("", "closed", 1, "")
+
+
+def test_redis_url_failure_mode_workers_and_instance_are_read() -> None:
+    settings = load_settings({**BASE, "REDIS_URL": " rediss://:Secret-42@cache:6380/2 ", "REDIS_FAILURE_MODE": "OPEN",
+                              "WORKERS": "3", "INSTANCE_ID": "gw-a.eu-1"}, env_file=None)
+    assert (settings.redis_url, settings.redis_failure_mode, settings.workers, settings.instance_id) == \
+        ("rediss://:Secret-42@cache:6380/2", "open", 3, "gw-a.eu-1")
+    assert "Secret-42" not in repr(settings)
+
+
+@pytest.mark.parametrize(("variables", "problem"), [
+    ({"REDIS_URL": "http://:Secret-42@cache:6379"}, "REDIS_URL: must be redis://"),
+    ({"REDIS_URL": "redis://:Secret-42@cache:63x9"}, "REDIS_URL: has a port that is not a number"),
+    ({"REDIS_URL": "redis://:Secret 42@cache"}, "REDIS_URL: must not contain spaces"),
+    ({"REDIS_FAILURE_MODE": "maybe"}, "REDIS_FAILURE_MODE: must be one of closed, open"),
+    ({"WORKERS": "0"}, "WORKERS: must be"),
+    ({"WORKERS": "2"}, "WORKERS: more than 1 worker needs REDIS_URL"),
+    ({"INSTANCE_ID": "gw a"}, "INSTANCE_ID: must be 1 to 64 letters"),
+    ({"INSTANCE_ID": "-gw"}, "INSTANCE_ID: must be 1 to 64 letters"),
+])
+def test_bad_scale_out_settings_are_named(variables: dict[str, str], problem: str) -> None:
+    with pytest.raises(ConfigError) as caught:
+        load_settings({**BASE, **variables}, env_file=None)
+    assert str(caught.value).startswith(problem)
+    assert "Secret-42" not in str(caught.value)
+
+
+def test_workers_with_redis_are_accepted() -> None:
+    assert load_settings({**BASE, "WORKERS": "2", "REDIS_URL": "redis://127.0.0.1:6379/0"}, env_file=None).workers == 2
+
+
 @pytest.mark.system
 def test_serve_with_bad_config_prints_one_line_and_exits_nonzero(tmp_path: Path) -> None:
     secret = "too-short-but-secret"
