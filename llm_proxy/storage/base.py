@@ -77,8 +77,13 @@ class TokenStore(Protocol):
 class UsageStore(Protocol):
     async def save(self, counters: Sequence[tuple[int, int, int, int, str | None, str]],
                    daily: Sequence[tuple[str, str, int, int, int, int]]) -> None:
-        """In one transaction, set token counters (request_count, prompt, completion, total, last_used_at, id)
-        and add daily deltas (project_id, day, requests, prompt, completion, total)."""
+        """In one transaction, add to token counters (requests, prompt, completion, total, last_used_at, id:
+        the counts are deltas, last_used_at moves only forward, None leaves it) and to the daily totals
+        (project_id, day, requests, prompt, completion, total).
+
+        Deltas, not values: several processes counting the same token each add what they counted, in
+        any order, and no write can put back an older total another process already moved past.
+        """
     async def daily(self, project_id: str, since: str | None, until: str | None) -> list[dict[str, Any]]:
         """A project's daily totals, oldest first, for the UTC days that overlap [since, until).
 

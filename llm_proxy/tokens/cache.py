@@ -36,7 +36,10 @@ class TokenCache:
         self._projects: dict[str, ProjectState] = {}
         self._unknown: OrderedDict[str, None] = OrderedDict()
         self._loading: dict[str, asyncio.Future[Credential | None]] = {}
-        self._dirty: dict[str, Credential] = {}
+        # token id -> [requests, prompt, completion, total] counted here and not yet written, and when
+        # each token was last used: the database gets these as deltas (see UsageStore.save).
+        self._counted: dict[str, list[int]] = {}
+        self._last_used: dict[str, float] = {}
         # (project_id, UTC day) -> [requests, prompt, completion, total] not yet written.
         self._daily: dict[tuple[str, str], list[int]] = {}
         self._day_number = -1
@@ -85,13 +88,13 @@ class TokenCache:
     def record_request(self, credential: Credential) -> None:
         """Note a request the limiter admitted (its quota counted there): last use, the project's day, a flush."""
         now = self._clock()
-        credential.last_used_at = now
-        self._dirty[credential.id] = credential
+        credential.last_used_at = self._last_used[credential.id] = now
+        self._counted_for(credential.id)[0] += 1
         self._day_totals(credential.project.id, now)[0] += 1
 
     def record_refund(self, credential: Credential) -> None:
         """Note a request the limiter gave its quota back: it no longer counts in the project's day."""
-        self._dirty[credential.id] = credential
+        self._counted_for(credential.id)[0] -= 1
         self._day_totals(credential.project.id, self._clock())[0] -= 1
 
     def add_usage(self, credential: Credential, prompt: int, completion: int, total: int) -> None:
@@ -99,11 +102,16 @@ class TokenCache:
         credential.prompt_tokens += prompt
         credential.completion_tokens += completion
         credential.total_tokens += total
-        self._dirty[credential.id] = credential
-        totals = self._day_totals(credential.project.id, self._clock())
-        totals[1] += prompt
-        totals[2] += completion
-        totals[3] += total
+        for totals in (self._counted_for(credential.id), self._day_totals(credential.project.id, self._clock())):
+            totals[1] += prompt
+            totals[2] += completion
+            totals[3] += total
+
+    def _counted_for(self, token_id: str) -> list[int]:
+        counted = self._counted.get(token_id)
+        if counted is None:
+            counted = self._counted[token_id] = [0, 0, 0, 0]
+        return counted
 
     def _day_totals(self, project_id: str, now: float) -> list[int]:
         day_number = int(now // 86400)
@@ -235,16 +243,19 @@ class TokenCache:
         # write in flight also means that what was counted before this call is written when it returns.
         while self._saving is not None:
             await asyncio.shield(self._saving)
-        if not self._dirty and not self._daily:
+        if not self._counted and not self._daily:
             return
-        dirty, self._dirty = self._dirty, {}
+        counted, self._counted = self._counted, {}
+        last_used, self._last_used = self._last_used, {}
         daily, self._daily = self._daily, {}
-        self._saving = asyncio.ensure_future(self._save(dirty, daily))
+        self._saving = asyncio.ensure_future(self._save(counted, last_used, daily))
         await asyncio.shield(self._saving)
 
-    async def _save(self, dirty: dict[str, Credential], daily: dict[tuple[str, str], list[int]]) -> None:
-        rows = [(c.request_count, c.prompt_tokens, c.completion_tokens, c.total_tokens,
-                 iso(c.last_used_at) if c.last_used_at else None, c.id) for c in dirty.values()]
+    async def _save(self, counted: dict[str, list[int]], last_used: dict[str, float],
+                    daily: dict[tuple[str, str], list[int]]) -> None:
+        rows = [(totals[0], totals[1], totals[2], totals[3],
+                 iso(last_used[token_id]) if token_id in last_used else None, token_id)
+                for token_id, totals in counted.items()]
         deltas = [(project_id, day, totals[0], totals[1], totals[2], totals[3])
                   for (project_id, day), totals in daily.items()]
         try:
@@ -252,12 +263,12 @@ class TokenCache:
         except Exception:
             # Not committed (Database.write rolled back): keep everything pending, the next flush
             # retries, nothing is lost while the process lives.
-            for credential in dirty.values():
-                self._dirty.setdefault(credential.id, credential)
+            for token_id, totals in counted.items():
+                _add_into(self._counted_for(token_id), totals)
+            for token_id, when in last_used.items():
+                self._last_used[token_id] = max(when, self._last_used.get(token_id, when))
             for key, totals in daily.items():
-                merged = self._daily.setdefault(key, [0, 0, 0, 0])
-                for index, value in enumerate(totals):
-                    merged[index] += value
+                _add_into(self._daily.setdefault(key, [0, 0, 0, 0]), totals)
             log.exception("could not persist token counters; will retry")
         finally:
             self._saving = None
@@ -270,3 +281,8 @@ class TokenCache:
         """Stop the flusher and persist what is left."""
         await self._flusher.close()
         await self.flush()
+
+
+def _add_into(totals: list[int], more: list[int]) -> None:
+    for index, value in enumerate(more):
+        totals[index] += value

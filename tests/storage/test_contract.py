@@ -564,12 +564,12 @@ async def test_deactivate_expired_returns_the_expired_tokens_as_they_were(store:
 # ---- usage ----
 
 
-async def test_save_sets_counters_and_adds_daily_deltas(store: Store) -> None:
+async def test_save_adds_counters_and_daily_deltas(store: Store) -> None:
     project = await make_project(store)
     token, other = await make_token(store, project), await make_token(store, project)
     await store.usage.save([(3, 10, 20, 30, "2024-03-01T12:00:05Z", token.id)],
                            [(project.id, "2024-03-01", 3, 10, 20, 30)])
-    await store.usage.save([(5, 11, 22, 33, "2024-03-02T00:00:01Z", token.id)],
+    await store.usage.save([(2, 1, 2, 3, "2024-03-02T00:00:01Z", token.id)],
                            [(project.id, "2024-03-01", 1, 1, 2, 3), (project.id, "2024-03-02", 1, 0, 0, 0)])
     assert await current(store, token) == replace(token, request_count=5, prompt_tokens=11, completion_tokens=22,
                                                   total_tokens=33, last_used_at="2024-03-02T00:00:01Z")
@@ -578,6 +578,18 @@ async def test_save_sets_counters_and_adds_daily_deltas(store: Store) -> None:
         {"date": "2024-03-01", "requests": 4, "prompt_tokens": 11, "completion_tokens": 22, "total_tokens": 33},
         {"date": "2024-03-02", "requests": 1, "prompt_tokens": 0, "completion_tokens": 0, "total_tokens": 0},
     ]
+
+
+async def test_saves_from_several_processes_add_up_and_last_use_only_moves_forward(store: Store) -> None:
+    """Two processes counting one token each save what they counted, in either order: nothing is lost,
+    and an older last use saved late (or none, from a refund) never moves last_used_at back."""
+    project = await make_project(store)
+    token = await make_token(store, project)
+    await store.usage.save([(4, 10, 20, 30, "2024-03-01T12:00:09Z", token.id)], [])
+    await store.usage.save([(3, 1, 1, 2, "2024-03-01T12:00:05Z", token.id)], [])
+    await store.usage.save([(-1, 0, 0, 0, None, token.id)], [])
+    assert await current(store, token) == replace(token, request_count=6, prompt_tokens=11, completion_tokens=21,
+                                                  total_tokens=32, last_used_at="2024-03-01T12:00:09Z")
 
 
 async def test_save_keeps_projects_apart_and_ignores_unknown_tokens(store: Store) -> None:

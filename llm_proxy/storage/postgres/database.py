@@ -71,10 +71,11 @@ def _kind(exc: BaseException, connecting: bool) -> type[StorageError] | None:
     if isinstance(exc, asyncpg.PostgresConnectionError | asyncpg.CannotConnectNowError
                   | asyncpg.TooManyConnectionsError | asyncpg.AdminShutdownError | asyncpg.CrashShutdownError):
         return StorageUnavailable
-    if isinstance(exc, asyncpg.PostgresError | asyncpg_base.DataError | asyncpg_base.ClientConfigurationError
-                  | asyncpg_base.InternalClientError):
+    if isinstance(exc, asyncpg.PostgresError | asyncpg_base.DataError | asyncpg_base.ClientConfigurationError):
         return StorageError
-    if isinstance(exc, asyncpg.InterfaceError):  # the connection or the pool is closed
+    # The connection or the pool is closed, or a connection the server ended met in mid-operation
+    # ("cannot switch to state …; another operation is in progress"): the pool replaces it.
+    if isinstance(exc, asyncpg.InterfaceError | asyncpg_base.InternalClientError):
         return StorageUnavailable
     if connecting and isinstance(exc, OSError):  # refused, unreachable, timed out, no such host
         return StorageUnavailable

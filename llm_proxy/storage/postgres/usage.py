@@ -24,8 +24,10 @@ class PostgresUsage:
 
         async def work(conn: Connection) -> None:
             await conn.executemany(
-                "UPDATE tokens SET request_count = $1, prompt_tokens = $2, completion_tokens = $3,"
-                " total_tokens = $4, last_used_at = $5 WHERE id = $6", counters)
+                # Added, never set: each process writes what it counted itself, and additions commute.
+                "UPDATE tokens SET request_count = request_count + $1, prompt_tokens = prompt_tokens + $2,"
+                " completion_tokens = completion_tokens + $3, total_tokens = total_tokens + $4,"
+                " last_used_at = GREATEST(last_used_at, $5) WHERE id = $6", counters)
             await conn.executemany(
                 "INSERT INTO usage_daily (project_id, day, requests, prompt_tokens, completion_tokens, total_tokens)"
                 " VALUES ($1, $2, $3, $4, $5, $6) ON CONFLICT (project_id, day) DO UPDATE SET"

@@ -24,8 +24,11 @@ class SqliteUsage:
 
         async def work(conn: aiosqlite.Connection) -> None:
             await conn.executemany(
-                "UPDATE tokens SET request_count = ?, prompt_tokens = ?, completion_tokens = ?, total_tokens = ?,"
-                " last_used_at = ? WHERE id = ?", counters)
+                # Added, never set: each process writes what it counted itself, and additions commute.
+                # MAX with a NULL is NULL, hence the COALESCE: the later of the two last uses, or the one there is.
+                "UPDATE tokens SET request_count = request_count + ?, prompt_tokens = prompt_tokens + ?,"
+                " completion_tokens = completion_tokens + ?, total_tokens = total_tokens + ?,"
+                " last_used_at = COALESCE(MAX(last_used_at, ?5), last_used_at, ?5) WHERE id = ?6", counters)
             await conn.executemany(
                 "INSERT INTO usage_daily (project_id, day, requests, prompt_tokens, completion_tokens, total_tokens)"
                 " VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT (project_id, day) DO UPDATE SET"
