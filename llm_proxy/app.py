@@ -8,6 +8,8 @@ import os
 import socket
 import time
 from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
 
 from aiohttp import web
 
@@ -21,13 +23,14 @@ from llm_proxy.gateway.edge import edge_middleware
 from llm_proxy.gateway.forwarder import Forwarder
 from llm_proxy.gateway.proxy import ProxyRoute
 from llm_proxy.gateway.security_headers import response_hook, security_headers
+from llm_proxy.limiting.base import FailureLimiter, Limiter
 from llm_proxy.limiting.memory import ConcurrencyLimiter, FailureCounter, MemoryLimiter
 from llm_proxy.manage.api import Management
 from llm_proxy.manage.auth import ManagementAuth, ManagementTokens, management_auth_middleware
 from llm_proxy.models import iso
 from llm_proxy.ops.endpoints import health_routes, metrics_route
 from llm_proxy.ops.metrics import Metrics
-from llm_proxy.settings import ConfigError, Settings
+from llm_proxy.settings import ConfigError, Settings, database_url_passwords, redact_database_url
 from llm_proxy.storage.base import Store
 from llm_proxy.storage.factory import open_store
 from llm_proxy.tokens.anomaly import AnomalyDetector
@@ -35,6 +38,11 @@ from llm_proxy.tokens.cache import TokenCache
 from llm_proxy.tokens.expiry import ExpiryJob
 from llm_proxy.tokens.feed import LocalFeed
 from llm_proxy.tokens.service import TokenService
+
+if TYPE_CHECKING:  # the redis extra is imported only when REDIS_URL is set
+    from redis.asyncio import Redis
+
+    from llm_proxy.limiting.shared import SharedState
 
 # The application's resources, for tests and tools that reach into a running app.
 SETTINGS: web.AppKey[Settings] = web.AppKey("settings")
@@ -59,6 +67,7 @@ def create_app(settings: Settings, *, clock: Callable[[], float] = time.time,
     """Build the application; nothing is opened until it starts (clocks are injectable for tests)."""
     keyring = KeyRing(settings.encryption_key, settings.encryption_keys_previous)
     store = open_store(settings)
+    redis = _redis_client(settings) if settings.redis_url else None
     feed = LocalFeed()
     cache = TokenCache(store, keyring, feed, clock)
     service = TokenService(store, keyring, feed, clock)
@@ -71,9 +80,14 @@ def create_app(settings: Settings, *, clock: Callable[[], float] = time.time,
     anomalies = AnomalyDetector(max_ips_per_hour=settings.anomaly_max_ips_per_hour,
                                 rate_factor=settings.anomaly_rate_factor, auto_suspend=settings.anomaly_auto_suspend,
                                 service=service, audit=audit, clock=clock)
-    admission = Admission(MemoryLimiter(global_rate=settings.global_rate_limit, clock=clock, monotonic=monotonic),
-                          cache, audit, metrics, anomalies, default_rate=settings.rate_limit_per_minute)
-    forwarder = Forwarder(settings, cache, audit, metrics, refund=admission.refund)
+    limiter: Limiter = MemoryLimiter(global_rate=settings.global_rate_limit, clock=clock, monotonic=monotonic)
+    failures: FailureLimiter = FailureCounter(settings.ip_rate_limit, clock=monotonic)
+    shared: SharedParts | None = None
+    if redis is not None:
+        shared = _share_limits(settings, redis, limiter, failures, cache, audit, metrics)
+        limiter, failures = shared.limiter, shared.failures
+    admission = Admission(limiter, cache, audit, metrics, anomalies, default_rate=settings.rate_limit_per_minute)
+    forwarder = Forwarder(settings, audit, metrics, refund=admission.refund, add_usage=admission.add_usage)
     expiry = ExpiryJob(service, audit)
 
     # Every request passes one middleware (request context, CORS preflight, error bodies, the
@@ -94,7 +108,6 @@ def create_app(settings: Settings, *, clock: Callable[[], float] = time.time,
     # Each credential check has its own place, so neither kind of token works on the other's
     # routes: client tokens in the /v1 handler, the management token in the /manage sub-application
     # and on /metrics. All first refuse an IP that failed authentication too often.
-    failures = FailureCounter(settings.ip_rate_limit, clock=monotonic)
     ip_block = IpBlock(failures, audit, metrics)
     management_auth = ManagementAuth(ManagementTokens(settings.management_tokens), settings.management_allowed_ips,
                                      audit, failures)
@@ -109,13 +122,13 @@ def create_app(settings: Settings, *, clock: Callable[[], float] = time.time,
     manage.add_routes(management.routes())
     app.add_subapp("/manage", manage)
 
-    app.cleanup_ctx.append(_lifetime(store, keyring, audit, cache, expiry, anomalies, forwarder,
+    app.cleanup_ctx.append(_lifetime(store, keyring, audit, cache, expiry, anomalies, forwarder, shared,
                                      settings.max_concurrent_requests))
     return app
 
 
 def _lifetime(store: Store, keyring: KeyRing, audit: AuditWriter, cache: TokenCache, expiry: ExpiryJob,
-              anomalies: AnomalyDetector, forwarder: Forwarder,
+              anomalies: AnomalyDetector, forwarder: Forwarder, shared: SharedParts | None,
               max_connections: int) -> Callable[[web.Application], AsyncIterator[None]]:
     """Start the gateway's resources in order and tear them down in reverse: the upstream session
     closes first, then counters are flushed and the audit queue drained, and the database closes last.
@@ -128,8 +141,11 @@ def _lifetime(store: Store, keyring: KeyRing, audit: AuditWriter, cache: TokenCa
         async with contextlib.AsyncExitStack() as started:
             await store.open()
             started.push_async_callback(store.close)
-            # One serving process per database: the others would trust their own memory and disagree.
-            await store.claim(f"pid {os.getpid()} on {socket.gethostname()} since {iso(time.time())}")
+            if shared is None:
+                # One serving process per database: the others would trust their own memory and disagree.
+                await store.claim(f"pid {os.getpid()} on {socket.gethostname()} since {iso(time.time())}")
+            else:  # processes sharing one Redis share the database freely
+                started.push_async_callback(shared.close)
             await _check_stored_keys(store, keyring)
             await audit.start()
             started.push_async_callback(audit.close)
@@ -162,3 +178,80 @@ async def _check_stored_keys(store: Store, keyring: KeyRing) -> None:
     if unreadable:
         log.error("ENCRYPTION_KEY: the upstream keys of %d project(s) open with no configured key; their "
                   "requests will fail: %s", len(unreadable), ", ".join(unreadable))
+
+
+# ---- several processes: the limits and the change feed shared through Redis (REDIS_URL) ----
+
+# Each call waits this long for Redis at most; a stopped Redis refuses at once, a stalled one is
+# given up on after this and counted as an outage.
+REDIS_TIMEOUT = 1.0
+
+
+@dataclass
+class SharedParts:
+    """What a process sharing Redis adds: the shared limiters, the state of the connection, the client."""
+    limiter: Limiter
+    failures: FailureLimiter
+    state: SharedState
+    client: Redis
+    closers: tuple[Callable[[], Any], ...]
+
+    async def close(self) -> None:
+        for close in self.closers:
+            await close()
+        await self.state.close()
+        await self.client.aclose()
+
+
+def _redis_client(settings: Settings) -> Redis:
+    try:
+        from redis.asyncio import Redis
+        from redis.asyncio.retry import Retry
+        from redis.backoff import NoBackoff
+    except ImportError:
+        raise ConfigError("REDIS_URL", "needs the redis extra: pip install 'llm-proxy[redis]'") from None
+    # One retry on a fresh connection: a pooled connection Redis closed (a restart) fails its first command.
+    return Redis.from_url(settings.redis_url, socket_timeout=REDIS_TIMEOUT, socket_connect_timeout=REDIS_TIMEOUT,
+                          retry=Retry(NoBackoff(), 1), health_check_interval=10)
+
+
+def _share_limits(settings: Settings, client: Redis, local: Limiter, local_failures: FailureLimiter,
+                  cache: TokenCache, audit: AuditWriter, metrics: Metrics) -> SharedParts:
+    """Build the limiters shared through Redis around this process's own ones, and what an outage does."""
+    from llm_proxy.limiting.redis import RedisFailureLimiter, RedisLimiter
+    from llm_proxy.limiting.shared import SharedFailureLimiter, SharedLimiter, SharedState
+
+    fail_open = settings.redis_failure_mode == "open"
+    passwords = database_url_passwords(settings.redis_url)
+    where = redact_database_url(settings.redis_url)
+    metrics.shared_state_used = True
+
+    def on_error() -> None:
+        metrics.shared_state_errors += 1
+
+    def on_change(available: bool, reason: str) -> None:
+        metrics.shared_state_available = available
+        for password in passwords:
+            reason = reason.replace(password, "***")
+        mode = settings.redis_failure_mode
+        if available:
+            # Changes published meanwhile may never have arrived: every token is read again.
+            cache.forget_all()
+            cache.reread_after = None
+            log.warning("shared state: Redis at %s answers again; cached tokens dropped", where)
+            audit.emit("system.recovered", actor="system", result="success", details={"component": "redis",
+                                                                                      "mode": mode})
+            return
+        if fail_open:
+            cache.reread_after = 1.0  # tokens re-read from the database, at most 1 s old
+        log.error("shared state: Redis at %s cannot be reached (%s); until it answers, %s", where, reason,
+                  "proxying serves on this process's own limits" if fail_open
+                  else "proxying answers 503 shared_state_unavailable")
+        audit.emit("system.degraded", actor="system", result="error",
+                   details={"component": "redis", "mode": mode, "reason": reason})
+
+    state = SharedState(client.ping, on_change=on_change, on_error=on_error)
+    limiter = SharedLimiter(RedisLimiter(client, global_rate=settings.global_rate_limit), local, state,
+                            fail_open=fail_open)
+    failures = SharedFailureLimiter(RedisFailureLimiter(client, settings.ip_rate_limit), local_failures, state)
+    return SharedParts(limiter, failures, state, client, closers=(limiter.close,))

@@ -17,6 +17,7 @@ import os
 import pwd
 import secrets
 import shutil
+import signal
 import socket
 import subprocess
 import tempfile
@@ -126,6 +127,11 @@ def private_postgres() -> Iterator[Server]:
 # ---- Redis ----
 
 
+def _redis_command(binary: str, port: int, root: Path, password: str) -> list[str]:
+    return [binary, "--port", str(port), "--bind", "127.0.0.1", "--dir", str(root), "--save", "",
+            "--appendonly", "no", "--requirepass", password, "--daemonize", "no"]
+
+
 @contextlib.contextmanager
 def private_redis() -> Iterator[Server]:
     binary = shutil.which("redis-server")
@@ -138,10 +144,8 @@ def private_redis() -> Iterator[Server]:
         root = Path(top)
         log = root / "server.log"
         with log.open("wb") as out:
-            process = subprocess.Popen(
-                [binary, "--port", str(port), "--bind", "127.0.0.1", "--dir", str(root), "--save", "",
-                 "--appendonly", "no", "--requirepass", password, "--daemonize", "no"],
-                stdout=out, stderr=subprocess.STDOUT)
+            process = subprocess.Popen(_redis_command(binary, port, root, password), stdout=out,
+                                       stderr=subprocess.STDOUT)
         try:
             _wait_for_port(port, process, log)
             yield Server(f"redis://:{password}@127.0.0.1:{port}/0", "127.0.0.1", port, password)
@@ -152,3 +156,62 @@ def private_redis() -> Iterator[Server]:
             except subprocess.TimeoutExpired:
                 process.kill()
                 process.wait()
+
+
+class RedisProcess:
+    """A private Redis of one test, which it may stop, stall and start again: same port, same password, empty."""
+
+    def __init__(self, binary: str, root: Path, port: int) -> None:
+        self._binary = binary
+        self._root = root
+        self._log = root / "server.log"
+        password = secrets.token_hex(PASSWORD_BYTES)
+        self.server = Server(f"redis://:{password}@127.0.0.1:{port}/0", "127.0.0.1", port, password)
+        self._process: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> None:
+        """Start the server and return once it listens."""
+        assert self._process is None, "already running"
+        with self._log.open("ab") as out:
+            self._process = subprocess.Popen(
+                _redis_command(self._binary, self.server.port, self._root, self.server.password),
+                stdout=out, stderr=subprocess.STDOUT)
+        _wait_for_port(self.server.port, self._process, self._log)
+
+    def stop(self) -> None:
+        """Stop the server (its clients' connections end) and wait until it is gone."""
+        if self._process is None:
+            return
+        process, self._process = self._process, None
+        process.send_signal(signal.SIGCONT)  # a stalled server acts on SIGTERM only once it runs again
+        process.terminate()
+        try:
+            process.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+
+    def stall(self) -> None:
+        """Freeze the server (SIGSTOP): connections stay open and nothing is answered, as a hung host."""
+        assert self._process is not None
+        self._process.send_signal(signal.SIGSTOP)
+
+    def resume(self) -> None:
+        """Let a stalled server run again (SIGCONT)."""
+        assert self._process is not None
+        self._process.send_signal(signal.SIGCONT)
+
+
+@contextlib.contextmanager
+def restartable_redis(port: int | None = None) -> Iterator[RedisProcess]:
+    """A RedisProcess on `port` (a free one by default), not yet started; stopped afterwards."""
+    binary = shutil.which("redis-server")
+    if binary is None:
+        missing("Redis (redis-server)")
+        raise AssertionError("unreachable")
+    with tempfile.TemporaryDirectory(prefix="llm-proxy-redis-") as top:
+        redis = RedisProcess(binary, Path(top), port or free_port())
+        try:
+            yield redis
+        finally:
+            redis.stop()

@@ -10,7 +10,7 @@ Action = Literal[
     "project.create", "project.read", "project.list", "project.update", "project.delete",
     "token.create", "token.read", "token.list", "token.update", "token.revoke", "token.revoke_batch",
     "token.refresh", "token.validate", "token.access", "token.expire", "token.anomaly", "token.suspend",
-    "auth.failure", "audit.list", "audit.prune", "key.rotate",
+    "auth.failure", "audit.list", "audit.prune", "key.rotate", "system.degraded", "system.recovered",
 ]
 # management: the management API; client: proxied requests; system: jobs and the CLI.
 Actor = Literal["management", "client", "system"]

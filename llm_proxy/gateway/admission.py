@@ -82,6 +82,11 @@ class Admission:
         self._anomalies.observe(credential, request[CLIENT_IP])
         return decision
 
+    def add_usage(self, credential: Credential, prompt: int, completion: int, total: int) -> None:
+        """Charge an answered request's token usage to its token (what its budget is checked against)."""
+        self._cache.add_usage(credential, prompt, completion, total)
+        self._limiter.add_usage(credential, prompt, completion, total)
+
     async def refund(self, credential: Credential) -> None:
         """Give back the quota of an admitted request the gateway refused before it reached the upstream."""
         await self._limiter.refund(credential)

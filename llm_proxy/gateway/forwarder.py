@@ -43,7 +43,6 @@ from llm_proxy.gateway.relay import UPSTREAM_BROKEN, Relay
 from llm_proxy.models import Credential
 from llm_proxy.ops.metrics import Metrics
 from llm_proxy.settings import Settings
-from llm_proxy.tokens.cache import TokenCache
 
 log = logging.getLogger(__name__)
 
@@ -59,12 +58,13 @@ _UNSAFE_PATH = re.compile(r"%2e|%2f|%5c|\\|//|/\.\.?(/|$)", re.IGNORECASE)
 class Forwarder:
     """The /v1 handler: validates the path and body, then streams request and response through."""
 
-    def __init__(self, settings: Settings, cache: TokenCache, audit: AuditWriter, metrics: Metrics,
-                 refund: Callable[[Credential], Awaitable[None]]) -> None:
+    def __init__(self, settings: Settings, audit: AuditWriter, metrics: Metrics,
+                 refund: Callable[[Credential], Awaitable[None]],
+                 add_usage: Callable[[Credential, int, int, int], None]) -> None:
         self.session: aiohttp.ClientSession | None = None
         self._loop: asyncio.AbstractEventLoop  # set with the session, in the running loop
-        self._cache = cache
         self._refund = refund
+        self._add_usage = add_usage
         self._audit = audit
         self._metrics = metrics
         self._upstream = settings.openai_api_url
@@ -148,7 +148,7 @@ class Forwarder:
                 "upstream_status": upstream_status}
             spent = tap.result() if tap is not None and status in (200, 499) else None
             if spent is not None:
-                self._cache.add_usage(credential, spent.prompt_tokens, spent.completion_tokens, spent.total_tokens)
+                self._add_usage(credential, spent.prompt_tokens, spent.completion_tokens, spent.total_tokens)
                 details.update(prompt_tokens=spent.prompt_tokens, completion_tokens=spent.completion_tokens,
                                total_tokens=spent.total_tokens, usage_estimated=spent.estimated or None)
             self._audit.emit("token.access", actor="client", result=result, project_id=credential.project.id,

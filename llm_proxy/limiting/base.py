@@ -36,7 +36,6 @@ class Decision(NamedTuple):
 UNLIMITED = Decision(True, 0, 0, 0.0)
 
 
-
 class Limiter(Protocol):
     async def admit(self, credential: Credential, rate_per_minute: int) -> Decision:
         """Count one request of `credential` against its quota, its budget, its rate (`rate_per_minute`,
@@ -48,6 +47,9 @@ class Limiter(Protocol):
         """
     async def refund(self, credential: Credential) -> None:
         """Give back the quota of a request admitted just before and refused before it reached the upstream."""
+    def add_usage(self, credential: Credential, prompt: int, completion: int, total: int) -> None:
+        """Charge a response's token usage where this limiter keeps budgets (after the token cache added it
+        to the credential); never blocks the caller."""
 
 
 class FailureLimiter(Protocol):

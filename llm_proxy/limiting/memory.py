@@ -268,6 +268,9 @@ class MemoryLimiter:
     async def refund(self, credential: Credential) -> None:
         credential.request_count -= 1
 
+    def add_usage(self, credential: Credential, prompt: int, completion: int, total: int) -> None:
+        """Nothing to do: the budget is checked against the credential's own total, which the cache keeps."""
+
 
 def rate_headers(decision: Decision) -> dict[str, str]:
     """Return the X-RateLimit-* headers a rate decision implies."""

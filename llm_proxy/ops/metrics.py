@@ -95,6 +95,12 @@ class _LiveCollector(Collector):
         yield CounterMetricFamily("llm_proxy_audit_file_errors", "Audit events that could not be written to the file",
                                   value=self._audit.file_errors)
         yield CounterMetricFamily("llm_proxy_audit_written", "Audit events written", value=self._audit.written)
+        if metrics.shared_state_used:
+            yield CounterMetricFamily("llm_proxy_shared_state_errors",
+                                      "Calls to Redis (REDIS_URL) that failed", value=metrics.shared_state_errors)
+            yield GaugeMetricFamily("llm_proxy_shared_state_available",
+                                    "1 while Redis (REDIS_URL) answers, 0 during an outage",
+                                    value=int(metrics.shared_state_available))
         yield CounterMetricFamily("llm_proxy_audit_db_errors",
                                   "Audit batches the database refused after every retry (their rows are retried)",
                                   value=self._audit.db_errors)
@@ -112,6 +118,10 @@ class Metrics:
                                           "Time from sending upstream to its response headers", _LATENCY_BUCKETS)
         self.upstream_ttfb = Histogram("llm_proxy_upstream_ttfb_seconds",
                                        "Time from sending upstream to the first body byte relayed", _LATENCY_BUCKETS)
+        # With REDIS_URL: calls to Redis that failed, and whether it answers now.
+        self.shared_state_used = False
+        self.shared_state_errors = 0
+        self.shared_state_available = True
         self.registry.register(_LiveCollector(self, audit, concurrency))
 
     def count_response(self, path: str, status: int) -> None:

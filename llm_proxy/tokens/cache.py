@@ -12,6 +12,7 @@ from llm_proxy.crypto import KeyRing
 from llm_proxy.errors import InvalidToken, ProjectInactive, TokenExpired, TokenRevoked
 from llm_proxy.models import Credential, Project, ProjectState, TokenRecord, epoch, iso
 from llm_proxy.storage.base import Store
+from llm_proxy.storage.errors import StorageError
 from llm_proxy.tokens.credentials import hash_token, is_token_shaped
 from llm_proxy.tokens.feed import Change, ChangeFeed, TokenChanged, TokensDeactivated, TokensRevoked
 from llm_proxy.tokens.periodic import Periodic
@@ -46,6 +47,10 @@ class TokenCache:
         self._day = ""
         # Bumped by every published change, so a load that raced with one is redone.
         self._generation = 0
+        # While changes may be missed (the shared feed is down), a token cached longer than this is
+        # read again before it is trusted; None (the rule) trusts the feed.
+        self.reread_after: float | None = None
+        self._loaded_at: dict[str, float] = {}  # token digest -> monotonic time it was read, while re-reading
         self._flusher = Periodic("token-counter-flusher", FLUSH_INTERVAL, self.flush, wait_first=True)
         self._saving: asyncio.Future[None] | None = None  # the counter write in flight, if any
         feed.subscribe(self._apply_change)
@@ -57,13 +62,41 @@ class TokenCache:
         digest = hash_token(presented)
         # The lookup is keyed by the SHA-256 digest, so timing reveals nothing about stored tokens.
         credential = self._by_hash.get(digest)
+        if credential is not None and self.reread_after is not None:
+            credential = await self._reread(digest, credential)
         if credential is None:
-            if digest in self._unknown or not is_token_shaped(presented):
+            if (digest in self._unknown and self.reread_after is None) or not is_token_shaped(presented):
                 raise InvalidToken()
             credential = await self._load(digest)
             if credential is None:
                 raise InvalidToken()
         return credential
+
+    async def _reread(self, digest: str, credential: Credential) -> Credential | None:
+        """Return the token read again from the database if the cached one is older than reread_after;
+        the cached one while the database cannot answer (warm tokens keep being served)."""
+        read = self._loaded_at.get(digest)
+        now = time.monotonic()
+        if read is not None and now - read <= (self.reread_after or 0.0):
+            return credential
+        try:
+            found = await self._load(digest, fresh_project=True)
+        except StorageError:
+            return credential
+        self._loaded_at[digest] = now
+        return found
+
+    def forget_all(self) -> None:
+        """Drop every cached token and project (changes may have been missed): each is read again on its next use.
+
+        Counters counted here and not yet written stay pending: they are deltas, written whatever is cached.
+        """
+        self._generation += 1
+        self._by_hash.clear()
+        self._by_id.clear()
+        self._projects.clear()
+        self._unknown.clear()
+        self._loaded_at.clear()
 
     def check(self, credential: Credential) -> None:
         """Raise the matching 401/403 unless the credential may be used right now."""
@@ -125,7 +158,7 @@ class TokenCache:
 
     # ---- cache maintenance ----
 
-    async def _load(self, digest: str) -> Credential | None:
+    async def _load(self, digest: str, *, fresh_project: bool = False) -> Credential | None:
         pending = self._loading.get(digest)
         if pending is not None:
             return await asyncio.shield(pending)
@@ -137,6 +170,8 @@ class TokenCache:
                 found = await self._store.tokens.find(digest)
                 if generation == self._generation:
                     break
+            if found is not None and fresh_project:
+                self._project_changed(found[1])
             credential = None if found is None else self._remember(*found)
             if credential is None:
                 self._unknown[digest] = None
@@ -180,6 +215,8 @@ class TokenCache:
             last_used_at=epoch(token.last_used_at) if token.last_used_at else None)
         self._by_hash[token.token_hash] = credential
         self._by_id[token.id] = credential
+        if self.reread_after is not None:
+            self._loaded_at[token.token_hash] = time.monotonic()
         self._unknown.pop(token.token_hash, None)
         return credential
 
