@@ -10,6 +10,7 @@ from llm_proxy import __version__
 from llm_proxy.audit.masking import mask_secrets
 from llm_proxy.ops.cli import (
     audit_commands,
+    db_commands,
     initialize,
     key_rotation,
     project_commands,
@@ -21,7 +22,7 @@ from llm_proxy.ops.command_errors import EXIT_FAILED, EXIT_USAGE, CommandError
 from llm_proxy.ops.control_characters import escape_controls
 
 # In the order `llm-proxy --help` lists them.
-_JOBS = (serve, initialize, project_commands, token_commands, audit_commands, key_rotation)
+_JOBS = (serve, initialize, project_commands, token_commands, audit_commands, db_commands, key_rotation)
 
 
 def _fail(message: str, code: int = EXIT_FAILED) -> int:

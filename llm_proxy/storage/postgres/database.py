@@ -151,6 +151,33 @@ async def migrate(conn: Connection) -> list[Migration]:
     return pending
 
 
+async def connect_alone(url: str, application_name: str = "llm-proxy") -> Connection:
+    """Open one connection of its own, outside any pool (for a command, or a lock held while serving)."""
+    with translated(database_url_passwords(url), connecting=True):
+        conn: Connection = await asyncpg.connect(url, timeout=CONNECT_TIMEOUT,
+                                                 server_settings={"application_name": application_name})
+    return conn
+
+
+async def close_alone(conn: Connection, passwords: Sequence[str]) -> None:
+    """Close a connection of connect_alone(), waiting a little; one that does not answer is dropped."""
+    try:
+        with translated(passwords):
+            await asyncio.wait_for(conn.close(), timeout=CONNECT_TIMEOUT)
+    except (TimeoutError, StorageError, OSError):
+        conn.terminate()
+
+
+@contextlib.asynccontextmanager
+async def one_connection(url: str) -> AsyncIterator[Connection]:
+    """A connection of its own for the length of the block (a command's)."""
+    conn = await connect_alone(url)
+    try:
+        yield conn
+    finally:
+        await close_alone(conn, database_url_passwords(url))
+
+
 # ---- the pool ----
 
 class Database:

@@ -20,12 +20,11 @@ import contextlib
 import logging
 from dataclasses import dataclass
 
-import asyncpg
 from asyncpg import Connection
 
 from llm_proxy.settings import database_url_passwords
 from llm_proxy.storage.errors import DatabaseOwned, StorageError
-from llm_proxy.storage.postgres.database import CONNECT_TIMEOUT, now_text, translated
+from llm_proxy.storage.postgres.database import CONNECT_TIMEOUT, close_alone, connect_alone, now_text, translated
 
 log = logging.getLogger(__name__)
 
@@ -140,17 +139,10 @@ class OwnerLock:
         await self._close(conn)
 
     async def _connect(self) -> Connection:
-        with translated(self._passwords, connecting=True):
-            conn: Connection = await asyncpg.connect(self.url, timeout=CONNECT_TIMEOUT,
-                                                     server_settings={"application_name": APPLICATION_NAME})
-        return conn
+        return await connect_alone(self.url, APPLICATION_NAME)
 
     async def _close(self, conn: Connection) -> None:
-        try:
-            with translated(self._passwords):
-                await asyncio.wait_for(conn.close(), timeout=CONNECT_TIMEOUT)
-        except (TimeoutError, StorageError, OSError):
-            conn.terminate()
+        await close_alone(conn, self._passwords)
 
     def _hold(self, conn: Connection) -> None:
         self._conn = conn
