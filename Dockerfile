@@ -1,6 +1,8 @@
 # syntax=docker/dockerfile:1
 # llm-proxy: multi-stage build on a slim, pinned Python base; the final image has no build tools,
 # no pip cache, and runs as a fixed non-root user that owns only /app/data.
+# One image for every backend: SQLite by default, PostgreSQL and Redis when DATABASE_URL and REDIS_URL
+# name them (the postgres and redis extras are installed; deploy/compose.yaml runs two gateways so).
 #
 #   docker build -t llm-proxy .
 #   docker run --read-only --tmpfs /tmp -v llm-proxy-data:/app/data --env-file .env \
@@ -13,7 +15,7 @@ WORKDIR /src
 COPY pyproject.toml setup.cfg README.md ./
 COPY llm_proxy ./llm_proxy
 RUN python -m venv /opt/venv \
- && /opt/venv/bin/pip install --no-compile ".[fast]" \
+ && /opt/venv/bin/pip install --no-compile ".[fast,postgres,redis]" \
  && find /opt/venv -name '__pycache__' -prune -exec rm -rf {} +
 
 FROM python:3.11.11-slim-bookworm

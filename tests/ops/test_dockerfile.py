@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import configparser
 import re
 
 import pytest
@@ -36,6 +37,20 @@ def test_final_stage_runs_as_a_fixed_non_root_user() -> None:
     assert re.search(r"chown appuser:appuser /app/data", DOCKERFILE)
 
 
+def test_one_image_serves_sqlite_or_postgresql_and_redis() -> None:
+    """The build installs the extras whose drivers DATABASE_URL=postgresql://… and REDIS_URL load (asyncpg,
+    redis), so deploy/compose.yaml's gateways run the same image as a lone SQLite one; never test or dev."""
+    build = INSTRUCTIONS[:len(INSTRUCTIONS) - len(_final_stage())]
+    installs = [re.search(r'pip install [^&]*"\.\[([a-z,]+)\]"', line) for line in build if line.startswith("RUN ")]
+    (extras,) = [set(found[1].split(",")) for found in installs if found]
+    setup = configparser.ConfigParser()
+    setup.read(ROOT / "setup.cfg")
+    declared = {name: value.split() for name, value in setup["options.extras_require"].items()}
+    assert {"fast", "postgres", "redis"} <= extras <= set(declared) - {"test", "dev"}
+    assert any(requirement.startswith("asyncpg") for requirement in declared["postgres"])
+    assert any(requirement.startswith("redis") for requirement in declared["redis"])
+
+
 def test_no_remote_add_no_build_tools_or_caches_in_the_final_image() -> None:
     assert not any(line.startswith("ADD ") for line in INSTRUCTIONS)
     final = " ".join(_final_stage())
@@ -54,6 +69,8 @@ def test_dockerignore_keeps_secrets_and_history_out() -> None:
     rules = (ROOT / ".dockerignore").read_text().split()
     assert rules[rules.index("*")] == "*", "default-deny"
     assert not any(rule in ("!.env", "!.git", "!data/") for rule in rules)
+    # deploy/ holds the compose file and, beside it, the operator's .env with its secrets.
+    assert not any(rule.startswith(("!deploy", "!**")) for rule in rules)
 
 
 def test_readme_shows_a_hardened_docker_run() -> None:
