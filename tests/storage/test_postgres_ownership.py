@@ -10,6 +10,7 @@ import asyncio
 import logging
 import os
 import signal
+import subprocess
 import sys
 import time
 from collections.abc import AsyncIterator, Callable
@@ -23,6 +24,7 @@ from aiohttp.test_utils import TestServer
 from llm_proxy.app import create_app
 from llm_proxy.storage.errors import DatabaseOwned, StorageError
 from tests.fakes import REPO, UpstreamState, make_settings, serve_env, wait_healthy
+from tests.servers import postgres_bindir, private_postgres
 
 asyncpg = pytest.importorskip("asyncpg")  # the `postgres` extra (under CI a skip fails the run)
 
@@ -168,13 +170,12 @@ async def test_a_lost_claim_is_taken_back(postgres_url: str, make_store: Callabl
 
 async def test_a_claim_taken_while_lost_is_logged_and_taken_back_once_free(
         postgres_url: str, make_store: Callable[..., Any], caplog: pytest.LogCaptureFixture) -> None:
-    first = await make_store(owner_check_interval=0.3)
+    first, second = await make_store(owner_check_interval=1.0), await make_store()
     await first.claim("pid 1 on host-a")
     [lost] = await lock_holders(postgres_url)
     with caplog.at_level(logging.WARNING, logger="llm_proxy.storage.postgres.ownership"):
         await rows(postgres_url, "SELECT pg_terminate_backend($1)", lost)
-        await until(lambda: not first.owner.held, "the first store to see its session end")
-        second = await make_store()
+        await until(lambda: nobody_holds(postgres_url), "the first store's session to end")
         await second.claim("pid 2 on host-b")  # first waits check_interval before its first try
 
         def named_the_other() -> bool:
@@ -284,3 +285,35 @@ async def test_a_second_serve_refuses_with_one_line_naming_database_url_and_the_
         if first.returncode is None:
             first.kill()  # only the process this test started
             await first.wait()
+
+
+@pytest.mark.system
+async def test_a_claim_is_taken_back_after_postgresql_restarts(caplog: pytest.LogCaptureFixture) -> None:
+    """A real restart (pg_ctl restart -m fast) of a PostgreSQL of this test's own: the serving store loses its
+    lock with the server, serves on, and holds the lock again once the server is back, with no restart."""
+    with private_postgres() as server:
+        store = PostgresStore(server.url, owner_check_interval=0.2)
+        await store.open()
+        try:
+            await store.claim("pid 1 on host-a")
+            [before] = await lock_holders(server.url)
+            [(data,)] = await rows(server.url, "SHOW data_directory")
+            bindir = postgres_bindir()
+            assert bindir is not None
+            restart = [str(bindir / "pg_ctl"), "-D", data, "-l", str(Path(data).parent / "restart.log"),
+                       "-m", "fast", "-w", "restart"]
+            with caplog.at_level(logging.WARNING, logger="llm_proxy.storage.postgres.ownership"):
+                done = await asyncio.to_thread(
+                    subprocess.run, ["runuser", "-u", "postgres", "--", *restart] if os.geteuid() == 0 else restart,
+                    capture_output=True, timeout=60)
+                assert done.returncode == 0, done.stderr
+                await until(lambda: store.owner.held, "the claim taken back after the restart", timeout=30)
+            [after] = await lock_holders(server.url)
+            assert after != before
+            assert await rows(server.url, "SELECT owner FROM serving_owner") == [("pid 1 on host-a",)]
+            messages = [record.getMessage() for record in caplog.records]
+            assert any("lost the connection" in message for message in messages), messages
+            assert any("holds its claim on the database again" in message for message in messages), messages
+            await until(store.ping, "the pool to serve again")
+        finally:
+            await store.close()
