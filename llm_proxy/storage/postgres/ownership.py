@@ -83,6 +83,14 @@ async def _take(conn: Connection, owner: str) -> Holder | None:
     return Holder(0, None)
 
 
+def _report_end(watch: asyncio.Task[None]) -> None:
+    """Log a watch that ended other than by release(): a bug, and the claim is no longer looked after."""
+    if not watch.cancelled() and (exc := watch.exception()) is not None:
+        # The exception's type only: an untranslated driver message might hold the URL's password.
+        log.error("DATABASE_URL: the watch over this process's claim on the database stopped (%s); the claim "
+                  "is no longer taken back if its connection is lost", type(exc).__name__)
+
+
 class OwnerLock:
     """The claim of one serving process on one PostgreSQL database."""
 
@@ -121,6 +129,7 @@ class OwnerLock:
         self._owner = owner
         self._hold(conn)
         self._watch = asyncio.get_running_loop().create_task(self._keep(owner), name="postgres-owner-lock")
+        self._watch.add_done_callback(_report_end)
 
     async def release(self) -> None:
         """Give the claim up (ending its session releases the lock); releasing an unheld one does nothing."""
@@ -187,12 +196,12 @@ class OwnerLock:
                 continue  # still down: try again later, quietly (the pool's errors already say so)
             try:
                 with translated(self._passwords):
-                    holder = await _take(conn, owner)
+                    holder = await asyncio.wait_for(_take(conn, owner), timeout=CONNECT_TIMEOUT)
                     if holder is not None and holder.pid == self._session and holder.owner == owner:
                         # This process's own old session, which the server has not seen end (a
                         # half-open connection): end it, and take the claim on the next try.
                         await conn.fetchval("SELECT pg_terminate_backend($1)", holder.pid)
-            except (StorageError, OSError):
+            except (TimeoutError, StorageError, OSError):
                 conn.terminate()
                 continue
             if holder is None:
