@@ -36,13 +36,14 @@ from llm_proxy.storage.factory import open_store
 from llm_proxy.tokens.anomaly import AnomalyDetector
 from llm_proxy.tokens.cache import TokenCache
 from llm_proxy.tokens.expiry import ExpiryJob
-from llm_proxy.tokens.feed import LocalFeed
+from llm_proxy.tokens.feed import ChangeFeed, LocalFeed
 from llm_proxy.tokens.service import TokenService
 
 if TYPE_CHECKING:  # the redis extra is imported only when REDIS_URL is set
     from redis.asyncio import Redis
 
     from llm_proxy.limiting.shared import SharedState
+    from llm_proxy.tokens.redis_feed import RedisFeed
 
 # The application's resources, for tests and tools that reach into a running app.
 SETTINGS: web.AppKey[Settings] = web.AppKey("settings")
@@ -68,7 +69,9 @@ def create_app(settings: Settings, *, clock: Callable[[], float] = time.time,
     keyring = KeyRing(settings.encryption_key, settings.encryption_keys_previous)
     store = open_store(settings)
     redis = _redis_client(settings) if settings.redis_url else None
-    feed = LocalFeed()
+    # Several processes hear each other's token changes through Redis; callbacks are bound once the cache exists.
+    hooks: dict[str, Callable[..., None]] = {}
+    feed: ChangeFeed = LocalFeed() if redis is None else _redis_feed(redis, settings, hooks)
     cache = TokenCache(store, keyring, feed, clock)
     service = TokenService(store, keyring, feed, clock)
     audit = AuditWriter(store.audit, enabled=settings.audit_enabled, file_path=settings.audit_log_file,
@@ -84,7 +87,7 @@ def create_app(settings: Settings, *, clock: Callable[[], float] = time.time,
     failures: FailureLimiter = FailureCounter(settings.ip_rate_limit, clock=monotonic)
     shared: SharedParts | None = None
     if redis is not None:
-        shared = _share_limits(settings, redis, limiter, failures, cache, audit, metrics)
+        shared = _share_limits(settings, redis, feed, hooks, limiter, failures, cache, audit, metrics)
         limiter, failures = shared.limiter, shared.failures
     admission = Admission(limiter, cache, audit, metrics, anomalies, default_rate=settings.rate_limit_per_minute)
     forwarder = Forwarder(settings, audit, metrics, refund=admission.refund, add_usage=admission.add_usage)
@@ -146,6 +149,7 @@ def _lifetime(store: Store, keyring: KeyRing, audit: AuditWriter, cache: TokenCa
                 await store.claim(f"pid {os.getpid()} on {socket.gethostname()} since {iso(time.time())}")
             else:  # processes sharing one Redis share the database freely
                 started.push_async_callback(shared.close)
+                await shared.start()
             await _check_stored_keys(store, keyring)
             await audit.start()
             started.push_async_callback(audit.close)
@@ -194,9 +198,14 @@ class SharedParts:
     failures: FailureLimiter
     state: SharedState
     client: Redis
+    feed: RedisFeed
     closers: tuple[Callable[[], Any], ...]
 
+    async def start(self) -> None:
+        await self.feed.start()
+
     async def close(self) -> None:
+        await self.feed.close()
         for close in self.closers:
             await close()
         await self.state.close()
@@ -215,11 +224,20 @@ def _redis_client(settings: Settings) -> Redis:
                           retry=Retry(NoBackoff(), 1), health_check_interval=10)
 
 
-def _share_limits(settings: Settings, client: Redis, local: Limiter, local_failures: FailureLimiter,
-                  cache: TokenCache, audit: AuditWriter, metrics: Metrics) -> SharedParts:
+def _redis_feed(client: Redis, settings: Settings, hooks: dict[str, Callable[..., None]]) -> RedisFeed:
+    from llm_proxy.tokens.redis_feed import RedisFeed
+
+    return RedisFeed(client, instance=settings.instance_id or socket.gethostname(),
+                     on_reconnect=lambda: hooks["reconnect"](), on_state=lambda up: hooks["state"](up))
+
+
+def _share_limits(settings: Settings, client: Redis, feed: ChangeFeed, hooks: dict[str, Callable[..., None]],
+                  local: Limiter, local_failures: FailureLimiter, cache: TokenCache, audit: AuditWriter,
+                  metrics: Metrics) -> SharedParts:
     """Build the limiters shared through Redis around this process's own ones, and what an outage does."""
     from llm_proxy.limiting.redis import RedisFailureLimiter, RedisLimiter
     from llm_proxy.limiting.shared import SharedFailureLimiter, SharedLimiter, SharedState
+    from llm_proxy.tokens.redis_feed import RedisFeed
 
     fail_open = settings.redis_failure_mode == "open"
     passwords = database_url_passwords(settings.redis_url)
@@ -251,7 +269,15 @@ def _share_limits(settings: Settings, client: Redis, local: Limiter, local_failu
                    details={"component": "redis", "mode": mode, "reason": reason})
 
     state = SharedState(client.ping, on_change=on_change, on_error=on_error)
+
+    def feed_state(up: bool) -> None:
+        # The subscription broke (or is back): an outage as any failed call is, and the probe closes it.
+        if not up:
+            state.failed(ConnectionError("the change feed's subscription to Redis broke"))
+
+    hooks["reconnect"], hooks["state"] = cache.forget_all, feed_state
     limiter = SharedLimiter(RedisLimiter(client, global_rate=settings.global_rate_limit), local, state,
                             fail_open=fail_open)
     failures = SharedFailureLimiter(RedisFailureLimiter(client, settings.ip_rate_limit), local_failures, state)
-    return SharedParts(limiter, failures, state, client, closers=(limiter.close,))
+    assert isinstance(feed, RedisFeed)
+    return SharedParts(limiter, failures, state, client, feed, closers=(limiter.close,))

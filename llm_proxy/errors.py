@@ -25,6 +25,7 @@
     ├── UpstreamUnavailable        502 upstream_error         upstream_unavailable
     │   └── UpstreamAuthFailed                             upstream_auth_failed
     ├── Overloaded                 503 server_error           overloaded
+    ├── DatabaseUnavailable        503 server_error           database_unavailable (sets Retry-After)
     └── UpstreamTimeout            504 upstream_error         upstream_timeout
 """
 
@@ -152,6 +153,10 @@ class UpstreamAuthFailed(UpstreamUnavailable):
 
 class Overloaded(ApiError):
     status, type, code, message = 503, "server_error", "overloaded", "gateway is at capacity"
+
+
+class DatabaseUnavailable(ApiError):
+    status, type, code, message = 503, "server_error", "database_unavailable", "the database cannot be reached"
 
 
 class UpstreamTimeout(ApiError):

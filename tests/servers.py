@@ -215,3 +215,52 @@ def restartable_redis(port: int | None = None) -> Iterator[RedisProcess]:
             yield redis
         finally:
             redis.stop()
+
+
+class PostgresProcess:
+    """A private PostgreSQL of one test, which it may stop and start again: same port, same data, same password."""
+
+    def __init__(self, bindir: Path, root: Path) -> None:
+        self._bindir = bindir
+        self._data, self._log = root / "data", root / "server.log"
+        password = secrets.token_hex(PASSWORD_BYTES)
+        port = free_port()
+        pwfile = root / "password"
+        pwfile.write_text(password + "\n")
+        if os.geteuid() == 0:
+            owner = pwd.getpwnam("postgres")
+            for path in (root, pwfile):
+                os.chown(path, owner.pw_uid, owner.pw_gid)
+        subprocess.run(_as_postgres_user([str(bindir / "initdb"), "-D", str(self._data), "-U", "llm", "--pwfile",
+                                          str(pwfile), "--auth=scram-sha-256", "-E", "UTF8", "--no-sync"]),
+                       check=True, capture_output=True)
+        # Commits are durable here (no synchronous_commit=off): a stopped server must come back with them.
+        self._options = f"-p {port} -k {root} -c listen_addresses=127.0.0.1 -c fsync=off -c full_page_writes=off"
+        self.server = Server(f"postgresql://llm:{password}@127.0.0.1:{port}/postgres", "127.0.0.1", port, password)
+
+    def start(self) -> None:
+        """Start the server and return once it accepts connections."""
+        subprocess.run(_as_postgres_user([str(self._bindir / "pg_ctl"), "-D", str(self._data), "-l", str(self._log),
+                                          "-o", self._options, "-w", "-t", str(int(START_TIMEOUT)), "start"]),
+                       check=True, capture_output=True)
+        _wait_for_port(self.server.port, None, self._log)
+
+    def stop(self) -> None:
+        """Stop the server as an administrator does (fast: its clients' sessions end) and wait until it is gone."""
+        subprocess.run(_as_postgres_user([str(self._bindir / "pg_ctl"), "-D", str(self._data), "-m", "fast",
+                                          "-w", "stop"]), capture_output=True)
+
+
+@contextlib.contextmanager
+def restartable_postgres() -> Iterator[PostgresProcess]:
+    """A PostgresProcess, not yet started; stopped afterwards."""
+    bindir = postgres_bindir()
+    if bindir is None:
+        missing("PostgreSQL (initdb, pg_ctl)")
+        raise AssertionError("unreachable")
+    with tempfile.TemporaryDirectory(prefix="llm-proxy-postgres-") as top:
+        server = PostgresProcess(bindir, Path(top))
+        try:
+            yield server
+        finally:
+            server.stop()

@@ -7,12 +7,12 @@ import logging
 from aiohttp import web
 from aiohttp.typedefs import Handler, Middleware
 
-from llm_proxy.errors import ApiError, Overloaded, error_body, error_response
+from llm_proxy.errors import ApiError, DatabaseUnavailable, Overloaded, error_body, error_response
 from llm_proxy.gateway.context import REQUEST_ID, request_context
 from llm_proxy.gateway.cors import cors_preflight
 from llm_proxy.ops.metrics import Metrics
 from llm_proxy.settings import IPNetwork
-from llm_proxy.storage.errors import StorageBusy, StorageError
+from llm_proxy.storage.errors import StorageBusy, StorageError, StorageUnavailable
 
 log = logging.getLogger(__name__)
 
@@ -74,6 +74,10 @@ def failure_response(request: web.Request, exc: Exception) -> web.Response:
         # Another process held the database past the busy timeout: a retryable condition.
         log.warning("database busy past its timeout (request_id=%s)", request.get(REQUEST_ID))
         return error_response(Overloaded("the database is busy; retry shortly", headers={"Retry-After": "5"}))
+    if isinstance(exc, StorageUnavailable):
+        # The database is down or unreachable (PostgreSQL restarting, a network partition): retryable,
+        # and logged by whoever notices first in the process (the audit writer, the counter flusher).
+        return error_response(DatabaseUnavailable(headers={"Retry-After": "5"}))
     log.exception("unhandled %s (request_id=%s)",
                   "database error" if isinstance(exc, StorageError) else "error", request.get(REQUEST_ID))
     return error_response(ApiError())

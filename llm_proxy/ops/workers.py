@@ -34,6 +34,11 @@ READY_FD = "LLM_PROXY_READY_FD"
 KILL_MARGIN = 5.0
 
 
+def is_worker() -> bool:
+    """Tell whether this process was started by a Supervisor (and has not reported ready yet)."""
+    return READY_FD in os.environ
+
+
 def report_ready() -> None:
     """In a child: tell the parent this worker serves (once; nothing when not started by a Supervisor)."""
     fd = os.environ.pop(READY_FD, None)

@@ -226,3 +226,23 @@ async def test_in_open_mode_a_revocation_reaches_the_other_gateway_within_a_seco
         assert asyncio.get_running_loop().time() - started < 1.5, refused
         await asyncio.sleep(0.05)
     assert asyncio.get_running_loop().time() - started <= 1.5
+
+
+async def test_a_revocation_on_one_gateway_stops_the_token_on_the_other_at_once(
+        make_gateway: Callable[..., Any], redis_url: str) -> None:
+    first, second = await pair(make_gateway, redis_url)
+    token = await first.token()
+    assert await chat(second, token) == (200, None)  # cached by the second gateway, which trusts the feed
+    await first.manage("DELETE", f"/tokens/{token['id']}", expect=204)
+    started = asyncio.get_running_loop().time()
+    while (seen := await chat(second, token)) == (200, None):
+        assert asyncio.get_running_loop().time() - started < 1.0, "the revocation did not arrive within 1 s"
+    assert seen == (401, "token_revoked")
+    # A limit changed on the second reaches the first the same way.
+    other = await second.token((await second.project("second"))["id"], max_requests=100)
+    assert await chat(first, other) == (200, None)
+    await second.manage("PATCH", f"/tokens/{other['id']}", {"is_active": False}, expect=200)
+    started = asyncio.get_running_loop().time()
+    while (seen := await chat(first, other)) == (200, None):
+        assert asyncio.get_running_loop().time() - started < 1.0, "the pause did not arrive within 1 s"
+    assert seen == (401, "token_revoked")

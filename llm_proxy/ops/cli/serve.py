@@ -3,9 +3,13 @@
 from __future__ import annotations
 
 import argparse
+import asyncio
 import gc
 import logging
 import os
+import socket
+import sys
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -14,11 +18,12 @@ from aiohttp import web
 from llm_proxy import __version__
 from llm_proxy.app import CONNECTION_IDLE_TIMEOUT, create_app
 from llm_proxy.ops.access_log import ACCESS_LOGGER, AccessLogger
-from llm_proxy.ops.cli.arguments import add_command
+from llm_proxy.ops.cli.arguments import add_command, positive
 from llm_proxy.ops.cli.configuration import command_settings, configuration_error
 from llm_proxy.ops.command_errors import EXIT_OK, CommandError, UsageError
 from llm_proxy.ops.logs import configure_logging
 from llm_proxy.ops.tls import build_ssl_context
+from llm_proxy.ops.workers import Supervisor, is_worker, report_ready
 from llm_proxy.settings import ConfigError, Settings
 from llm_proxy.storage.errors import DatabaseOwned, StorageError
 from llm_proxy.storage.factory import database_variable, describe_database, is_postgres
@@ -56,8 +61,15 @@ def _startup_file_error(settings: Settings, failed: Path, reason: str) -> Comman
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
-    """Run the gateway until SIGINT/SIGTERM."""
+    """Run the gateway until SIGINT/SIGTERM (with --workers N: N worker processes on one port)."""
     settings = command_settings()
+    workers = settings.workers if args.workers is None else args.workers
+    if workers > 1 and not settings.redis_url:
+        raise UsageError("--workers/WORKERS: more than 1 worker needs REDIS_URL (the workers share their limits "
+                         "and token changes through it)")
+    settings = replace(settings, workers=workers, instance_id=settings.instance_id or socket.gethostname())
+    if workers > 1:
+        return _supervise(settings)
     context = build_ssl_context(settings)
     try:
         listener = configure_logging(settings)
@@ -75,14 +87,17 @@ def cmd_serve(args: argparse.Namespace) -> int:
         def listening(_banner: str) -> None:
             # run_app calls this once every socket is bound and listening: never claim it before.
             log.info("llm-proxy %s listening on %s://%s:%d", __version__, scheme, settings.listen_host or "*",
-                     settings.listen_port, extra={"event_loop": "uvloop" if loop is not None else "asyncio"})
+                     settings.listen_port, extra={"event_loop": "uvloop" if loop is not None else "asyncio",
+                                                  "instance": settings.instance_id})
+            report_ready()  # to the parent, when this is one of several workers
 
         try:
             web.run_app(_with_frozen_gc(create_app(settings)), host=settings.listen_host or None,
                         port=settings.listen_port,
                         ssl_context=context, shutdown_timeout=settings.shutdown_grace, handler_cancellation=True,
                         access_log_class=AccessLogger, access_log=logging.getLogger(ACCESS_LOGGER),
-                        print=listening, loop=loop, keepalive_timeout=CONNECTION_IDLE_TIMEOUT)
+                        print=listening, loop=loop, keepalive_timeout=CONNECTION_IDLE_TIMEOUT,
+                        reuse_port=True if is_worker() else None)
         except OSError as exc:
             reason = exc.strerror or type(exc).__name__
             if isinstance(exc, FileExistsError):  # mkdir -p met a file where a directory belongs
@@ -106,6 +121,32 @@ def cmd_serve(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def _supervise(settings: Settings) -> int:
+    """Run `settings.workers` children, each a `serve` of one worker named INSTANCE_ID-N, until SIGTERM/SIGINT."""
+    try:
+        listener = configure_logging(settings)
+    except ConfigError as exc:
+        raise configuration_error(exc) from None
+
+    def command(number: int) -> list[str]:
+        return [sys.executable, "-m", "llm_proxy", "serve", "--workers", "1"]
+
+    def environment(number: int) -> dict[str, str]:
+        return {**os.environ, "WORKERS": "1", "INSTANCE_ID": f"{settings.instance_id}-{number}"}
+
+    try:
+        log.info("llm-proxy %s starting %d workers on %s:%d", __version__, settings.workers,
+                 settings.listen_host or "*", settings.listen_port)
+        supervisor = Supervisor(settings.workers, command, environment, grace=settings.shutdown_grace)
+        code = asyncio.run(supervisor.run())
+        log.info("llm-proxy stopped (%d workers)", settings.workers)
+        return code
+    finally:
+        listener.stop()
+
+
 def add_commands(commands: Any) -> None:
     """Add `serve`."""
-    add_command(commands, "serve", cmd_serve, "run the gateway")
+    parser = add_command(commands, "serve", cmd_serve, "run the gateway")
+    parser.add_argument("--workers", type=positive, metavar="N",
+                        help="processes serving one port (default: WORKERS, 1); more than 1 needs REDIS_URL")
