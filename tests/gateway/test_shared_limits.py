@@ -246,3 +246,29 @@ async def test_a_revocation_on_one_gateway_stops_the_token_on_the_other_at_once(
     while (seen := await chat(first, other)) == (200, None):
         assert asyncio.get_running_loop().time() - started < 1.0, "the pause did not arrive within 1 s"
     assert seen == (401, "token_revoked")
+
+
+async def test_a_flushed_redis_is_seeded_again_from_what_each_gateway_last_saw(
+        make_gateway: Callable[..., Any], redis_url: str) -> None:
+    first, second = await pair(make_gateway, redis_url)
+    token = await first.token(max_requests=10)
+    for gateway in (first, second, first, second):  # the first saw counts 1 and 3, the second 2 and 4
+        assert await chat(gateway, token) == (200, None)
+    client = Redis.from_url(redis_url)
+    try:
+        await client.flushall()
+    finally:
+        await client.aclose()
+    # The first to ask after the flush seeds the counters with its own view (3): the quota can be
+    # overrun by what the other counted since (1), never more, and nothing fails.
+    outcomes = [await chat(gateway, token) for gateway in (first, second) * 5]
+    assert Counter(outcomes) == {(200, None): 7, (429, "quota_exceeded"): 3}
+    counters = await shared_counters(redis_url, token["id"])
+    # Seeded with 3 requests and the usage the first had seen (21, or 28 had the second's last usage
+    # reached it first), then 7 answers of 7 tokens.
+    assert counters["requests"] == 10 and counters["total"] - 49 in (21, 28), counters
+    assert "system.degraded" not in await audit_actions(first)
+    # The database counts what was served, flush or not.
+    for gateway in (first, second):
+        await gateway.app[TOKEN_CACHE].flush()
+    assert scalar(first.settings.database_path, "SELECT request_count FROM tokens WHERE id = ?", (token["id"],)) == 11

@@ -198,8 +198,21 @@ async def test_three_gateways_on_one_postgresql_and_one_redis_keep_every_promise
     try:
         stored = {row["id"]: row["request_count"] for row in await conn.fetch("SELECT id, request_count FROM tokens")}
         daily = await conn.fetchval("SELECT sum(requests) FROM usage_daily WHERE project_id = $1", project["id"])
+        tables = [name for (name,) in await conn.fetch("SELECT tablename FROM pg_tables WHERE schemaname = 'public'")]
+        in_postgres = "\n".join([text for table in tables
+                                 for (text,) in await conn.fetch(f'SELECT row_to_json(t)::text FROM "{table}" t')])
     finally:
         await conn.close()
+    client = redis_asyncio.from_url(redis_url)
+    try:
+        in_redis = repr([(key, await client.dump(key)) async for key in client.scan_iter("*")])
+    finally:
+        await client.aclose()
+    # Neither server holds a plaintext token, the upstream key, the management token or the encryption key.
+    for secret in (everywhere["token"], quota["token"], valid["token"], impostor["token"], UPSTREAM_KEY,
+                   MANAGEMENT_TOKEN, ENCRYPTION_KEY):
+        assert secret not in in_postgres and secret not in in_redis
+    assert quota["id"] in in_postgres and quota["id"] in in_redis  # the scans did read the data
     assert {token_id: count for token_id, count in stored.items() if count} == \
         {token_id: count for token_id, count in served.items() if count}
     assert daily == sum(served.values())
