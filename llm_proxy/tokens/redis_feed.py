@@ -1,16 +1,10 @@
 """The change feed of processes sharing one Redis: each change is applied here at once and sent to the others.
 
-A message is one compact JSON object on the channel (`llm-proxy:changes` by default):
-
-    {"instance": <INSTANCE_ID>, "feed": <this feed's random id>, "kind": "token" | "revoked" |
-     "deactivated" | "project" | "lost", ...}
-
-`token` carries the TokenRecord and the Project (or null) in full, `project` the Project,
-`revoked`/`deactivated` the `token_ids`, so a receiver applies a change without reading the
-database. What crosses is what the database holds: the token's SHA-256 digest and the project's
-AES-GCM ciphertext, never a plaintext token or key. A feed ignores the messages carrying its own
-`feed` id (its subscribers had them at publish()); the id is random per feed, so two processes
-misconfigured with one INSTANCE_ID still hear each other.
+Each change is one message on the channel (`llm-proxy:changes` by default; the format is in
+feed_messages.py) carrying the records in full, so a receiver applies it without reading the
+database. A feed ignores the messages carrying its own `feed` id (its subscribers had them at
+publish()); the id is random per feed, so two processes misconfigured with one INSTANCE_ID still
+hear each other.
 
 Delivery is at least once and in order per publisher: a batch whose round trip failed is sent
 again (a change applied twice ends where it ended once). A process may still miss changes, and
@@ -32,20 +26,18 @@ import contextlib
 import itertools
 import logging
 import secrets
-import typing
 from collections import deque
 from collections.abc import Callable
 from typing import Any
 
-import orjson
 from redis.asyncio import Redis
 from redis.asyncio.connection import AbstractConnection
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 from redis.exceptions import RedisError
 
-from llm_proxy.models import Project, TokenRecord
-from llm_proxy.tokens.feed import Change, Listener, ProjectChanged, TokenChanged, TokensDeactivated, TokensRevoked
+from llm_proxy.tokens.feed import Change, Listener
+from llm_proxy.tokens.feed_messages import MalformedMessage, decode, encode, encode_lost
 
 log = logging.getLogger(__name__)
 
@@ -59,70 +51,6 @@ PING_AFTER = 0.5  # silence on the subscription before a PING...
 ANSWER_WITHIN = 1.0  # ...and how long its answer may take before the connection counts as dead
 FIRST_RETRY, MAX_RETRY = 0.05, 1.0  # doubling back-off between attempts
 STABLE_AFTER = 10.0  # a subscription that lasted this long starts the back-off afresh when it breaks
-
-
-class MalformedMessage(ValueError):
-    """A message on the channel that is not a change this version can apply."""
-
-
-# ---- messages ----
-
-_Record = typing.TypeVar("_Record", TokenRecord, Project)
-_FIELDS = {cls: typing.get_type_hints(cls) for cls in (TokenRecord, Project)}
-
-
-def encode(sender: dict[str, str], change: Change) -> bytes:
-    """Return the message carrying `change`, from `sender` (its instance and feed ids)."""
-    body: dict[str, Any]
-    if isinstance(change, TokenChanged):
-        body = {"kind": "token", "token": change.token, "project": change.project}
-    elif isinstance(change, TokensRevoked):
-        body = {"kind": "revoked", "token_ids": change.token_ids}
-    elif isinstance(change, TokensDeactivated):
-        body = {"kind": "deactivated", "token_ids": change.token_ids}
-    else:
-        body = {"kind": "project", "project": change.project}
-    return orjson.dumps({**sender, **body})
-
-
-def decode(message: bytes) -> tuple[str, Change | None]:
-    """Return the sender's feed id and the change in a message (None: changes were lost); raise MalformedMessage."""
-    try:
-        document = orjson.loads(message)
-    except orjson.JSONDecodeError as exc:
-        raise MalformedMessage("not JSON") from exc
-    if not isinstance(document, dict) or not isinstance(document.get("feed"), str):
-        raise MalformedMessage("not an object with a feed id")
-    kind, feed = document.get("kind"), document["feed"]
-    if kind == "token":
-        project = document.get("project")
-        return feed, TokenChanged(_record(TokenRecord, document.get("token")),
-                                  None if project is None else _record(Project, project))
-    if kind in ("revoked", "deactivated"):
-        ids = document.get("token_ids")
-        if not isinstance(ids, list) or not all(isinstance(token_id, str) for token_id in ids):
-            raise MalformedMessage(f"{kind}: token_ids is not a list of strings")
-        return feed, (TokensRevoked if kind == "revoked" else TokensDeactivated)(tuple(ids))
-    if kind == "project":
-        return feed, ProjectChanged(_record(Project, document.get("project")))
-    if kind == "lost":
-        return feed, None
-    raise MalformedMessage(f"unknown kind {str(kind)[:40]!r}")
-
-
-def _record(cls: type[_Record], value: object) -> _Record:
-    fields = _FIELDS[cls]
-    if not isinstance(value, dict) or value.keys() != fields.keys():
-        raise MalformedMessage(f"not a {cls.__name__} (its fields differ)")
-    for name, hint in fields.items():
-        allowed = typing.get_args(hint) or (hint,)
-        # Exact types: JSON's true is no int, and a count is never a string.
-        if not any(value[name] is None if kind is type(None) else type(value[name]) is kind for kind in allowed):
-            raise MalformedMessage(f"{cls.__name__}.{name} is not {hint}")
-    return cls(**value)
-
-
-# ---- the feed ----
 
 
 class RedisFeed:
@@ -337,7 +265,7 @@ class RedisFeed:
                 continue
             batch = list(itertools.islice(self._queue, BATCH))
             lost = self._lost
-            messages = [orjson.dumps({**self._sender, "kind": "lost", "count": lost})] if lost else []
+            messages = [encode_lost(self._sender, lost)] if lost else []
             messages += [encode(self._sender, change) for _, change in batch]
             try:
                 async with asyncio.timeout(SEND_TIMEOUT):
