@@ -89,7 +89,8 @@ def create_app(settings: Settings, *, clock: Callable[[], float] = time.time,
     if redis is not None:
         shared = _share_limits(settings, redis, feed, hooks, limiter, failures, cache, audit, metrics)
         limiter, failures = shared.limiter, shared.failures
-    admission = Admission(limiter, cache, audit, metrics, anomalies, default_rate=settings.rate_limit_per_minute)
+    admission = Admission(limiter, cache, audit, metrics, anomalies, default_rate=settings.rate_limit_per_minute,
+                          checks_addresses=shared is not None)
     forwarder = Forwarder(settings, audit, metrics, refund=admission.refund, add_usage=admission.add_usage)
     expiry = ExpiryJob(service, audit)
 
@@ -276,8 +277,9 @@ def _share_limits(settings: Settings, client: Redis, feed: ChangeFeed, hooks: di
             state.failed(ConnectionError("the change feed's subscription to Redis broke"))
 
     hooks["reconnect"], hooks["state"] = cache.forget_all, feed_state
-    limiter = SharedLimiter(RedisLimiter(client, global_rate=settings.global_rate_limit), local, state,
-                            fail_open=fail_open)
+    limiter = SharedLimiter(RedisLimiter(client, global_rate=settings.global_rate_limit,
+                                         failure_limit=settings.ip_rate_limit),
+                            local, local_failures, state, fail_open=fail_open)
     failures = SharedFailureLimiter(RedisFailureLimiter(client, settings.ip_rate_limit), local_failures, state)
     assert isinstance(feed, RedisFeed)
     return SharedParts(limiter, failures, state, client, feed, closers=(limiter.close,))

@@ -32,18 +32,21 @@ class IpBlock:
 
     async def check(self, request: web.Request, actor: Actor) -> None:
         """Raise RateLimited (429) while the request's client IP is blocked; audit the refusal."""
-        client_ip = request[CLIENT_IP]
         # Everything from a blocked IP is refused, valid credentials included: answering those
         # normally would keep the oracle a brute-force attack needs.
-        wait = await self._failures.retry_after(client_ip)
+        wait = await self._failures.retry_after(request[CLIENT_IP])
         if wait > 0:
-            self._metrics.count_denial("ip_blocked")
-            self._audit.emit("auth.failure", actor=actor, result="denied", request_id=request[REQUEST_ID],
-                             client_ip=client_ip, details={"http_method": request.method, "endpoint": request.path,
-                                                           "reason": "ip_blocked"})
-            raise RateLimited("too many failed authentications from this address",
-                              headers={"X-RateLimit-Limit": str(self._failures.limit), "X-RateLimit-Remaining": "0",
-                                       "Retry-After": str(max(1, math.ceil(wait)))})
+            raise self.refusal(request, actor, wait)
+
+    def refusal(self, request: web.Request, actor: Actor, wait: float) -> RateLimited:
+        """Count and audit the refusal of a blocked IP; return the 429 to raise."""
+        self._metrics.count_denial("ip_blocked")
+        self._audit.emit("auth.failure", actor=actor, result="denied", request_id=request[REQUEST_ID],
+                         client_ip=request[CLIENT_IP], details={"http_method": request.method,
+                                                                "endpoint": request.path, "reason": "ip_blocked"})
+        return RateLimited("too many failed authentications from this address",
+                           headers={"X-RateLimit-Limit": str(self._failures.limit), "X-RateLimit-Remaining": "0",
+                                    "Retry-After": str(max(1, math.ceil(wait)))})
 
 
 def ip_block_middleware(block: IpBlock, actor: Actor) -> Middleware:
@@ -61,8 +64,10 @@ class Admission:
     """Admit an authenticated /v1 request against its token's quota, budget and rate and the global rate."""
 
     def __init__(self, limiter: Limiter, cache: TokenCache, audit: AuditWriter, metrics: Metrics,
-                 anomalies: AnomalyDetector, *, default_rate: int) -> None:
+                 anomalies: AnomalyDetector, *, default_rate: int, checks_addresses: bool = False) -> None:
         self._limiter = limiter
+        # The limiter refuses blocked IPs itself, in the same call (AddressBlocked): the shared one.
+        self.checks_addresses = checks_addresses
         self._cache = cache
         self._audit = audit
         self._metrics = metrics
@@ -73,7 +78,8 @@ class Admission:
         """Count the request against every limit and return the token's rate decision, or raise 429 (audited)."""
         rate = credential.rate_limit_per_minute
         try:
-            decision = await self._limiter.admit(credential, self._default_rate if rate is None else rate)
+            decision = await self._limiter.admit(credential, self._default_rate if rate is None else rate,
+                                                 request[CLIENT_IP] if self.checks_addresses else None)
         except TooManyRequests as exc:
             self._metrics.count_denial(exc.code)
             self.audit_refusal(request, credential, exc)

@@ -42,6 +42,18 @@ class ClientAuth:
         self._failures = failures
         self._anomalies = anomalies
 
+    async def live(self, request: web.Request) -> Credential | None:
+        """Return the request's credential if it is live, else None; nothing is audited or counted."""
+        presented = bearer(request)
+        if presented is None:
+            return None
+        try:
+            credential = await self._cache.lookup(presented)
+            self._cache.check(credential)
+        except ApiError:
+            return None
+        return credential
+
     async def authenticate(self, request: web.Request) -> Credential:
         """Return the request's live credential, or raise the matching 401/403 (audited, counted as a failure)."""
         presented = bearer(request)

@@ -8,6 +8,7 @@ from llm_proxy.errors import MethodNotAllowed, Overloaded
 from llm_proxy.gateway.admission import RATE_DECISION, Admission, IpBlock
 from llm_proxy.gateway.client_auth import CREDENTIAL, ClientAuth
 from llm_proxy.gateway.forwarder import Forwarder
+from llm_proxy.limiting.base import AddressBlocked
 from llm_proxy.limiting.memory import ConcurrencyLimiter
 from llm_proxy.ops.metrics import Metrics
 
@@ -21,7 +22,10 @@ ALLOW = "GET, POST, DELETE, HEAD, OPTIONS"
 class ProxyRoute:
     """Check, admit and forward a /v1 request, in this order:
 
-    1. an IP that failed authentication too often is refused before its credential is looked at;
+    1. an IP that failed authentication too often is refused before its credential is looked at
+       (with Redis, a live token's request has its IP checked in the admission's round trip instead,
+       and any other request, refused on the way, first here: the answers are the same, and an
+       admitted request costs one round trip, not two);
     2. the client token (401/403);
     3. the method (405): only those the OpenAI API uses are forwarded, never TRACE and the like;
     4. capacity (503), before anything is counted: a request turned away for capacity costs the
@@ -45,21 +49,32 @@ class ProxyRoute:
 
     async def handle(self, request: web.Request) -> web.StreamResponse:
         """Answer one /v1 request."""
-        await self._ip_block.check(request, "client")
-        request[CREDENTIAL] = credential = await self._auth.authenticate(request)
+        live = await self._auth.live(request) if self._admission.checks_addresses else None
+        deferred = live is not None
+        if live is None:
+            await self._ip_block.check(request, "client")
+            live = await self._auth.authenticate(request)
+        request[CREDENTIAL] = credential = live
         if request.method not in FORWARDED_METHODS:
+            if deferred:
+                await self._ip_block.check(request, "client")
             wrong = MethodNotAllowed(f"{request.method} is not forwarded; the gateway forwards {ALLOW}",
                                      headers={"Allow": ALLOW})
             self._admission.audit_refusal(request, credential, wrong)
             raise wrong
         concurrency = self._concurrency
         if not concurrency.try_acquire():
+            if deferred:
+                await self._ip_block.check(request, "client")
             self._metrics.count_denial("overloaded")
             refusal = Overloaded(headers={"Retry-After": "1"})
             self._admission.audit_refusal(request, credential, refusal)
             raise refusal
         try:
-            decision = await self._admission.admit(request, credential)
+            try:
+                decision = await self._admission.admit(request, credential)
+            except AddressBlocked as blocked:
+                raise self._ip_block.refusal(request, "client", blocked.retry_after) from None
             if decision.limit:
                 request[RATE_DECISION] = decision
             return await self._forwarder.handle(request)

@@ -18,6 +18,16 @@ class SharedStateUnavailable(ApiError):
     status, type, code, message = 503, "server_error", "shared_state_unavailable", "shared state is unavailable"
 
 
+class AddressBlocked(Exception):
+    """Raised by a limiter that checks the client IP in the same call as the limits: the IP failed
+    authentication too often, and stays blocked `retry_after` seconds (the caller refuses it as the IP
+    block does)."""
+
+    def __init__(self, retry_after: float) -> None:
+        super().__init__(f"blocked for {retry_after:.3f} s")
+        self.retry_after = retry_after
+
+
 class Decision(NamedTuple):
     """Outcome of a rate-limit check, with what the `X-RateLimit-*` and `Retry-After` headers need."""
 
@@ -37,9 +47,12 @@ UNLIMITED = Decision(True, 0, 0, 0.0)
 
 
 class Limiter(Protocol):
-    async def admit(self, credential: Credential, rate_per_minute: int) -> Decision:
+    async def admit(self, credential: Credential, rate_per_minute: int, client_ip: str | None = None) -> Decision:
         """Count one request of `credential` against its quota, its budget, its rate (`rate_per_minute`,
         0 = unlimited) and the global rate, all or none.
+
+        With `client_ip`, a limiter that keeps the failed-authentication counts too (the shared one)
+        first refuses a blocked IP with AddressBlocked, in the same call; the others ignore it.
 
         Raise QuotaExceeded, BudgetExceeded or RateLimited, counting nothing, when one refuses it;
         otherwise return the token's rate decision (what its X-RateLimit-* headers say). Exact under

@@ -240,7 +240,8 @@ class MemoryLimiter:
         self._global_rate = global_rate
         self._clock = clock
 
-    async def admit(self, credential: Credential, rate_per_minute: int) -> Decision:
+    async def admit(self, credential: Credential, rate_per_minute: int, client_ip: str | None = None) -> Decision:
+        # The IP block is IpBlock's to check, before the credential (client_ip is ignored here).
         # A token out of quota or budget must not spend the rate or global allowance either.
         limit = credential.max_requests
         if limit is not None and credential.request_count >= limit:

@@ -46,7 +46,7 @@ from redis.commands.core import AsyncScript
 from redis.exceptions import RedisError
 
 from llm_proxy.errors import BudgetExceeded, QuotaExceeded, RateLimited
-from llm_proxy.limiting.base import UNLIMITED, Decision, SharedStateUnavailable
+from llm_proxy.limiting.base import UNLIMITED, AddressBlocked, Decision, SharedStateUnavailable
 from llm_proxy.limiting.memory import rate_headers
 from llm_proxy.models import Credential
 
@@ -106,16 +106,23 @@ local function keep(key, expires_at, now)
 end
 """.replace("KEPT_PAST_EXPIRY", str(_COUNTERS_KEPT_PAST_EXPIRY))
 
-# KEYS: the token's counters, its rate, the global rate. ARGV: 1-4 the stored counts (the seed),
-# 5 max_requests, 6 max_tokens_total (-1: none), 7 the token's interval, 8 the global one (0: no
-# limit), 9 expires_at (s), 10 now (µs; '' = the server's). Returns {verdict, remaining, retry
+# KEYS: the token's counters, its rate, the global rate, the client IP's failed authentications.
+# ARGV: 1-4 the stored counts (the seed), 5 max_requests, 6 max_tokens_total (-1: none), 7 the
+# token's interval, 8 the global one (0: no limit), 9 expires_at (s), 10 the failures' interval
+# (0: the IP is not checked), 11 now (µs; '' = the server's). Returns {verdict, remaining, retry
 # (units), now (µs), requests, prompt, completion, total}; verdict 0 admitted (all of it counted),
-# 1 quota, 2 budget, 3 global rate, 4 token rate (nothing counted).
+# 1 quota, 2 budget, 3 global rate, 4 token rate, 5 the IP is blocked (nothing counted).
 _ADMIT = _GCRA + _COUNTERS + """
-local now = clock(ARGV[10])
+local now = clock(ARGV[11])
 local c = counters(KEYS[1], ARGV)
 keep(KEYS[1], tonumber(ARGV[9]), now)
 local function answer(verdict, remaining, retry) return {verdict, remaining, retry, now, c[1], c[2], c[3], c[4]} end
+-- An IP that failed authentication too often is refused first, as before any credential is looked at.
+local failure_interval = tonumber(ARGV[10])
+if failure_interval > 0 then
+  local failure_debt = owed(KEYS[4], now, failure_interval) + failure_interval
+  if failure_debt > CAPACITY then return answer(5, 0, failure_debt - WINDOW) end
+end
 local max_requests, budget = tonumber(ARGV[5]), tonumber(ARGV[6])
 -- A token out of quota or budget spends no rate; a global denial spends nothing of the token's.
 if max_requests >= 0 and c[1] >= max_requests then return answer(1, 0, 0) end
@@ -149,6 +156,20 @@ keep(KEYS[1], tonumber(ARGV[9]), now)
 return c
 """
 
+# KEYS: the counters of several tokens. ARGV: for each, 9 values (the seed 1-4, what to add 5-8, expires_at),
+# then now (µs; '' = the server's). Returns the counters of each after the addition, four a token.
+_ADD_MANY = _GCRA + _COUNTERS + """
+local now = clock(ARGV[#ARGV])
+local all = {}
+for k, key in ipairs(KEYS) do
+  local base = (k - 1) * 9
+  counters(key, {ARGV[base + 1], ARGV[base + 2], ARGV[base + 3], ARGV[base + 4]})
+  for n, field in ipairs(FIELDS) do all[#all + 1] = redis.call('HINCRBY', key, field, ARGV[base + 4 + n]) end
+  keep(key, tonumber(ARGV[base + 9]), now)
+end
+return all
+"""
+
 # KEYS: the IP's failures. ARGV: 1 the interval, 2 'hit' (count one failure if allowed) or 'peek',
 # 3 now (µs; '' = the server's). Returns 0 when one more failure is allowed, else the units to wait.
 _FAILURE = _GCRA + """
@@ -160,7 +181,7 @@ if ARGV[2] == 'hit' then spend(KEYS[1], now, debt, interval) end
 return 0
 """
 
-_ADMITTED, _QUOTA, _BUDGET, _GLOBAL_RATE = 0, 1, 2, 3
+_ADMITTED, _QUOTA, _BUDGET, _GLOBAL_RATE, _IP_BLOCKED = 0, 1, 2, 3, 5
 
 
 class Counters(NamedTuple):
@@ -200,26 +221,34 @@ class RedisLimiter:
     with this process's latest view. `clock` (seconds) replaces the server's time, for tests only.
     """
 
-    def __init__(self, client: Redis, *, global_rate: int, prefix: str = PREFIX,
+    def __init__(self, client: Redis, *, global_rate: int, failure_limit: int = 0, prefix: str = PREFIX,
                  clock: Callable[[], float] | None = None) -> None:
         self._client = client
         self._global_rate = global_rate
         self._global_interval = _interval(global_rate)
+        self._failure_interval = _interval(failure_limit)
         self._prefix = prefix
         self._clock = clock
         self._admit = client.register_script(_ADMIT)
         self._add = client.register_script(_ADD)
+        self._add_many = client.register_script(_ADD_MANY)
 
-    async def admit(self, credential: Credential, rate_per_minute: int) -> Decision:
+    async def admit(self, credential: Credential, rate_per_minute: int, client_ip: str | None = None) -> Decision:
+        """Limiter.admit; with `client_ip`, also refuse (AddressBlocked) an IP that failed authentication too
+        often, in the same round trip (RedisFailureLimiter's allowance, `failure_limit` a minute)."""
         token_interval = _interval(rate_per_minute)
+        failure_interval = self._failure_interval if client_ip is not None else 0
         reply = await _run(
             self._admit, self._clock,
-            (self._usage_key(credential.id), self._prefix + "rate:" + credential.id, self._prefix + "global-rate"),
+            (self._usage_key(credential.id), self._prefix + "rate:" + credential.id, self._prefix + "global-rate",
+             self._prefix + "auth-failures:" + (client_ip or "")),
             (*_seed(credential), _limit_argument(credential.max_requests),
              _limit_argument(credential.max_tokens_total), token_interval, self._global_interval,
-             repr(credential.expires_at)))
+             repr(credential.expires_at), failure_interval))
         verdict, remaining, retry, now_us, *counts = (int(value) for value in reply)
         _take(credential, counts)
+        if verdict == _IP_BLOCKED:
+            raise AddressBlocked(retry / _UNITS)
         if verdict == _ADMITTED:
             return Decision(True, rate_per_minute, remaining, 0.0) if rate_per_minute else UNLIMITED
         if verdict in (_QUOTA, _BUDGET):
@@ -241,6 +270,19 @@ class RedisLimiter:
     async def add_usage(self, credential: Credential, prompt: int, completion: int, total: int) -> None:
         """Add a response's token usage to the token's shared counters (what its budget is checked against)."""
         await self._change(credential, (0, prompt, completion, total))
+
+    async def add_usages(self, usages: Sequence[tuple[Credential, int, int, int]]) -> None:
+        """Add the usage of several answers (credential, prompt, completion, total) in one round trip; one
+        credential may appear once only."""
+        if not usages:
+            return
+        arguments: list[str | int] = []
+        for credential, prompt, completion, total in usages:
+            arguments += [*_seed(credential), 0, prompt, completion, total, repr(credential.expires_at)]
+        reply = await _run(self._add_many, self._clock, [self._usage_key(credential.id) for credential, *_ in usages],
+                           arguments)
+        for index, (credential, *_) in enumerate(usages):
+            _take(credential, [int(value) for value in reply[4 * index:4 * index + 4]])
 
     async def counters(self, token_ids: Sequence[str]) -> dict[str, Counters]:
         """Read the shared counters of these tokens in one round trip; tokens Redis holds none for are left out."""

@@ -17,14 +17,18 @@ import asyncio
 import contextlib
 import logging
 from collections.abc import Awaitable, Callable
+from typing import Any
 
-from llm_proxy.limiting.base import Decision, FailureLimiter, Limiter, SharedStateUnavailable
+from llm_proxy.limiting.base import AddressBlocked, Decision, FailureLimiter, Limiter, SharedStateUnavailable
 from llm_proxy.limiting.redis import RedisFailureLimiter, RedisLimiter
 from llm_proxy.models import Credential
 
 log = logging.getLogger(__name__)
 
 PROBE_INTERVAL = 0.5
+# Usage is added to the shared counters this long after an answer, with every other answer's of the
+# moment in the same round trip: under load, far less than one round trip per request.
+USAGE_DELAY = 0.02
 
 
 def unavailable() -> SharedStateUnavailable:
@@ -87,25 +91,36 @@ class SharedLimiter:
 
     `fail_open` is REDIS_FAILURE_MODE=open: during an episode the per-process MemoryLimiter decides,
     on the counters this process last saw. Usage is added to the shared counters off the request's
-    path (after its answer was sent), one call each; while Redis is unreachable it is counted in the
-    database only (a budget then lags by what was spent meanwhile).
+    path, batched (see add_usage); while Redis is unreachable it is counted in the database only (a
+    budget then lags by what was spent meanwhile).
     """
 
-    def __init__(self, shared: RedisLimiter, local: Limiter, state: SharedState, *, fail_open: bool) -> None:
+    def __init__(self, shared: RedisLimiter, local: Limiter, local_failures: FailureLimiter, state: SharedState, *,
+                 fail_open: bool, usage_delay: float = USAGE_DELAY) -> None:
         self._shared = shared
         self._local = local
+        self._local_failures = local_failures
         self._state = state
         self._fail_open = fail_open
-        self._pending: set[asyncio.Task[None]] = set()
+        self._usage_delay = usage_delay
+        # token id -> [credential, prompt, completion, total] answered and not yet added to the shared counters
+        self._usage: dict[str, list[Any]] = {}
+        self._sending: asyncio.Task[None] | None = None
+        self._send_now = asyncio.Event()  # set by close(): send without waiting
 
-    async def admit(self, credential: Credential, rate_per_minute: int) -> Decision:
+    async def admit(self, credential: Credential, rate_per_minute: int, client_ip: str | None = None) -> Decision:
+        """Limiter.admit; with `client_ip`, the IP's failed authentications are checked in the same round trip."""
         if self._state.available:
             try:
-                return await self._shared.admit(credential, rate_per_minute)
+                return await self._shared.admit(credential, rate_per_minute, client_ip)
             except SharedStateUnavailable as exc:
                 self._state.failed(exc)
         if not self._fail_open:
             raise unavailable()
+        if client_ip is not None:
+            wait = await self._local_failures.retry_after(client_ip)
+            if wait > 0:
+                raise AddressBlocked(wait)
         return await self._local.admit(credential, rate_per_minute)
 
     async def refund(self, credential: Credential) -> None:
@@ -118,23 +133,37 @@ class SharedLimiter:
         await self._local.refund(credential)
 
     def add_usage(self, credential: Credential, prompt: int, completion: int, total: int) -> None:
-        """Add a response's usage to the token's shared counters, in a task of its own."""
+        """Add a response's usage to the token's shared counters: within `usage_delay` (20 ms), together with
+        every other answer's of that moment, in one round trip."""
         if not self._state.available or not (prompt or completion or total):
             return
-        task = asyncio.ensure_future(self._add_usage(credential, prompt, completion, total))
-        self._pending.add(task)
-        task.add_done_callback(self._pending.discard)
+        pending = self._usage.get(credential.id)
+        if pending is None:
+            self._usage[credential.id] = [credential, prompt, completion, total]
+        else:
+            pending[1] += prompt
+            pending[2] += completion
+            pending[3] += total
+        if self._sending is None:
+            self._sending = asyncio.ensure_future(self._send_usage())
 
-    async def _add_usage(self, credential: Credential, prompt: int, completion: int, total: int) -> None:
+    async def _send_usage(self) -> None:
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._send_now.wait(), self._usage_delay)
+        usage, self._usage = self._usage, {}
+        self._sending = None
         try:
-            await self._shared.add_usage(credential, prompt, completion, total)
+            await self._shared.add_usages([(credential, prompt, completion, total)
+                                           for credential, prompt, completion, total in usage.values()])
         except SharedStateUnavailable as exc:
             self._state.failed(exc)
 
     async def close(self) -> None:
-        """Wait for the usage still being added (they are short: one round trip each)."""
-        if self._pending:
-            await asyncio.wait(list(self._pending), timeout=2.0)
+        """Send the usage still waiting, at once (one round trip)."""
+        sending = self._sending
+        if sending is not None:
+            self._send_now.set()
+            await sending
 
 
 class SharedFailureLimiter:
