@@ -47,10 +47,11 @@ clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache build *.egg-info
 
 # The benchmark drives nginx (the upstream that is never the bottleneck) and wrk (the load), both
-# from Debian, and py-spy (into .venv) for its profile. `make bench BENCH_ARGS=--smoke` is the quick check.
+# from Debian, PostgreSQL and Redis (system-deps) for its several-processes rows, and py-spy (into
+# .venv) for its profile. `make bench BENCH_ARGS=--smoke` is the quick check.
 BENCH_ARGS ?= --profile
 
-bench: $(STAMP)
+bench: $(STAMP) system-deps
 	@missing=""; command -v nginx >/dev/null 2>&1 || test -x /usr/sbin/nginx || missing="$$missing nginx"; \
 	command -v wrk >/dev/null 2>&1 || missing="$$missing wrk"; \
 	if [ -n "$$missing" ]; then \

@@ -3,6 +3,7 @@
     python bench/ablate.py --variant audit-off:AUDIT_ENABLED=false --variant access-log-off:LOG_LEVEL=warning
     cp -r llm_proxy /tmp/try/ && $EDITOR /tmp/try/llm_proxy/gateway/forwarder.py
     python bench/ablate.py --variant patched@/tmp/try                        # imports /tmp/try/llm_proxy
+    python bench/ablate.py --variant redis:REDIS_URL={redis} --variant pg:DATABASE_URL={postgres}
 
 Every variant runs at once in its own process (with the bench's every-feature-on settings plus its
 own overrides, or importing llm_proxy from another directory); each round loads the floor and
@@ -10,8 +11,9 @@ every variant once with wrk -c32, in a shuffled order, so drift on the machine s
 CPU time per request is the figure to compare: it hardly moves when something else competes for
 the cores, where requests/s does. Two processes running the same code can differ by 10-20 %
 (memory layout, hash seeds): `--instances 2` or more starts each target that many times and
-pools their samples, so one lucky or unlucky process cannot decide a comparison. Needs nginx
-and wrk, like the full benchmark.
+pools their samples, so one lucky or unlucky process cannot decide a comparison. `{redis}` in a
+variable's value starts a private Redis (one for all), `{postgres}` a private PostgreSQL (a database
+of its own for each process). Needs nginx and wrk, like the full benchmark.
 """
 
 from __future__ import annotations
@@ -23,13 +25,16 @@ import shutil
 import statistics
 import sys
 import tempfile
-import time
 from contextlib import ExitStack
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from run import Target, foreign_cpu, interference, run_wrk
+import backends
+from load import Target, run_wrk
+from machine import interference, reading
 from services import Service, raise_fd_limit, start_floor, start_gateway, start_nginx, start_python_upstream
+
+PLACEHOLDERS = ("{redis}", "{postgres}")
 
 
 @dataclass(frozen=True)
@@ -59,15 +64,21 @@ def parse_variant(text: str) -> Variant:
     return Variant(name, env)
 
 
-def start_variant(workdir: Path, upstream: str, variant: Variant) -> Service:
-    """Start one gateway variant in its own directory."""
+def start_variant(workdir: Path, upstream: str, variant: Variant, servers: dict[str, str]) -> Service:
+    """Start one gateway variant in its own directory; `servers` maps placeholders to URLs."""
     directory = workdir / variant.name
     directory.mkdir(parents=True)
+    env = {}
+    for name, value in variant.env.items():
+        if "{postgres}" in value:  # a database per process: without REDIS_URL a process owns its database
+            database = f"bench_{workdir.name}_{variant.name}".lower().replace("-", "_")
+            value = value.replace("{postgres}", backends.create_database(servers["{postgres}"], database))
+        env[name] = value.replace("{redis}", servers.get("{redis}", "{redis}"))
     saved = os.environ.get("PYTHONPATH")
     if variant.pythonpath is not None:
         os.environ["PYTHONPATH"] = variant.pythonpath  # the child imports llm_proxy from there first
     try:
-        return start_gateway(directory, upstream, variant.env)
+        return start_gateway(directory, upstream, env)
     finally:
         if saved is None:
             os.environ.pop("PYTHONPATH", None)
@@ -89,7 +100,7 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("variant names must differ (and not be all-on)")
     raise_fd_limit()
     workdir = Path(tempfile.mkdtemp(prefix="llm-proxy-ablate-"))
-    samples: dict[str, tuple[list[float], list[float]]] = {}
+    samples: dict[str, tuple[list[float], list[float], list[float]]] = {}
     try:
         with ExitStack() as stack:
             def started(service: Service) -> Service:
@@ -98,6 +109,16 @@ def main(argv: list[str] | None = None) -> int:
 
             python_upstream = started(start_python_upstream(workdir))
             nginx = started(start_nginx(workdir, python_upstream.url))
+            wanted = {mark for variant in variants for value in variant.env.values() for mark in PLACEHOLDERS
+                      if mark in value}
+            servers: dict[str, str] = {}
+            daemons: dict[str, int] = {}
+            for mark, start in (("{redis}", lambda: backends.start_redis(workdir)),
+                                ("{postgres}", backends.start_postgres)):
+                if mark in wanted:
+                    backend = start()
+                    stack.callback(backend.stop)
+                    servers[mark], daemons[mark] = backend.url, backend.pid
             targets, owner = [], {}
             for instance in range(max(1, args.instances)):
                 (workdir / f"i{instance}").mkdir()
@@ -105,13 +126,15 @@ def main(argv: list[str] | None = None) -> int:
                 targets.append(Target(f"floor#{instance}", floor.url, None, floor.pid))
                 owner[targets[-1].name] = "floor"
                 for variant in variants:
-                    gateway = started(start_variant(workdir / f"i{instance}", nginx.url, variant))
+                    gateway = started(start_variant(workdir / f"i{instance}", nginx.url, variant, servers))
+                    uses = tuple(pid for mark, pid in daemons.items()
+                                 if any(mark in value for value in variant.env.values()))
                     targets.append(Target(f"{variant.name}#{instance}", gateway.url, gateway.extra["token"],
-                                          gateway.pid))
+                                          gateway.pid, uses))
                     owner[targets[-1].name] = variant.name
             for target in targets:
                 run_wrk(target, 32, 2, 2)  # warm-up: token cache, connection pools, allocator
-            before, started_at = foreign_cpu(), time.monotonic()
+            before = reading(daemons.values())
             order = random.Random(0)  # noqa: S311 (an order, not a secret)
             for round_number in range(max(1, args.rounds)):
                 print(f"round {round_number + 1}/{args.rounds}", file=sys.stderr, flush=True)
@@ -119,24 +142,25 @@ def main(argv: list[str] | None = None) -> int:
                 order.shuffle(shuffled)
                 for target in shuffled:
                     figures = run_wrk(target, 32, 2, args.duration)
-                    rps, cpu = samples.setdefault(owner[target.name], ([], []))
+                    rps, cpu, cpu_all = samples.setdefault(owner[target.name], ([], [], []))
                     rps.append(figures["rps"])
                     cpu.append(figures["cpu_us"])
-            others = interference(before, foreign_cpu(), time.monotonic() - started_at)
+                    cpu_all.append(figures["cpu_all_us"])
+            others = interference(before, reading(daemons.values()))
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
 
     floor_cpu = statistics.median(samples["floor"][1])
     base_cpu = statistics.median(samples["all-on"][1])
     print(f"medians of {args.rounds} rounds × {max(1, args.instances)} processes of wrk -t2 -c32 -d{args.duration}s; "
-          f"other processes used {others:.1%} of the machine")
-    print("| target | req/s | CPU µs/request | vs floor | vs all-on | CPU spread |")
-    print("|---|---|---|---|---|---|")
+          f"other work used {others:.1%} of the machine")
+    print("| target | req/s | CPU µs/request | vs floor | vs all-on | CPU spread | with Redis/PostgreSQL µs |")
+    print("|---|---|---|---|---|---|---|")
     for name in ("floor", *(variant.name for variant in variants)):
-        rps, cpu = samples[name]
+        rps, cpu, cpu_all = samples[name]
         median = statistics.median(cpu)
         print(f"| {name} | {statistics.median(rps):,.0f} | {median:.0f} | {median / floor_cpu:.2f}× | "
-              f"{median - base_cpu:+.0f} µs | {min(cpu):.0f}–{max(cpu):.0f} |")
+              f"{median - base_cpu:+.0f} µs | {min(cpu):.0f}–{max(cpu):.0f} | {statistics.median(cpu_all):.0f} |")
     return 0
 
 

@@ -21,6 +21,7 @@ from upstream import COMPLETION, static_stream
 HERE = Path(__file__).resolve().parent
 SYSTEM_PATH = os.pathsep.join([os.environ.get("PATH", ""), "/usr/local/sbin", "/usr/sbin", "/sbin"])
 STARTUP_TIMEOUT = 20.0
+LISTENING = " listening on http://"  # what each serving process logs once it is bound
 
 
 def free_port() -> int:
@@ -73,6 +74,15 @@ class Service:
             except OSError:
                 time.sleep(0.05)
         raise RuntimeError(f"{self.name} did not answer within {timeout:.0f} s; see {self.log}")
+
+    def wait_logged(self, text: str, count: int, timeout: float = STARTUP_TIMEOUT) -> None:
+        """Poll the log until `text` appears `count` times, or fail naming the log."""
+        deadline = time.monotonic() + timeout
+        while self.log.read_text(errors="replace").count(text) < count:
+            if self.process.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError(f"{self.name}: {text!r} not logged {count} times; see {self.log}:\n"
+                                   + self.log.read_text(errors="replace")[-2000:])
+            time.sleep(0.05)
 
     def stop(self) -> None:
         """SIGTERM, then SIGKILL after 10 s."""
@@ -184,20 +194,30 @@ def _call(url: str, token: str, body: dict[str, object]) -> dict[str, object]:
         return result
 
 
-def start_gateway(workdir: Path, upstream: str, overrides: dict[str, str] | None = None) -> Service:
+@dataclass(frozen=True)
+class GatewayKeys:
+    """The secrets every process sharing one database must hold alike (SPEC §7)."""
+    management_token: str = field(default_factory=lambda: secrets.token_urlsafe(32))
+    encryption_key: str = field(default_factory=lambda: base64.b64encode(secrets.token_bytes(32)).decode())
+
+
+def start_gateway(workdir: Path, upstream: str, overrides: dict[str, str] | None = None, *, name: str = "llm-proxy",
+                  workers: int = 1, keys: GatewayKeys | None = None, project: str | None = "bench") -> Service:
     """Start `python -m llm_proxy serve` with every feature on; create a project and a token for the load.
 
     Token auth, per-token and global rate limits (set far above any load here, so they are
     checked on every request and never deny), a lifetime quota (max_requests far above the
     load), audit to file and database, the access log at info. The working directory is the
     temporary one, so no developer's `.env` leaks in. `overrides` change any variable (to price
-    one feature, turn it off and compare).
+    one feature, turn it off and compare; DATABASE_URL and REDIS_URL for several processes).
+    `workers` > 1 runs `serve --workers N` and returns once every worker serves. Gateways on one
+    database share `keys`; with `project` None none is created (the token comes from another).
     """
     port = free_port()
-    management_token = secrets.token_urlsafe(32)
+    keys = keys or GatewayKeys()
     env = {**os.environ,
-           "MANAGEMENT_TOKEN": management_token,
-           "ENCRYPTION_KEY": base64.b64encode(secrets.token_bytes(32)).decode(),
+           "MANAGEMENT_TOKEN": keys.management_token,
+           "ENCRYPTION_KEY": keys.encryption_key,
            "OPENAI_API_URL": upstream,
            "LISTEN_ADDR": f"127.0.0.1:{port}",
            "DATABASE_PATH": str(workdir / "llm-proxy.db"),
@@ -211,14 +231,20 @@ def start_gateway(workdir: Path, upstream: str, overrides: dict[str, str] | None
            # Room for the 1,000 held streams plus any of the previous round still closing.
            "MAX_CONCURRENT_REQUESTS": "2000",
            "SHUTDOWN_GRACE": "5s",  # stopping must not wait 30 s for streams the bench abandoned
+           "INSTANCE_ID": name,  # each process sharing a database keeps an audit chain of its own
            **(overrides or {})}
-    service = _spawn("llm-proxy", [sys.executable, "-m", "llm_proxy", "serve"], workdir,
-                     f"http://127.0.0.1:{port}", env)
+    argv = [sys.executable, "-m", "llm_proxy", "serve", *(["--workers", str(workers)] if workers > 1 else [])]
+    service = _spawn(name, argv, workdir, f"http://127.0.0.1:{port}", env)
     service.wait_ready("/health")
-    project = _call(service.url + "/manage/projects", management_token,
-                    {"name": "bench", "api_key": "sk-bench-" + secrets.token_hex(16)})
-    token = _call(service.url + "/manage/tokens", management_token,
-                  {"project_id": project["id"], "duration_minutes": 600, "max_requests": 1_000_000_000,
-                   "rate_limit_per_minute": 100_000_000})
-    service.extra["token"] = str(token["token"])
+    if workers > 1:
+        service.wait_logged(LISTENING, workers)  # /health answered by one worker says nothing of the others
+    service.extra["management_token"] = keys.management_token
+    if project is not None:
+        created = _call(service.url + "/manage/projects", keys.management_token,
+                        {"name": project, "api_key": "sk-bench-" + secrets.token_hex(16)})
+        service.extra["project_id"] = str(created["id"])
+        token = _call(service.url + "/manage/tokens", keys.management_token,
+                      {"project_id": created["id"], "duration_minutes": 600, "max_requests": 1_000_000_000,
+                       "rate_limit_per_minute": 100_000_000})
+        service.extra["token"] = str(token["token"])
     return service
