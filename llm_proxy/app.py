@@ -145,10 +145,11 @@ def _lifetime(store: Store, keyring: KeyRing, audit: AuditWriter, cache: TokenCa
         async with contextlib.AsyncExitStack() as started:
             await store.open()
             started.push_async_callback(store.close)
-            if shared is None:
-                # One serving process per database: the others would trust their own memory and disagree.
-                await store.claim(f"pid {os.getpid()} on {socket.gethostname()} since {iso(time.time())}")
-            else:  # processes sharing one Redis share the database freely
+            # One serving process per database, or any number sharing one Redis: never one that trusts its
+            # own memory beside others (they would disagree).
+            await store.claim(f"pid {os.getpid()} on {socket.gethostname()} since {iso(time.time())}",
+                              shared=shared is not None)
+            if shared is not None:
                 started.push_async_callback(shared.close)
                 await shared.start()
             await _check_stored_keys(store, keyring)

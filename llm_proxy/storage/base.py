@@ -128,9 +128,12 @@ class Store(Protocol):
 
     async def open(self) -> None:
         """Connect, creating what is missing and applying the schema; opening an open store does nothing."""
-    async def claim(self, owner: str) -> None:
+    async def claim(self, owner: str, *, shared: bool = False) -> None:
         """Make this process the database's one serving process until close(), recording `owner` (who
-        it is); raise DatabaseOwned naming the process that already is. CLI commands never claim."""
+        it is); raise DatabaseOwned naming the process that already is. CLI commands never claim.
+
+        `shared` (processes with REDIS_URL): serve beside the others that claim shared, and keep out a
+        process that would own the database alone (and be kept out by one that does)."""
     async def close(self) -> None: ...
     async def ping(self) -> bool:
         """Tell whether the database answers (for /ready)."""

@@ -26,8 +26,20 @@ class DuplicateKey(StorageError):
     """A unique constraint refused the write."""
 
 
+# How an owner lock names the processes that hold it together (those sharing a Redis).
+SHARED_OWNER = "processes sharing a Redis (REDIS_URL)"
+
+
 class DatabaseOwned(StorageError):
-    """Another serving process owns the database; args[0] describes it (pid, host, since when)."""
+    """Another serving process owns the database; args[0] describes it (pid, host, since when).
+
+    `shared`: it is served by processes sharing a Redis (which a process without REDIS_URL must not
+    join), not by one that owns it alone.
+    """
+
+    def __init__(self, holder: str, *, shared: bool = False) -> None:
+        super().__init__(holder)
+        self.shared = shared
 
     @property
     def holder(self) -> str:

@@ -6,6 +6,7 @@ import asyncio
 import os
 import signal
 import sys
+import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -45,10 +46,12 @@ def supervisor(port: int, count: int, modes: dict[int, str] | None = None, grace
                       kill_margin=0.5)
 
 
-async def pids_answering(port: int, want: int, attempts: int = 400) -> set[int]:
-    """The pids that answer fresh connections, until `want` distinct ones did (bounded)."""
+async def pids_answering(port: int, want: int, within: float = 20.0) -> set[int]:
+    """The pids that answer fresh connections, until `want` distinct ones did (bounded: `within` seconds; a
+    child starting on a loaded machine may take several to listen)."""
     seen: set[int] = set()
-    for _ in range(attempts):
+    deadline = time.monotonic() + within
+    while time.monotonic() < deadline:
         try:
             async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(force_close=True)) as session, \
                     session.get(f"http://127.0.0.1:{port}/") as response:

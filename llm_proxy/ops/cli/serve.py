@@ -107,9 +107,13 @@ def cmd_serve(args: argparse.Namespace) -> int:
             raise CommandError(f"cannot listen on {settings.listen_host or '*'}:{settings.listen_port}: "
                                f"{reason}") from None
         except DatabaseOwned as exc:
-            raise CommandError(f"cannot start: {database_variable(settings)} {describe_database(settings)} is already "
-                               f"served by {exc.holder}; stop that process first (one serving process per "
-                               "database)") from None
+            where = f"{database_variable(settings)} {describe_database(settings)}"
+            if exc.shared:
+                raise CommandError(f"cannot start: {where} is served by {exc.holder}; set the same REDIS_URL to "
+                                   "serve beside them") from None
+            fix = ("stop that process first, or give it the same REDIS_URL" if settings.redis_url
+                   else "stop that process first (one serving process per database)")
+            raise CommandError(f"cannot start: {where} is already served by {exc.holder}; {fix}") from None
         except StorageError as exc:
             raise CommandError(f"{database_variable(settings)}: cannot use {describe_database(settings)} "
                                f"({exc})") from None

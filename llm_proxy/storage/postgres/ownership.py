@@ -11,6 +11,10 @@ however the process ends (`kill -9` included: the server sees its socket close),
 If that connection is lost while serving (PostgreSQL restarted, an administrator ended the session), the
 lock went with it: the process goes on serving, takes the lock back once the database answers, and logs
 an ERROR naming whoever took it meanwhile. CLI commands never claim.
+
+Processes sharing a Redis (REDIS_URL) serve one database together: they take the same lock shared
+(pg_try_advisory_lock_shared) and record nothing, so they keep out, and are kept out by, a process that
+would own the database alone.
 """
 
 from __future__ import annotations
@@ -23,7 +27,7 @@ from dataclasses import dataclass
 from asyncpg import Connection
 
 from llm_proxy.settings import database_url_passwords
-from llm_proxy.storage.errors import DatabaseOwned, StorageError
+from llm_proxy.storage.errors import SHARED_OWNER, DatabaseOwned, StorageError
 from llm_proxy.storage.postgres.database import CONNECT_TIMEOUT, close_alone, connect_alone, now_text, translated
 
 log = logging.getLogger(__name__)
@@ -36,7 +40,7 @@ CHECK_INTERVAL = 5.0
 APPLICATION_NAME = "llm-proxy owner"  # what pg_stat_activity shows for the lock's session
 
 # pg_locks shows a bigint advisory key as two 32-bit halves, with objsubid 1.
-_HOLDER = ("SELECT l.pid, {owner} FROM pg_locks l {join}"
+_HOLDER = ("SELECT l.pid, {owner}, l.mode = 'ShareLock' FROM pg_locks l {join}"
            " WHERE l.locktype = 'advisory' AND l.granted AND l.objsubid = 1 AND l.classid = $1 AND l.objid = $2"
            " AND l.database = (SELECT oid FROM pg_database WHERE datname = current_database())")
 _HOLDER_NAMED = _HOLDER.format(owner="o.owner", join="LEFT JOIN serving_owner o ON o.backend_pid = l.pid")
@@ -56,9 +60,12 @@ class Holder:
 
     pid: int
     owner: str | None
+    shared: bool = False  # one of the processes sharing a Redis
 
     def describe(self) -> str:
         """Name the holder for the operator."""
+        if self.shared:
+            return SHARED_OWNER
         if self.owner:
             return self.owner
         return f"another process (PostgreSQL session {self.pid})" if self.pid else "another process"
@@ -68,13 +75,17 @@ async def read_holder(conn: Connection) -> Holder | None:
     """Who holds the claim on conn's database; None when no process does. Takes no lock."""
     named = await conn.fetchval("SELECT to_regclass('serving_owner')") is not None
     row = await conn.fetchrow(_HOLDER_NAMED if named else _HOLDER_UNNAMED, OWNER_LOCK >> 32, OWNER_LOCK & 0xFFFFFFFF)
-    return None if row is None else Holder(row[0], row[1])
+    return None if row is None else Holder(row[0], row[1], bool(row[2]))
 
 
-async def _take(conn: Connection, owner: str) -> Holder | None:
-    """Try to take the claim on conn, recording `owner`; None when taken, else who holds it."""
+async def _take(conn: Connection, owner: str, shared: bool = False) -> Holder | None:
+    """Try to take the claim on conn (shared: beside the others that take it shared), recording `owner` when
+    it is exclusive; None when taken, else who holds it."""
     for _ in range(_TRIES):
-        if await conn.fetchval("SELECT pg_try_advisory_lock($1)", OWNER_LOCK):
+        if shared:
+            if await conn.fetchval("SELECT pg_try_advisory_lock_shared($1)", OWNER_LOCK):
+                return None
+        elif await conn.fetchval("SELECT pg_try_advisory_lock($1)", OWNER_LOCK):
             await conn.execute(_RECORD, owner, now_text())
             return None
         holder = await read_holder(conn)
@@ -99,6 +110,7 @@ class OwnerLock:
         self.check_interval = check_interval
         self._passwords = database_url_passwords(url)
         self._owner: str | None = None
+        self._shared = False
         self._conn: Connection | None = None
         self._session: int | None = None  # the server pid of the session that held the lock last
         self._lost = asyncio.Event()
@@ -109,8 +121,9 @@ class OwnerLock:
         """Tell whether this process holds the claim now (not while its connection is lost)."""
         return self._conn is not None and not self._conn.is_closed()
 
-    async def claim(self, owner: str) -> None:
-        """Take the lock and record `owner`; raise DatabaseOwned naming the holder when it is taken.
+    async def claim(self, owner: str, *, shared: bool = False) -> None:
+        """Take the lock (shared: beside the others that take it shared) and record `owner`; raise
+        DatabaseOwned naming the holder when it is taken.
 
         Claiming a lock this object already holds does nothing.
         """
@@ -119,14 +132,14 @@ class OwnerLock:
         conn = await self._connect()
         try:
             with translated(self._passwords):
-                holder = await _take(conn, owner)
+                holder = await _take(conn, owner, shared)
         except BaseException:
             conn.terminate()
             raise
         if holder is not None:
             await self._close(conn)
-            raise DatabaseOwned(holder.describe())
-        self._owner = owner
+            raise DatabaseOwned(holder.describe(), shared=holder.shared)
+        self._owner, self._shared = owner, shared
         self._hold(conn)
         self._watch = asyncio.get_running_loop().create_task(self._keep(owner), name="postgres-owner-lock")
         self._watch.add_done_callback(_report_end)
@@ -196,7 +209,7 @@ class OwnerLock:
                 continue  # still down: try again later, quietly (the pool's errors already say so)
             try:
                 with translated(self._passwords):
-                    holder = await asyncio.wait_for(_take(conn, owner), timeout=CONNECT_TIMEOUT)
+                    holder = await asyncio.wait_for(_take(conn, owner, self._shared), timeout=CONNECT_TIMEOUT)
                     if holder is not None and holder.pid == self._session and holder.owner == owner:
                         # This process's own old session, which the server has not seen end (a
                         # half-open connection): end it, and take the claim on the next try.

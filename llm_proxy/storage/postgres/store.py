@@ -25,8 +25,8 @@ class PostgresStore:
     async def open(self) -> None:
         await self.db.connect()
 
-    async def claim(self, owner: str) -> None:
-        await self.owner.claim(owner)
+    async def claim(self, owner: str, *, shared: bool = False) -> None:
+        await self.owner.claim(owner, shared=shared)
 
     async def close(self) -> None:
         try:

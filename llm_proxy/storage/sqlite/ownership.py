@@ -6,6 +6,10 @@ by the other. So a serving process claims `<database>.owner` with flock(2) and w
 into it; a second one finds the lock taken, reads who holds it, and refuses to start. The kernel
 drops the lock when the holder's file is closed, however the process ends (`kill -9` included), so
 a lock can never be left behind. CLI commands do not claim: they may run beside a server.
+
+Processes sharing a Redis (REDIS_URL) serve one database together: each takes the lock shared
+(LOCK_SH) and writes SHARED_OWNER into the file, so they keep out, and are kept out by, a process
+that would own the database alone.
 """
 
 from __future__ import annotations
@@ -14,7 +18,7 @@ import fcntl
 import os
 from pathlib import Path
 
-from llm_proxy.storage.errors import DatabaseOwned
+from llm_proxy.storage.errors import SHARED_OWNER, DatabaseOwned
 
 _MAX_OWNER_TEXT = 512
 _KERNEL_LOCKS = Path("/proc/locks")
@@ -31,9 +35,11 @@ class OwnerLock:
     def __init__(self, database: Path) -> None:
         self.path = owner_lock_path(database)
         self._fd: int | None = None
+        self._shared = False
 
-    def claim(self, owner: str) -> None:
-        """Take the lock and record `owner` in it; raise DatabaseOwned naming the holder when it is taken.
+    def claim(self, owner: str, *, shared: bool = False) -> None:
+        """Take the lock (shared: beside the others that take it shared) and record who holds it; raise
+        DatabaseOwned naming the holder when it is taken.
 
         Claiming a lock this object already holds does nothing.
         """
@@ -42,16 +48,21 @@ class OwnerLock:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
         try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            fcntl.flock(fd, (fcntl.LOCK_SH if shared else fcntl.LOCK_EX) | fcntl.LOCK_NB)
         except BlockingIOError:
             holder = os.pread(fd, _MAX_OWNER_TEXT, 0).decode("utf-8", "replace").strip()
             os.close(fd)
-            raise DatabaseOwned(holder or "another process") from None
+            # A shared claimant is kept out only by one that owns it alone; an exclusive one by either.
+            raise DatabaseOwned(holder or "another process", shared=not shared and holder == SHARED_OWNER) from None
         except BaseException:
             os.close(fd)
             raise
-        os.ftruncate(fd, 0)
-        os.pwrite(fd, owner.encode()[:_MAX_OWNER_TEXT], 0)
+        self._shared = shared
+        # Written, then cut to length: the other shared holders write the same bytes, and a reader never
+        # finds the file empty while one of them holds it.
+        text = (SHARED_OWNER if shared else owner).encode()[:_MAX_OWNER_TEXT]
+        os.pwrite(fd, text, 0)
+        os.ftruncate(fd, len(text))
         self._fd = fd
 
     def release(self) -> None:
@@ -59,7 +70,8 @@ class OwnerLock:
         if self._fd is None:
             return
         fd, self._fd = self._fd, None
-        os.ftruncate(fd, 0)  # nobody serves it any more: a later reader must not name this process
+        if not self._shared:  # nobody serves it any more: a later reader must not name this process
+            os.ftruncate(fd, 0)  # (a shared holder leaves the text: others may still serve)
         os.close(fd)
 
 

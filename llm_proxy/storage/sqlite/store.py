@@ -27,8 +27,8 @@ class SqliteStore:
     async def open(self) -> None:
         await self.db.connect()
 
-    async def claim(self, owner: str) -> None:
-        self._owner.claim(owner)
+    async def claim(self, owner: str, *, shared: bool = False) -> None:
+        self._owner.claim(owner, shared=shared)
 
     async def close(self) -> None:
         try:
