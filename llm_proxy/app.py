@@ -78,7 +78,7 @@ def create_app(settings: Settings, *, clock: Callable[[], float] = time.time,
                         create_dir=settings.audit_create_dir, store_in_db=settings.audit_store_in_db,
                         mask_client_ip=settings.audit_mask_client_ip)
     concurrency = ConcurrencyLimiter(settings.max_concurrent_requests)
-    metrics = Metrics(audit, concurrency)
+    metrics = Metrics(audit, concurrency, instance=settings.instance_id or socket.gethostname())
     management = Management(settings, service, store, cache, audit)
     anomalies = AnomalyDetector(max_ips_per_hour=settings.anomaly_max_ips_per_hour,
                                 rate_factor=settings.anomaly_rate_factor, auto_suspend=settings.anomaly_auto_suspend,

@@ -25,7 +25,7 @@ ACCESS_FLUSH_INTERVAL = 0.05
 # What a request leaves for its access line: (time, request id, method, path as received, status,
 # duration in seconds, client IP, token hint). Rendered later, in the sink's thread.
 AccessEntry = tuple[float, str | None, str, str, int, float, str | None, str | None]
-_ACCESS_FIELDS = ("request_id", "method", "path", "status", "duration_ms", "client_ip", "token_id")
+_ACCESS_FIELDS = ("request_id", "method", "path", "status", "duration_ms", "client_ip", "token_id", "instance")
 
 
 class AccessSink:
@@ -39,9 +39,11 @@ class AccessSink:
     stays in the CPU's caches.
     """
 
-    def __init__(self, destination: logging.Handler, *, json: bool = True, logger_name: str = ACCESS_LOGGER) -> None:
+    def __init__(self, destination: logging.Handler, *, json: bool = True, logger_name: str = ACCESS_LOGGER,
+                 instance: str = "") -> None:
         self._destination = destination
         self._json = json
+        self._instance = instance or None
         self._logger_name = logger_name
         self._lines: deque[AccessEntry] = deque()
         self._flushing = threading.Lock()  # two flushers must not reorder lines between them
@@ -60,11 +62,14 @@ class AccessSink:
         path = mask_secrets_cached(path)
         if request_id is not None:
             request_id = mask_request_id(request_id)  # it may be the client's X-Request-ID
-        values = (request_id, method, path, status, round(duration * 1000, 3), client_ip, token_id)
+        values = (request_id, method, path, status, round(duration * 1000, 3), client_ip, token_id, self._instance)
         message = f"{method} {path} {status}"
         if self._json:
-            return orjson.dumps({"time": utc(created), "level": "info", "logger": self._logger_name,
-                                 "message": message, **dict(zip(_ACCESS_FIELDS, values, strict=True))}).decode()
+            document = {"time": utc(created), "level": "info", "logger": self._logger_name, "message": message,
+                        **dict(zip(_ACCESS_FIELDS, values, strict=True))}
+            if self._instance is None:
+                del document["instance"]
+            return orjson.dumps(document).decode()
         extras = " ".join(f"{key}={value}" for key, value in zip(_ACCESS_FIELDS, values, strict=True)
                           if key not in ("method", "path", "status") and value is not None)
         # The path is the decoded one: `%0a` in a request would otherwise start a forged line.

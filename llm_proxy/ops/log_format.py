@@ -14,6 +14,19 @@ from llm_proxy.ops.control_characters import escape_controls
 # Attributes every LogRecord has; anything else on a record came in through `extra=`.
 _STANDARD = frozenset(vars(logging.LogRecord("", 0, "", 0, "", None, None))) | {"message", "asctime", "taskName"}
 
+class InstanceFilter(logging.Filter):
+    """Name the process (INSTANCE_ID) in every record that does not name one itself."""
+
+    def __init__(self, instance: str) -> None:
+        super().__init__()
+        self._instance = instance
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if not hasattr(record, "instance"):
+            record.instance = self._instance
+        return True
+
+
 class SecretMaskingFilter(logging.Filter):
     """Scrub the final message, traceback and string extras of every record that reaches a handler."""
 

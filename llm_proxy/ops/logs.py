@@ -13,7 +13,7 @@ import threading
 from typing import Any, TextIO
 
 from llm_proxy.ops.access_log import AccessSink, attach, detach
-from llm_proxy.ops.log_format import JsonFormatter, SecretMaskingFilter, TextFormatter
+from llm_proxy.ops.log_format import InstanceFilter, JsonFormatter, SecretMaskingFilter, TextFormatter
 from llm_proxy.settings import ConfigError, Settings
 
 LOG_FILE_MODE = 0o640  # as the audit file, and as logrotate.conf's `create 0640` makes them after a rotation
@@ -60,10 +60,10 @@ class LogListener(logging.handlers.QueueListener):
     """The thread that writes log records; stop() drains it, closes the destination and detaches from root."""
 
     def __init__(self, log_queue: queue.Queue[Any], queue_handler: logging.Handler,
-                 *handlers: logging.Handler, access_json: bool = True) -> None:
+                 *handlers: logging.Handler, access_json: bool = True, instance: str = "") -> None:
         super().__init__(log_queue, *handlers, respect_handler_level=True)
         self.queue_handler = queue_handler
-        self.access = AccessSink(handlers[0], json=access_json)
+        self.access = AccessSink(handlers[0], json=access_json, instance=instance)
 
     def start(self) -> None:
         """Start the record writer and the access-line writer."""
@@ -106,6 +106,8 @@ def configure_logging(settings: Settings, *, stream: TextIO | None = None) -> Lo
     destination = _handler(settings, stream)
     destination.setFormatter(JsonFormatter() if settings.log_format == "json" else TextFormatter())
     destination.addFilter(SecretMaskingFilter())
+    if settings.instance_id:  # which process wrote the line, where several write one file or one collector
+        destination.addFilter(InstanceFilter(settings.instance_id))
     # Unbounded on purpose: a bounded queue makes QueueHandler print tracebacks to stderr when full.
     log_queue: queue.Queue[Any] = queue.Queue()
     queue_handler = _QueueHandler(log_queue)
@@ -114,7 +116,8 @@ def configure_logging(settings: Settings, *, stream: TextIO | None = None) -> Lo
         root.removeHandler(existing)
     root.addHandler(queue_handler)
     root.setLevel(settings.log_level.upper())
-    listener = LogListener(log_queue, queue_handler, destination, access_json=settings.log_format == "json")
+    listener = LogListener(log_queue, queue_handler, destination, access_json=settings.log_format == "json",
+                           instance=settings.instance_id)
     listener.start()
     attach(listener.access)
     return listener

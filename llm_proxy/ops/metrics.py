@@ -12,6 +12,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Histo
 from prometheus_client.registry import Collector
 from prometheus_client.utils import floatToGoString
 
+from llm_proxy import __version__
 from llm_proxy.audit.writer import AuditWriter
 from llm_proxy.limiting.memory import ConcurrencyLimiter
 
@@ -68,6 +69,10 @@ class _LiveCollector(Collector):
 
     def collect(self) -> Iterator[GaugeMetricFamily | CounterMetricFamily | HistogramMetricFamily]:
         metrics = self._metrics
+        info = GaugeMetricFamily("llm_proxy_info", "This process: its version and its INSTANCE_ID",
+                                 labels=("version", "instance"))
+        info.add_metric((__version__, metrics.instance), 1)
+        yield info
         requests = CounterMetricFamily("llm_proxy_requests", "HTTP requests answered, by route family and status class",
                                        labels=("route", "status_class"))
         for (route, status_class), count in metrics.requests.items():
@@ -109,8 +114,9 @@ class _LiveCollector(Collector):
 class Metrics:
     """The gateway's instruments."""
 
-    def __init__(self, audit: AuditWriter, concurrency: ConcurrencyLimiter) -> None:
+    def __init__(self, audit: AuditWriter, concurrency: ConcurrencyLimiter, *, instance: str = "") -> None:
         self.registry = CollectorRegistry(auto_describe=True)
+        self.instance = instance
         self.requests = {(route, cls): 0 for route in _ROUTES for cls in _STATUS_CLASSES}
         self.denials = dict.fromkeys(_DENIAL_REASONS, 0)
         self.cut = dict.fromkeys(CUT_REASONS, 0)

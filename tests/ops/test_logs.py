@@ -97,6 +97,28 @@ def test_text_lines_are_readable_and_keep_extras(configure: Configure) -> None:
                         r"request_id=req-2", line), line
 
 
+@pytest.mark.parametrize("log_format", ["json", "text"])
+def test_every_line_names_the_instance_when_one_is_set(configure: Configure, log_format: str) -> None:
+    listener, path = configure(LOG_FORMAT=log_format, INSTANCE_ID="gw-2")
+    logging.getLogger("llm_proxy.test").warning("one")
+    logging.getLogger("llm_proxy.test").warning("two", extra={"instance": "named-by-caller"})
+    listener.access.append((1_700_000_000.0, "req-1", "GET", "/health", 200, 0.001, "127.0.0.1", None))
+    listener.stop()
+    if log_format == "json":
+        assert sorted(line["instance"] for line in json_lines(path)) == ["gw-2", "gw-2", "named-by-caller"]
+    else:
+        lines = path.read_text().splitlines()
+        assert sorted(line.rsplit(" instance=", 1)[-1] for line in lines) == ["gw-2", "gw-2", "named-by-caller"]
+
+
+def test_no_instance_is_named_when_none_is_set(configure: Configure) -> None:
+    listener, path = configure(LOG_FORMAT="json")
+    logging.getLogger("llm_proxy.test").warning("one")
+    listener.access.append((1_700_000_000.0, "req-1", "GET", "/health", 200, 0.001, "127.0.0.1", None))
+    listener.stop()
+    assert all("instance" not in line for line in json_lines(path))
+
+
 def test_stderr_is_the_default_destination(configure: Configure, capsys: pytest.CaptureFixture[str]) -> None:
     listener, _ = configure(LOG_FILE="", LOG_FORMAT="json")
     logging.getLogger("llm_proxy.test").warning("to stderr")

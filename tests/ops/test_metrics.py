@@ -12,6 +12,7 @@ from hypothesis import strategies as st
 from prometheus_client import CollectorRegistry
 from prometheus_client import Histogram as PrometheusHistogram
 
+from llm_proxy import __version__
 from llm_proxy.app import AUDIT
 from llm_proxy.ops.metrics import Histogram
 from tests.fakes import MANAGEMENT_TOKEN, FakeClock, Gateway
@@ -122,3 +123,10 @@ def test_histogram_renders_exactly_as_prometheus_clients_own(values: list[float]
 
     (expected,) = registry.collect()
     assert samples(ours.family()) == pytest.approx(samples(expected))
+
+
+async def test_metrics_name_the_version_and_the_instance(make_gateway: Any) -> None:
+    gateway = await make_gateway(INSTANCE_ID="gw-7")
+    text = await (await gateway.client.get("/metrics", headers=gateway.auth)).text()
+    assert f'llm_proxy_info{{instance="gw-7",version="{__version__}"}} 1.0' in text
+    assert "llm_proxy_shared_state_available" not in text  # only with REDIS_URL
