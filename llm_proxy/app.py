@@ -76,9 +76,9 @@ def create_app(settings: Settings, *, clock: Callable[[], float] = time.time,
     service = TokenService(store, keyring, feed, clock)
     audit = AuditWriter(store.audit, enabled=settings.audit_enabled, file_path=settings.audit_log_file,
                         create_dir=settings.audit_create_dir, store_in_db=settings.audit_store_in_db,
-                        mask_client_ip=settings.audit_mask_client_ip)
+                        mask_client_ip=settings.audit_mask_client_ip, instance=settings.instance)
     concurrency = ConcurrencyLimiter(settings.max_concurrent_requests)
-    metrics = Metrics(audit, concurrency, instance=settings.instance_id or socket.gethostname())
+    metrics = Metrics(audit, concurrency, instance=settings.instance)
     management = Management(settings, service, store, cache, audit)
     anomalies = AnomalyDetector(max_ips_per_hour=settings.anomaly_max_ips_per_hour,
                                 rate_factor=settings.anomaly_rate_factor, auto_suspend=settings.anomaly_auto_suspend,
@@ -229,7 +229,7 @@ def _redis_client(settings: Settings) -> Redis:
 def _redis_feed(client: Redis, settings: Settings, hooks: dict[str, Callable[..., None]]) -> RedisFeed:
     from llm_proxy.tokens.redis_feed import RedisFeed
 
-    return RedisFeed(client, instance=settings.instance_id or socket.gethostname(),
+    return RedisFeed(client, instance=settings.instance,
                      on_reconnect=lambda: hooks["reconnect"](), on_state=lambda up: hooks["state"](up))
 
 

@@ -7,6 +7,7 @@ import binascii
 import ipaddress
 import os
 import re
+import socket
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -89,6 +90,11 @@ class Settings:
     redis_failure_mode: str = "closed"
     workers: int = 1
     instance_id: str = ""  # empty: the host name (and the worker's number under --workers)
+
+    @property
+    def instance(self) -> str:
+        """The name of this process in audit events (its chain), logs and metrics: INSTANCE_ID or the host name."""
+        return self.instance_id or socket.gethostname()
 
 
 # ---- value parsers: each raises ValueError with a message that never repeats a secret ----

@@ -8,6 +8,8 @@ from typing import Any
 
 import orjson
 
+ChainHead = tuple[int, str]
+
 ZERO_HASH = "0" * 64
 TIMESTAMP_FORMAT = "%Y-%m-%dT%H:%M:%SZ"
 TABLE = "audit_events"
@@ -223,7 +225,18 @@ class ChainWalk:
     def _check_head(self, head: tuple[int, str], growing: bool = False) -> None:
         head_seq, head_hash = head
         source, line = self._last_place if self._last_place else ("(input)", 0)
-        last_seq = self.prev_seq if self.events else 0
+        last_seq: int | None
+        if not self.events and self.anchor is not None:
+            # Nothing past the anchor (a chain pruned whole): the head must be the anchor itself.
+            self.prev_seq, self.prev_hash = self.anchor
+            self.start = "anchor"
+            last_seq = self.anchor[0]
+            if last_seq == head_seq and self.prev_hash != head_hash:
+                self.problem = Break("altered", source, line, last_seq, head_seq,
+                                     "the last pruned hash differs from the recorded chain head")
+                return
+        else:
+            last_seq = self.prev_seq if self.events else 0
         assert last_seq is not None
         if growing and last_seq > head_seq:
             # Appended after the head was read (a gateway still writing): fine if the head is in
@@ -242,3 +255,133 @@ class ChainWalk:
         elif self.events and self.prev_hash != head_hash:
             self.problem = Break("altered", source, line, last_seq, head_seq,
                                  "last hash differs from the recorded chain head: the line was rewritten")
+
+
+# ---- several chains, one per instance ----
+
+NO_INSTANCE = ""  # the chain of events that carry no `instance` (written before instances were named)
+
+
+def chain_name(instance: str) -> str:
+    """How a chain is named to the operator."""
+    return f"instance {instance}" if instance else "events without an instance"
+
+
+@dataclass(frozen=True, slots=True)
+class ChainsResult:
+    """Outcome of a walk over the chains of several instances.
+
+    chains: each chain's own result, by instance. problem: a line that belongs to no chain (torn,
+    not an event), which stops the walk. absent: chains the database has a head for that the input
+    holds no event of (with head checks only; another host's files, or lines removed whole).
+    """
+
+    chains: dict[str, VerifyResult]
+    problem_line: Break | None = None
+    absent: tuple[str, ...] = ()
+
+    @property
+    def ok(self) -> bool:
+        return self.problem_line is None and all(result.ok for result in self.chains.values())
+
+    @property
+    def events(self) -> int:
+        return sum(result.events for result in self.chains.values())
+
+    @property
+    def problem(self) -> Break | None:
+        """The unreadable line, else the first broken chain's break."""
+        if self.problem_line is not None:
+            return self.problem_line
+        return next((result.problem for result in self.chains.values() if result.problem is not None), None)
+
+    def broken(self) -> list[str]:
+        """The instances whose chain is broken."""
+        return [instance for instance, result in self.chains.items() if not result.ok]
+
+    def describe(self) -> str:
+        """Return one line for the operator: the first problem, or what holds."""
+        if self.problem_line is not None:
+            return f"BROKEN at {self.problem_line.where}: {self.problem_line.kind}: {self.problem_line.message}"
+        if len(self.chains) == 1:
+            [(instance, result)] = self.chains.items()
+            return result.describe() + (f" ({chain_name(instance)})" if instance else "")
+        if not self.chains:
+            return "OK: no events"
+        broken = self.broken()
+        if broken:
+            first = self.chains[broken[0]]
+            return (f"{first.describe()} ({chain_name(broken[0])}); {len(broken)} of {len(self.chains)} chains "
+                    "broken")
+        return f"OK: {len(self.chains)} chains, {self.events} events, every chain verified"
+
+    def chain_lines(self) -> list[str]:
+        """One line per chain (several chains only), for the operator."""
+        if len(self.chains) < 2:
+            return []
+        return [f"{chain_name(instance)}: {result.describe()}" for instance, result in sorted(self.chains.items())]
+
+
+class ChainsWalk:
+    """Check lines of several instances' chains, interleaved as processes sharing a file write them.
+
+    Each event goes to its instance's ChainWalk; a broken chain stops only itself. A line that is not
+    an event stops everything: which chain lost it cannot be told.
+    """
+
+    def __init__(self, anchors: dict[str, ChainHead] | None = None, heads: dict[str, ChainHead] | None = None,
+                 *, growing: bool = False) -> None:
+        self.anchors = anchors or {}
+        self.heads = heads
+        self.growing = growing
+        self.walks: dict[str, ChainWalk] = {}
+        self.problem_line: Break | None = None
+
+    def walk(self, instance: str) -> ChainWalk:
+        walk = self.walks.get(instance)
+        if walk is None:
+            walk = self.walks[instance] = ChainWalk(self.anchors.get(instance))
+            if self.heads is not None and self.growing and instance in self.heads:
+                walk.watch_seq = self.heads[instance][0]
+        return walk
+
+    def feed_text(self, source: str, line: int, text: str | bytes) -> bool:
+        """Parse and check one line; return False once the walk must stop (a line of no chain)."""
+        if not text.strip():
+            return self.problem_line is None
+        try:
+            event = orjson.loads(text)
+        except orjson.JSONDecodeError:
+            return self.feed_invalid(source, line, "not valid JSON (torn or edited line)")
+        return self.feed_event(source, line, event)
+
+    def feed_invalid(self, source: str, line: int, message: str, kind: str = "invalid") -> bool:
+        if self.problem_line is None:
+            self.problem_line = Break(kind, source, line, None, None, message)
+        return False
+
+    def feed_event(self, source: str, line: int, event: Any) -> bool:
+        if self.problem_line is not None:
+            return False
+        instance = event.get("instance", NO_INSTANCE) if isinstance(event, dict) else None
+        if not isinstance(instance, str):
+            return self.feed_invalid(source, line, "not an audit event with an instance, an integer seq and a hash")
+        self.walk(instance).feed_event(source, line, event)
+        return True
+
+    def finish(self) -> ChainsResult:
+        """Close every chain's walk; with heads, check each chain walked against its head."""
+        heads = self.heads or {}
+        absent: list[str] = []
+        if self.heads is not None and self.problem_line is None:
+            any_events = bool(self.walks)
+            for instance, head in heads.items():
+                if instance in self.walks or head[0] == 0 or self.anchors.get(instance) == head:
+                    continue  # walked, empty, or pruned whole up to its head
+                if any_events:
+                    absent.append(instance)
+                else:  # no event at all: the input's every line was removed
+                    self.walk(instance)
+        results = {instance: walk.finish(None if self.problem_line else heads.get(instance), growing=self.growing)
+                   for instance, walk in sorted(self.walks.items())}
+        return ChainsResult(results, self.problem_line, tuple(sorted(absent)))

@@ -31,7 +31,8 @@ class Chained:
 
 
 class BatchCommitter:
-    """The writer task's side of the chain: the head it continues from and the rows the database has not taken yet.
+    """The writer task's side of its instance's chain: the head it continues from and the rows the database
+    has not taken yet. Every event it chains carries `instance` (none when it is '', as in tests of the chain).
 
     `append` gives the audit file a batch's lines (None: there is no file). It runs inside the
     transaction, while the database's write lock is held, so every process's lines reach the file
@@ -39,9 +40,10 @@ class BatchCommitter:
     """
 
     def __init__(self, store: AuditStore, append: Callable[[Chained], Awaitable[None]] | None, *,
-                 store_in_db: bool, max_unsaved: int) -> None:
+                 instance: str, store_in_db: bool, max_unsaved: int) -> None:
         self._events = store
         self._append = append
+        self.instance = instance
         self._store_in_db = store_in_db
         self._max_unsaved = max_unsaved
         self.seq = 0
@@ -82,6 +84,8 @@ class BatchCommitter:
         chained = Chained([], [], seq, prev)
         for index, event in enumerate(batch):
             event.pop("hash", None)  # chained again after another process moved the head
+            if self.instance:
+                event["instance"] = self.instance
             event["seq"] = seq + 1
             try:
                 body = canonical(event)
@@ -132,7 +136,7 @@ class BatchCommitter:
 
         for delay in (*retry_delays, None):
             try:
-                await self._events.extend(step)
+                await self._events.extend(self.instance, step)
                 chained = done[-1]
             except DuplicateKey as exc:
                 # A seq already in the table: retrying cannot help, and carrying the rows on

@@ -149,25 +149,28 @@ def _lines_forwards(handle: io.BufferedIOBase) -> Iterator[tuple[int, bytes]]:
         yield position, raw
 
 
-def _last_event(path: Path, at_most: float = math.inf) -> tuple[int, dict[str, Any]] | None:
-    """Return (where the next line starts, event) for the last event in a file with seq <= at_most, or None."""
+def _last_event(path: Path, instance: str, at_most: float = math.inf) -> tuple[int, dict[str, Any]] | None:
+    """Return (where the next line starts, event) for the last event of an instance's chain in a file with
+    seq <= at_most, or None."""
     found = None
     with open_audit_file(path) as handle:
         backwards = not path.name.endswith(".gz")  # a .gz is read through, keeping the last match
         for after, raw in (_lines_backwards if backwards else _lines_forwards)(handle):
             event = _event_of(raw)
-            if event is not None and event["seq"] <= at_most:
+            if event is not None and event["seq"] <= at_most and event.get("instance", "") == instance:
                 found = after, event
                 if backwards:
                     break
     return found
 
 
-def newest_event(current: Path) -> tuple[int, str] | None:
-    """Return (seq, hash) of the audit file's last event or, while it has none, of its newest rotated sibling's."""
-    for path in reversed(rotation_order(audit_files(current))):
+def newest_event(current: Path, instance: str) -> tuple[int, str] | None:
+    """Return (seq, hash) of the last event of an instance's chain in the audit file or, while it has none,
+    in its newest rotated sibling (older files are not read: a crash loses only the newest lines, and a
+    new instance's chain, found in none, must not cost a read of every file at each start)."""
+    for path in list(reversed(rotation_order(audit_files(current))))[:2]:
         try:
-            found = _last_event(path)
+            found = _last_event(path, instance)
         except (OSError, EOFError, zlib.error):
             continue
         if found is not None:
@@ -175,8 +178,9 @@ def newest_event(current: Path) -> tuple[int, str] | None:
     return None
 
 
-def lines_after(current: Path, seq: int) -> Iterator[tuple[str, bytes]]:
-    """Yield (file, line) for every line after the last event with seq <= `seq`, oldest first.
+def lines_after(current: Path, seq: int, instance: str) -> Iterator[tuple[str, bytes]]:
+    """Yield (file, line) for every line after the last event of an instance's chain with seq <= `seq`,
+    oldest first (the lines of other instances too: the caller picks its own).
 
     The audit file is read from its end backwards a block at a time; only if no event in it is that
     old are its rotated siblings read too (newest first, plain or .gz), so a file is never read
@@ -184,7 +188,7 @@ def lines_after(current: Path, seq: int) -> Iterator[tuple[str, bytes]]:
     """
     starts: list[tuple[Path, int]] = []
     for path in reversed(rotation_order(audit_files(current))):
-        found = _last_event(path, at_most=seq)
+        found = _last_event(path, instance, at_most=seq)
         starts.append((path, 0 if found is None else found[0]))
         if found is not None:
             break

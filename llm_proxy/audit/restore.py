@@ -32,15 +32,17 @@ class _Unchained(Exception):
         self.result = result
 
 
-async def catch_up_with_file(store: AuditStore, path: Path, head: ChainHead, *, store_in_db: bool) -> ChainHead:
-    """Return the head to continue after: the file's last event, restoring to the database the events it lacks."""
-    file_head = await asyncio.to_thread(newest_event, path)
+async def catch_up_with_file(store: AuditStore, path: Path, head: ChainHead, *, instance: str,
+                             store_in_db: bool) -> ChainHead:
+    """Return the head to continue the instance's chain after: its last event in the file, restoring to the
+    database the events of it the database lacks."""
+    file_head = await asyncio.to_thread(newest_event, path, instance)
     if file_head is None or file_head[0] <= head[0]:
         return head
     # The file got events the database never committed: a crash between the append and the
     # COMMIT, an outage, a database put back from a backup.
-    await _restore_from_file(store, path, store_in_db)
-    head = await store.head()
+    await _restore_from_file(store, path, instance, store_in_db)
+    head = await store.head(instance)
     if file_head[0] > head[0]:
         # They could not be restored: continue after them all the same, so that no seq is ever
         # written twice to the file.
@@ -50,11 +52,12 @@ async def catch_up_with_file(store: AuditStore, path: Path, head: ChainHead, *, 
     return head
 
 
-async def _restore_from_file(store: AuditStore, path: Path, store_in_db: bool) -> None:
-    """Put the events the file holds past the database's chain head into it, if their hashes chain from it."""
+async def _restore_from_file(store: AuditStore, path: Path, instance: str, store_in_db: bool) -> None:
+    """Put the events of the instance's chain the file holds past the database's head into it, if their
+    hashes chain from it."""
     try:
         restored: list[tuple[VerifyResult, list[str]]] = []
-        await store.extend(functools.partial(_restore, path, store_in_db, restored))
+        await store.extend(instance, functools.partial(_restore, path, instance, store_in_db, restored))
         result, sources = restored[0]
     except _Unchained as exc:
         problem = exc.result.problem
@@ -77,16 +80,16 @@ async def _restore_from_file(store: AuditStore, path: Path, store_in_db: bool) -
                     " and ".join(sources))
 
 
-async def _restore(path: Path, store_in_db: bool, restored: list[tuple[VerifyResult, list[str]]], head: ChainHead,
-                   insert: InsertEvents) -> ChainHead | None:
+async def _restore(path: Path, instance: str, store_in_db: bool, restored: list[tuple[VerifyResult, list[str]]],
+                   head: ChainHead, insert: InsertEvents) -> ChainHead | None:
     """Store the file's events past the stored head (a step of AuditStore.extend); note them and their files.
 
     Raises _Unchained, rolling every row back, unless they form one chain from the head.
     """
     walk = ChainWalk(anchor=head)
     sources: dict[str, None] = {}  # an ordered set
-    lines = lines_after(path, head[0])
-    while events := await asyncio.to_thread(chained_events, lines, walk, RESTORE_CHUNK):
+    lines = lines_after(path, head[0], instance)
+    while events := await asyncio.to_thread(chained_events, lines, walk, instance, RESTORE_CHUNK):
         sources.update(dict.fromkeys(source for source, _ in events))
         if store_in_db:
             await insert([event for _, event in events])
@@ -100,9 +103,9 @@ async def _restore(path: Path, store_in_db: bool, restored: list[tuple[VerifyRes
     return result.last_seq, result.last_hash
 
 
-def chained_events(lines: Iterator[tuple[str, bytes]], walk: ChainWalk,
+def chained_events(lines: Iterator[tuple[str, bytes]], walk: ChainWalk, instance: str,
                    count: int) -> list[tuple[str, dict[str, Any]]]:
-    """Feed lines to the walk until it has taken `count` events; return them with their file.
+    """Feed the instance's lines to the walk until it has taken `count` events; return them with their file.
 
     Fewer (none at the end) when the lines run out or the chain breaks.
     """
@@ -115,6 +118,8 @@ def chained_events(lines: Iterator[tuple[str, bytes]], walk: ChainWalk,
         except orjson.JSONDecodeError:
             walk.feed_invalid(source, 0, "not valid JSON (torn or edited line)")
             break
+        if isinstance(event, dict) and event.get("instance", "") != instance:
+            continue  # another instance's chain, sharing the file
         if not walk.feed_event(source, 0, event):
             break
         events.append((source, event))

@@ -53,8 +53,11 @@ class _Throttle:
 class AuditWriter:
     """Take audit events from the hot path without blocking; one task chains and writes them.
 
-    The chain head (seq, hash) lives in audit_chain and is updated in the same transaction as the
-    rows, so seq continues across restarts whether or not events are stored in the database.
+    Its events form the chain of its `instance` (INSTANCE_ID; each process writes its own, SPEC §7),
+    and carry it. The chain head (seq, hash) lives in audit_chain and is updated in the same
+    transaction as the rows, so seq continues across restarts whether or not events are stored in
+    the database. An instance of '' writes events without `instance` (the chain of events written
+    before instances were named; tests of the chain alone).
 
     Durability: emit() only enqueues. The writer waits BATCH_INTERVAL after the first event for
     more to gather, takes whatever is queued (up to BATCH_SIZE events), commits it to SQLite (rows
@@ -70,7 +73,7 @@ class AuditWriter:
     DB_RETRY_DELAYS: tuple[float, ...] = (0.05, 0.2, 1.0)
 
     def __init__(self, store: AuditStore, *, enabled: bool, file_path: Path | None, create_dir: bool,
-                 store_in_db: bool, mask_client_ip: bool, queue_size: int = 10000,
+                 store_in_db: bool, mask_client_ip: bool, instance: str = "", queue_size: int = 10000,
                  clock: Callable[[], datetime] | None = None, batch_interval: float = BATCH_INTERVAL) -> None:
         self._events = store
         self.enabled = enabled
@@ -81,7 +84,7 @@ class AuditWriter:
         self._queue: asyncio.Queue[dict[str, Any] | None] = asyncio.Queue(queue_size)
         self._file = AppendFile(file_path, create_dir) if file_path is not None else None
         self._committer = BatchCommitter(store, self._append_lines if self._file is not None else None,
-                                         store_in_db=store_in_db, max_unsaved=queue_size)
+                                         instance=instance, store_in_db=store_in_db, max_unsaved=queue_size)
         self._task: asyncio.Task[None] | None = None
         self._batch_interval = batch_interval
         self._hurry = asyncio.Event()  # set while someone waits in flush() or close(): no gathering
@@ -131,9 +134,11 @@ class AuditWriter:
         """
         if not self.enabled or self._task is not None:
             return
-        head = await self._events.head()
+        instance = self._committer.instance
+        head = await self._events.head(instance)
         if self._file is not None:
-            head = await catch_up_with_file(self._events, self._file.path, head, store_in_db=self._store_in_db)
+            head = await catch_up_with_file(self._events, self._file.path, head, instance=instance,
+                                            store_in_db=self._store_in_db)
             await asyncio.to_thread(self._file.open)
         self._committer.seq, self._committer.hash = head
         self._task = asyncio.create_task(self._run(), name="audit-writer")

@@ -248,9 +248,11 @@ class Management:
         # The writer gathers events for up to 50 ms: write what is queued, so that an operator
         # reads every event that happened before the query.
         await self.audit.flush()
-        events = await self.store.audit.query(
+        # Every instance's chain, merged newest first; `before` is a position in that order, not a seq
+        # (each chain counts its own).
+        listed = await self.store.audit.query(
             filters=filters, since=query_timestamp(query, "since"), until=query_timestamp(query, "until"),
             before=query_int(query, "before", default=None, minimum=1, maximum=2**62), limit=limit)
-        details.update(filters, count=len(events))
-        next_before = events[-1]["seq"] if len(events) == limit else None
-        return json_response({"data": events, "next_before": next_before})
+        details.update(filters, count=len(listed))
+        next_before = listed[-1][0] if len(listed) == limit else None
+        return json_response({"data": [event for _, event in listed], "next_before": next_before})

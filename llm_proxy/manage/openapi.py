@@ -151,7 +151,8 @@ def build_document(settings: Settings | None = None) -> dict[str, Any]:
         },
         "/manage/audit": {
             "get": _operation(
-                "list_audit", "audit", "Audit events, newest first; pass next_before as before for the next page.",
+                "list_audit", "audit", "Audit events of every instance's chain, newest first; pass next_before as "
+                "before for the next page.",
                 query=[_query("action", {"type": "string"}, "Exact action, e.g. token.create."),
                        _query("project_id", {"type": "string"}, "Exact project id."),
                        _query("result", {"type": "string"}, "success, failure, denied or error."),
@@ -160,7 +161,7 @@ def build_document(settings: Settings | None = None) -> dict[str, Any]:
                        _query("limit", {"type": "integer", "minimum": 1, "maximum": 1000, "default": 100},
                               "Page size."),
                        _query("before", {"type": "integer", "minimum": 1, "maximum": 2**62},
-                              "Only events with a smaller seq.")],
+                              "Only events stored before this position (the next_before of the previous page).")],
                 ok={200: _json("A page of events.", "AuditPage")}, errors=(400,)),
         },
         "/manage/openapi.json": {
@@ -315,9 +316,11 @@ def _schemas() -> dict[str, Schema]:
             "actor": {"enum": ["management", "client", "system"]},
             "project_id": {"type": "string"}, "request_id": {"type": "string"}, "client_ip": {"type": "string"},
             "result": {"enum": ["success", "failure", "denied", "error"]},
-            "details": {"type": "object"}, "seq": {"type": "integer", "minimum": 1},
+            "details": {"type": "object"},
+            "instance": {"type": "string", "description": "INSTANCE_ID of the process that wrote it (its chain)"},
+            "seq": {"type": "integer", "minimum": 1, "description": "position in its instance's chain"},
             "hash": {"type": "string", "pattern": "^[0-9a-f]{64}$"}},
-            optional=("project_id", "request_id", "client_ip", "details")),
+            optional=("project_id", "request_id", "client_ip", "details", "instance")),
         "AuditPage": _object({"data": {"type": "array", "items": {"$ref": "#/components/schemas/AuditEvent"}},
                               "next_before": {"type": ["integer", "null"], "minimum": 1}}),
         "Health": _object({"status": {"const": "ok"}, "version": {"type": "string"}}),

@@ -8,12 +8,12 @@ row is None, not an exception (what that means to a client is the caller's decis
 from __future__ import annotations
 
 from collections.abc import Awaitable, Callable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from llm_proxy.models import Project, TokenRecord
 
-ChainHead = tuple[int, str]  # (seq, hash) of the newest audit event; (0, 64 zeros) before the first
+ChainHead = tuple[int, str]  # (seq, hash) of a chain's newest audit event; (0, 64 zeros) before the first
 # Stores events (dicts carrying their seq and hash, in seq order) in the transaction it is given to.
 InsertEvents = Callable[[Sequence[dict[str, Any]]], Awaitable[None]]
 # Given the head and a way to insert events after it, extend the chain; return the new head (None: unchanged).
@@ -22,17 +22,24 @@ ChainStep = Callable[[ChainHead, InsertEvents], Awaitable[ChainHead | None]]
 
 @dataclass(frozen=True, slots=True)
 class PruneResult:
-    """What a prune deleted; `details()` is what the caller's audit.prune event carries."""
+    """What a prune deleted; `details()` is what the caller's audit.prune event carries.
+
+    pruned: the (seq, hash) of the last event deleted from each chain it deleted from, by instance.
+    anchors: every chain's anchor after the prune, those of earlier prunes included (audit.verify's
+    prune() adds them), so the newest audit.prune event alone tells verify where each chain starts.
+    """
 
     deleted: int
     batches: int
-    last_pruned_seq: int | None
-    last_pruned_hash: str | None
+    pruned: dict[str, ChainHead] = field(default_factory=dict)
+    anchors: dict[str, ChainHead] = field(default_factory=dict)
 
     def details(self) -> dict[str, Any]:
         """Return the details of the audit.prune event that records this prune."""
-        return {"deleted": self.deleted, "last_pruned_seq": self.last_pruned_seq,
-                "last_pruned_hash": self.last_pruned_hash}
+        anchors = self.anchors or self.pruned
+        return {"deleted": self.deleted,
+                "chains": {instance: {"last_pruned_seq": seq, "last_pruned_hash": digest}
+                           for instance, (seq, digest) in sorted(anchors.items())}}
 
 
 class ProjectStore(Protocol):
@@ -93,27 +100,35 @@ class UsageStore(Protocol):
 
 
 class AuditStore(Protocol):
-    async def head(self) -> ChainHead: ...
-    async def extend(self, step: ChainStep) -> ChainHead | None:
+    """Audit events in hash chains, one per instance (INSTANCE_ID; '' for events written before
+    instances were named). `seq` counts within a chain; the store also numbers events across chains
+    in the order they were stored (the `before` cursor of query)."""
+
+    async def head(self, instance: str) -> ChainHead: ...
+    async def heads(self) -> dict[str, ChainHead]:
+        """Every chain's head, by instance: those recorded and those of stored events."""
+    async def extend(self, instance: str, step: ChainStep) -> ChainHead | None:
         """Run step(head, insert) in one write transaction and store the head it returns before COMMIT.
 
         The step may also write elsewhere (the audit file): while it runs, no other writer of this
-        store, in any process, can move the head, so every writer's events follow one chain.
+        instance's chain, in any process, can move its head, so its events follow one chain.
         """
     async def query(self, *, filters: Mapping[str, str], since: str | None, until: str | None,
-                    before: int | None, limit: int) -> list[dict[str, Any]]:
-        """Events newest first, on exact action/project_id/result, a time range and a seq cursor.
+                    before: int | None, limit: int) -> list[tuple[int, dict[str, Any]]]:
+        """(position, event) newest first, every chain merged, on exact action/project_id/result, a time
+        range and a position cursor.
 
-        `since` and `until` are timestamps (YYYY-MM-DDTHH:MM:SSZ), `until` exclusive; `before` a seq,
-        exclusive. An event whose details are unreadable is listed without them, with
+        `since` and `until` are timestamps (YYYY-MM-DDTHH:MM:SSZ), `until` exclusive; `before` a
+        position, exclusive. An event whose details are unreadable is listed without them, with
         "details_unreadable": true, so one damaged row never hides the others.
         """
-    async def walk(self, after: int, limit: int) -> list[tuple[int, dict[str, Any] | None]]:
-        """Up to `limit` events with seq > after, oldest first; None for one whose details are unreadable."""
-    async def prune_anchor(self) -> ChainHead | None:
-        """The last pruned (seq, hash) the newest audit.prune event that deleted rows recorded."""
+    async def walk(self, instance: str, after: int, limit: int) -> list[tuple[int, dict[str, Any] | None]]:
+        """Up to `limit` events of a chain with seq > after, oldest first; None for one whose details are
+        unreadable."""
+    async def prune_anchors(self) -> dict[str, ChainHead]:
+        """Each chain's last pruned (seq, hash), as the newest audit.prune event that records any has them."""
     async def prune(self, cutoff: str, batch_size: int) -> PruneResult:
-        """Delete the oldest events, in batches, up to the first one at or after `cutoff` (a timestamp)."""
+        """Delete each chain's oldest events, in batches, up to its first one at or after `cutoff` (a timestamp)."""
 
 
 class Store(Protocol):

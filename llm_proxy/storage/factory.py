@@ -16,7 +16,7 @@ from llm_proxy.settings import _parse_database_url as parse_database_url
 from llm_proxy.storage.base import ChainHead, Store
 from llm_proxy.storage.errors import StorageError
 from llm_proxy.storage.sqlite import database as sqlite_database
-from llm_proxy.storage.sqlite.audit import peek_chain_head
+from llm_proxy.storage.sqlite.audit import peek_chain_heads
 from llm_proxy.storage.sqlite.ownership import current_owner
 from llm_proxy.storage.sqlite.store import SqliteStore
 
@@ -78,16 +78,16 @@ def open_store(settings: Settings) -> Store:
     return PostgresStore(settings.database_url)
 
 
-def peek_audit_head(settings: Settings) -> ChainHead | None:
-    """Read the audit chain's head without creating or changing anything; None when there is no chain.
+def peek_audit_heads(settings: Settings) -> dict[str, ChainHead] | None:
+    """Read every audit chain's head without creating or changing anything; None when there is no chain.
 
     Raises StorageError when the database cannot be read (call it where no event loop is running).
     """
     if not is_postgres(settings):
-        return peek_chain_head(settings.database_path)
+        return peek_chain_heads(settings.database_path)
     with _asyncpg_for("DATABASE_URL"):
         from llm_proxy.storage.postgres import audit
-    return asyncio.run(audit.peek_chain_head(settings.database_url))
+    return asyncio.run(audit.peek_chain_heads(settings.database_url))
 
 
 # ---- the schema: `db status`, `db migrate` ----
@@ -152,9 +152,11 @@ async def migrate_schema(database: Database, variable: str = "DATABASE_URL") -> 
 
 # ---- `db copy` ----
 
-# What a copy carries, parents first; the audit chain's recorded head goes with them. schema_migrations
+# What a copy carries, parents first, the audit chains' recorded heads included. schema_migrations
 # (the target keeps its own) and serving_owner (nobody serves the copy yet) stay behind.
-COPIED_TABLES = ("projects", "tokens", "usage_daily", "audit_events")
+COPIED_TABLES = ("projects", "tokens", "usage_daily", "audit_events", "audit_chain")
+# Columns the target numbers itself, in the order the rows come (the source's order is kept).
+_NUMBERED = {"audit_events": "id"}
 
 
 class TargetNotEmpty(StorageError):
@@ -163,24 +165,20 @@ class TargetNotEmpty(StorageError):
 
 @dataclass(frozen=True, slots=True)
 class CopyResult:
-    """The rows a copy wrote, per table, and the audit chain head it recorded (None: the source had none)."""
+    """The rows a copy wrote, per table."""
 
     rows: dict[str, int]
-    chain_head: ChainHead | None
 
 
 class _Snapshot(Protocol):
     async def columns(self, table: str) -> list[str]: ...
     def rows(self, table: str, columns: Sequence[str], batch_size: int) -> AsyncIterator[list[tuple[Any, ...]]]: ...
-    async def chain_head(self) -> ChainHead | None: ...
 
 
 class _Load(Protocol):
     async def columns(self, table: str) -> list[str]: ...
     async def count(self, table: str) -> int: ...
-    async def chain_head(self) -> ChainHead | None: ...
     async def insert(self, table: str, columns: Sequence[str], rows: Sequence[Sequence[Any]]) -> None: ...
-    async def set_chain_head(self, head: ChainHead) -> None: ...
 
 
 def _snapshot(database: Database, variable: str) -> contextlib.AbstractAsyncContextManager[_Snapshot]:
@@ -200,16 +198,16 @@ def _load(database: Database, variable: str) -> contextlib.AbstractAsyncContextM
 
 
 async def _occupied(load: _Load) -> dict[str, int]:
-    occupied = {table: count for table in COPIED_TABLES if (count := await load.count(table))}
-    head = await load.chain_head()
-    if head is not None and head[0] > 0:
-        occupied["audit_chain"] = 1
-    return occupied
+    return {table: count for table in COPIED_TABLES if (count := await load.count(table))}
+
+
+async def _copied_columns(side: _Snapshot | _Load, table: str) -> list[str]:
+    return [name for name in await side.columns(table) if name != _NUMBERED.get(table)]
 
 
 async def copy_database(source: Database, target: Database, *, batch_size: int = 1000,
                         variables: tuple[str, str] = ("--from", "--to")) -> CopyResult:
-    """Copy every row of COPIED_TABLES, and the audit chain's recorded head, from source into an empty target.
+    """Copy every row of COPIED_TABLES from source into an empty target.
 
     The source is read as of one moment and never changed; the target is written in one transaction,
     `batch_size` rows at a time, so a copy that fails or is refused (TargetNotEmpty) leaves it as it was.
@@ -218,7 +216,7 @@ async def copy_database(source: Database, target: Database, *, batch_size: int =
     """
     rows: dict[str, int] = {}
     async with _snapshot(source, variables[0]) as reading:
-        columns = {table: await reading.columns(table) for table in COPIED_TABLES}
+        columns = {table: await _copied_columns(reading, table) for table in COPIED_TABLES}
         if missing := [table for table, names in columns.items() if not names]:
             raise StorageError(f"{show_database(source)} is not an llm-proxy database (no {', '.join(missing)} table)")
         async with _load(target, variables[1]) as writing:
@@ -226,7 +224,7 @@ async def copy_database(source: Database, target: Database, *, batch_size: int =
                 held = ", ".join(f"{table}: {count}" for table, count in occupied.items())
                 raise TargetNotEmpty(f"{show_database(target)} is not empty ({held})")
             for table, names in columns.items():
-                theirs = await writing.columns(table)
+                theirs = await _copied_columns(writing, table)
                 if set(theirs) != set(names):
                     only = sorted(set(names) ^ set(theirs))
                     raise StorageError(f"the two databases' {table} tables differ ({', '.join(only)}): run "
@@ -235,7 +233,4 @@ async def copy_database(source: Database, target: Database, *, batch_size: int =
                 async for batch in reading.rows(table, names, batch_size):
                     await writing.insert(table, names, batch)
                     rows[table] += len(batch)
-            head = await reading.chain_head()
-            if head is not None:
-                await writing.set_chain_head(head)
-    return CopyResult(rows, head)
+    return CopyResult(rows)

@@ -10,8 +10,10 @@ import orjson
 from llm_proxy.storage.base import ChainHead
 
 ZERO_HEAD: ChainHead = (0, "0" * 64)
-# Column order = key order of an event in the file; NULL columns are keys left out.
-COLUMNS = ("timestamp", "action", "actor", "project_id", "request_id", "client_ip", "result", "details", "seq", "hash")
+# Column order = key order of an event in the file; NULL columns are keys left out, and so is an
+# instance of '' (the chain of events written before instances were named).
+COLUMNS = ("timestamp", "action", "actor", "project_id", "request_id", "client_ip", "result", "details", "instance",
+           "seq", "hash")
 
 
 def newest(rows: Iterable[Sequence[Any] | None]) -> ChainHead:
@@ -23,16 +25,25 @@ def newest(rows: Iterable[Sequence[Any] | None]) -> ChainHead:
     return head
 
 
+def newest_per_chain(rows: Iterable[Sequence[Any]]) -> dict[str, ChainHead]:
+    """Return the highest (seq, hash) of each instance among (instance, seq, hash) rows."""
+    heads: dict[str, ChainHead] = {}
+    for instance, seq, digest in rows:
+        if seq > heads.get(instance, ZERO_HEAD)[0]:
+            heads[instance] = (seq, digest)
+    return heads
+
+
 def event_row(event: Mapping[str, Any]) -> tuple[Any, ...]:
-    """Return the values of an event's row: seq first, then COLUMNS' order up to details, then hash.
+    """Return the values of an event's row, in COLUMNS' order.
 
     The details are stored as the JSON text the event carries them as, byte for byte what the chain
     hashes (a JSON type that reorders keys would break verification).
     """
     details = event.get("details")
-    return (event["seq"], event["timestamp"], event["action"], event["actor"], event.get("project_id"),
-            event.get("request_id"), event.get("client_ip"), event["result"],
-            None if details is None else orjson.dumps(details, default=str).decode(), event["hash"])
+    text = None if details is None else orjson.dumps(details, default=str).decode()
+    return (event["timestamp"], event["action"], event["actor"], event.get("project_id"), event.get("request_id"),
+            event.get("client_ip"), event["result"], text, event.get("instance", ""), event["seq"], event["hash"])
 
 
 def event_from_row(row: Sequence[Any]) -> dict[str, Any]:
@@ -42,7 +53,7 @@ def event_from_row(row: Sequence[Any]) -> dict[str, Any]:
     """
     event: dict[str, Any] = {}
     for key, value in zip(COLUMNS, row, strict=True):
-        if value is None:
+        if value is None or (key == "instance" and value == ""):
             continue
         event[key] = orjson.loads(value) if key == "details" else value
     return event
@@ -68,18 +79,38 @@ def walked_event(row: Sequence[Any]) -> tuple[int, dict[str, Any] | None]:
     return event["seq"], event
 
 
-def prune_anchor(details: Iterable[str | None]) -> ChainHead | None:
-    """Return the last pruned (seq, hash) of the first readable audit.prune details (newest first) that has one."""
+def _anchor(recorded: Any) -> ChainHead | None:
+    if isinstance(recorded, dict):
+        seq, digest = recorded.get("last_pruned_seq"), recorded.get("last_pruned_hash")
+        if type(seq) is int and isinstance(digest, str):
+            return seq, digest
+    return None
+
+
+def prune_anchors(details: Iterable[str | None]) -> dict[str, ChainHead]:
+    """Return the last pruned (seq, hash) of each chain, from the first readable audit.prune details
+    (newest first) that records any.
+
+    An audit.prune event records every chain's anchor, those it pruned and those an earlier prune
+    did ({"chains": {instance: {"last_pruned_seq", "last_pruned_hash"}}}), so the newest one is
+    enough. One written before instances were named records the anchor of the chain of '' alone,
+    at the top of its details.
+    """
     for text in details:
         try:
             parsed = orjson.loads(text) if text else None
         except orjson.JSONDecodeError:
             continue
-        if isinstance(parsed, dict):
-            seq, digest = parsed.get("last_pruned_seq"), parsed.get("last_pruned_hash")
-            if type(seq) is int and isinstance(digest, str):
-                return seq, digest
-    return None
+        if not isinstance(parsed, dict):
+            continue
+        chains = parsed.get("chains")
+        if isinstance(chains, dict):
+            anchors = {name: anchor for name, recorded in chains.items() if (anchor := _anchor(recorded))}
+            if anchors:
+                return anchors
+        if (anchor := _anchor(parsed)) is not None:
+            return {"": anchor}
+    return {}
 
 
 def usage_days(since: str | None, until: str | None) -> tuple[str | None, str | None, bool]:

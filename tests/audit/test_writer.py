@@ -102,7 +102,7 @@ async def table_events(db: Database) -> list[dict[str, Any]]:
 
 
 async def head(db: Database) -> tuple[int, str] | None:
-    row = await db.fetchone("SELECT seq, hash FROM audit_chain WHERE id = 1")
+    row = await db.fetchone("SELECT seq, hash FROM audit_chain WHERE instance = ''")
     return None if row is None else (row[0], row[1])
 
 
@@ -551,7 +551,7 @@ async def test_rotation_while_writing_loses_and_tears_nothing(make_writer: Write
     assert [event["seq"] for event in old + new] == list(range(1, 301))
     assert stat.S_IMODE(audit_path.stat().st_mode) == 0o640
     result = verify_files([audit_path, rotated])
-    assert result.ok and result.events == 300 and result.start == "genesis"
+    assert result.ok and result.events == 300 and result.chains[""].start == "genesis"
 
 
 @pytest.mark.system
@@ -580,7 +580,7 @@ async def test_logrotate_recipe_rename_and_create(make_writer: WriterFactory, au
     assert {path.name for path in files} >= {"audit.log", "audit.log.1", "audit.log.2.gz"}
     result = verify_files(files)
     assert result.ok, result.describe()
-    assert (result.events, result.first_seq, result.last_seq) == (130, 1, 130)
+    assert (result.events, result.chains[""].first_seq, result.chains[""].last_seq) == (130, 1, 130)
 
 
 # ---- back-pressure and failures ----

@@ -580,8 +580,10 @@ async def test_rotate_key_reads_rows_under_either_previous_key(make_gateway: Cal
 
 async def write_events(database: Path, audit_file: Path, count: int, when: datetime) -> None:
     db = await Database.open(database)
+    # As a gateway on this host writes them: the chain of its instance, the host name, which the CLI's
+    # own events (audit.prune) continue.
     writer = AuditWriter(SqliteAudit(db), enabled=True, file_path=audit_file, create_dir=True, store_in_db=True,
-                         mask_client_ip=False, clock=lambda: when)
+                         mask_client_ip=False, clock=lambda: when, instance=socket.gethostname())
     await writer.start()
     for number in range(count):
         writer.emit("token.create", actor="management", result="success", project_id=f"p{number}",
@@ -607,11 +609,14 @@ async def test_audit_verify_and_prune(capsys: pytest.CaptureFixture[str], monkey
     audit_file.rename(audit_file.with_name("audit.log.1"))  # logrotate's rename; the writer creates a new file
     pruned = await run_async(capsys, "audit", "prune", "--older-than-days", "30", "--batch-size", "2", "--json")
     assert pruned.code == 0, pruned
-    assert pruned.json()["deleted"] == 5 and pruned.json()["batches"] == 3 and pruned.json()["last_pruned_seq"] == 5
+    host = socket.gethostname()
+    assert pruned.json()["deleted"] == 5 and pruned.json()["batches"] == 3
+    assert pruned.json()["chains"][host]["last_pruned_seq"] == 5
     (event,) = audit_rows(database, "audit.prune")
     details = orjson.loads(event["details"])
     assert event["actor"] == "system" and event["result"] == "success" and event["seq"] == 6
-    assert details["last_pruned_seq"] == 5 and len(details["last_pruned_hash"]) == 64
+    assert event["instance"] == host
+    assert details["chains"][host]["last_pruned_seq"] == 5 and len(details["chains"][host]["last_pruned_hash"]) == 64
     assert details["older_than_days"] == 30 and details["deleted"] == 5
 
     default_age = await run_async(capsys, "audit", "prune")  # AUDIT_RETENTION_DAYS (90): nothing that old is left
@@ -646,7 +651,7 @@ async def test_audit_verify_checks_the_files_against_the_databases_chain_head(
                         ("DATABASE_PATH", str(database)), ("AUDIT_LOG_FILE", str(audit_file))):
         monkeypatch.setenv(name, value)
     intact = await run_async(capsys, "audit", "verify")
-    assert intact.code == 0 and "chain head, seq 3" in intact.out, intact
+    assert intact.code == 0 and f"chain heads: {socket.gethostname()} at seq 3" in intact.out, intact
 
     # A backup of the database taken now, then the gateway writes on: a head read just before the
     # files grew must not make a sound chain look tampered with.

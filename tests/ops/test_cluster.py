@@ -20,6 +20,7 @@ from typing import Any
 
 import aiohttp
 import openai
+import orjson
 import pytest
 from aiohttp.test_utils import TestServer
 
@@ -217,12 +218,16 @@ async def test_three_gateways_on_one_postgresql_and_one_redis_keep_every_promise
         {token_id: count for token_id, count in served.items() if count}
     assert daily == sum(served.values())
 
-    # The audit trail in PostgreSQL verifies.
+    # The audit trail in PostgreSQL verifies: one chain per gateway, each whole, all three written at once.
     verify = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "llm_proxy", "audit", "verify", "--db", cwd=tmp_path,
+        sys.executable, "-m", "llm_proxy", "audit", "verify", "--db", "--json", cwd=tmp_path,
         env={**env, "AUDIT_LOG_FILE": ""}, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
     out, err = await asyncio.wait_for(verify.communicate(), timeout=60)
     assert verify.returncode == 0, (out, err)
+    chains = orjson.loads(out)["db"]["chains"]
+    assert {"gw-1", "gw-2", "gw-3"} <= set(chains)
+    assert all(chains[name]["ok"] and chains[name]["first_seq"] == 1 and chains[name]["events"] > 5
+               for name in ("gw-1", "gw-2", "gw-3")), chains
     # No password of either server in any log line.
     for name in ("gw-1", "gw-2", "gw-3"):
         text = (tmp_path / f"{name}.log").read_text()

@@ -45,8 +45,11 @@ CHAT = {"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "hi"}]}
 ORDERS = {"projects": ("created_at, rowid", "created_at, created_order"),
           "tokens": ("created_at, rowid", "created_at, created_order"),
           "usage_daily": ("project_id, day", "project_id, day"),
-          "audit_events": ("seq", "seq"),
-          "audit_chain": ("id", "id")}
+          "audit_events": ("id", "id"),
+          "audit_chain": ("instance", "instance")}
+# What is compared: every column, but the position each database gives an audit event itself.
+SELECTED = {"audit_events": "instance, seq, timestamp, action, actor, project_id, request_id, client_ip, result,"
+                            " details, hash"}
 
 
 @pytest.fixture(autouse=True)
@@ -83,7 +86,8 @@ def one_line(result: Result, code: int, *fragments: str) -> str:
 def sqlite_rows(path: Path) -> dict[str, list[tuple[Any, ...]]]:
     """Every copied row of a SQLite database, each table in the order it was written."""
     with closing(sqlite3.connect(path)) as conn:
-        return {table: [tuple(row) for row in conn.execute(f"SELECT * FROM {table} ORDER BY {order}")]
+        return {table: [tuple(row) for row in conn.execute(f"SELECT {SELECTED.get(table, '*')} FROM {table}"
+                                                            f" ORDER BY {order}")]
                 for table, (order, _) in ORDERS.items()}
 
 
@@ -93,7 +97,7 @@ async def postgres_rows(url: str) -> dict[str, list[tuple[Any, ...]]]:
     try:
         found = {}
         for table, (_, order) in ORDERS.items():
-            records = await conn.fetch(f"SELECT * FROM {table} ORDER BY {order}")
+            records = await conn.fetch(f"SELECT {SELECTED.get(table, '*')} FROM {table} ORDER BY {order}")
             found[table] = [tuple(int(value) if isinstance(value, bool) else value
                                   for name, value in record.items() if name != "created_order")
                             for record in records]
@@ -155,9 +159,7 @@ async def test_a_copy_to_postgresql_holds_every_row_and_its_chain_verifies(
                        "--batch-size", "2")
     assert (copied.code, copied.err) == (0, ""), copied
     document = orjson.loads(copied.out)
-    assert document["rows"] == {table: len(source[table]) for table in ("projects", "tokens", "usage_daily",
-                                                                        "audit_events")}
-    assert document["chain_head"] == {"seq": source["audit_chain"][0][1], "hash": source["audit_chain"][0][2]}
+    assert document["rows"] == {table: len(source[table]) for table in ORDERS}
     assert document["to"] == with_password(postgres_url, "***") and password not in copied.out
     assert await postgres_rows(postgres_url) == source
 
@@ -182,7 +184,7 @@ async def test_a_copy_comes_back_to_sqlite_unchanged(postgres_url: str, tmp_path
     there = await cli(capsys, "db", "copy", "--from", f"sqlite:///{database}", "--to", postgres_url)
     assert there.code == 0, there
     assert there.out.splitlines()[0] == f"copied {database} to {with_password(postgres_url, '***')}:"
-    assert "audit chain head: seq " in there.out
+    assert "audit_chain" in there.out and "llm-proxy audit verify --db" in there.out
     back = await cli(capsys, "db", "copy", "--from", postgres_url, "--to", f"sqlite:///{tmp_path}/back/copy.db")
     assert back.code == 0, back
     assert sqlite_rows(tmp_path / "back" / "copy.db") == sqlite_rows(database)
@@ -268,12 +270,12 @@ async def test_status_and_migrate_on_postgresql(postgres_url: str, capsys: pytes
     document = orjson.loads(fresh.out)
     assert document["backend"] == "postgresql" and document["database"] == shown
     assert (document["applied"], document["up_to_date"], document["served_by"]) == ([], False, None)
-    assert [m["version"] for m in document["pending"]] == [1, 2]
-    assert [m["name"] for m in document["pending"]] == ["initial", "serving_owner"]
+    assert [m["version"] for m in document["pending"]] == [1, 2, 3]
+    assert [m["name"] for m in document["pending"]] == ["initial", "serving_owner", "audit_instances"]
 
     migrated = await cli(capsys, "db", "migrate")
     assert (migrated.code, migrated.err) == (0, "")
-    assert migrated.out == f"applied 2 migration(s) to {shown}: 1 initial, 2 serving_owner\n"
+    assert migrated.out == f"applied 3 migration(s) to {shown}: 1 initial, 2 serving_owner, 3 audit_instances\n"
     again = await cli(capsys, "db", "migrate", "--json")
     assert orjson.loads(again.out) == {"database": shown, "applied": []}
 
@@ -286,9 +288,10 @@ async def test_status_and_migrate_on_postgresql(postgres_url: str, capsys: pytes
         assert (status.code, status.err) == (0, ""), status
         lines = status.out.splitlines()
         assert lines[:4] == ["backend    postgresql", f"database   {shown}",
-                             "served by  pid 7 on gw-1 since 2026-12-02T21:00:00Z", "schema     up to date (version 2)"]
+                             "served by  pid 7 on gw-1 since 2026-12-02T21:00:00Z", "schema     up to date (version 3)"]
         assert lines[5].split() == ["VERSION", "NAME", "APPLIED"]
-        assert [line.split()[:2] for line in lines[6:]] == [["1", "initial"], ["2", "serving_owner"]]
+        assert [line.split()[:2] for line in lines[6:]] == [["1", "initial"], ["2", "serving_owner"],
+                                                            ["3", "audit_instances"]]
         assert all(line.split()[2].endswith("Z") for line in lines[6:])
         assert (await cli(capsys, "db", "migrate")).out == f"{shown} is up to date: nothing to apply\n"
         assert store.owner.held
@@ -305,18 +308,20 @@ async def test_status_and_migrate_on_sqlite(tmp_path: Path, make_gateway: Callab
     missing = await cli(capsys, "db", "status")
     assert missing.code == 1, missing
     assert "schema     no database yet: `llm-proxy db migrate` (or `serve`) creates it" in missing.out
-    assert missing.out.splitlines()[-1].split() == ["1", "initial", "pending"]
+    assert [line.split() for line in missing.out.splitlines()[-2:]] == [["1", "initial", "pending"],
+                                                                         ["2", "audit_instances", "pending"]]
     assert not database.exists()  # status creates nothing
 
     migrated = await cli(capsys, "db", "migrate")
-    assert migrated.out == f"applied 1 migration(s) to {database}: 1 initial\n" and database.is_file()
+    assert migrated.out == f"applied 2 migration(s) to {database}: 1 initial, 2 audit_instances\n"
+    assert database.is_file()
 
     gateway: Gateway = await make_gateway(DATABASE_PATH=str(database))
     status = await cli(capsys, "db", "status", "--json")
     assert status.code == 0, status
     document = orjson.loads(status.out)
     assert document["served_by"].startswith("pid ") and document["up_to_date"] is True
-    assert [(m["version"], m["name"]) for m in document["applied"]] == [(1, "initial")]
+    assert [(m["version"], m["name"]) for m in document["applied"]] == [(1, "initial"), (2, "audit_instances")]
     await gateway.close()
     assert orjson.loads((await cli(capsys, "db", "status", "--json")).out)["served_by"] is None
 
@@ -418,14 +423,15 @@ async def test_moving_a_sqlite_deployment_to_postgresql(
     env = serve_command_env(tmp_path, upstream_url, port)
     copied = await run_process("db", "copy", "--from", f"sqlite:///{database}", "--to", postgres_url, env=env)
     assert (copied.code, copied.err) == (0, ""), copied
-    assert copied.out.splitlines()[1:6] == ["TABLE         ROWS", "projects      1", "tokens        2",
+    assert copied.out.splitlines()[1:7] == ["TABLE         ROWS", "projects      1", "tokens        2",
                                              f"usage_daily   {len(source['usage_daily'])}",
-                                             f"audit_events  {len(source['audit_events'])}"]
+                                             f"audit_events  {len(source['audit_events'])}",
+                                             f"audit_chain   {len(source['audit_chain'])}"]
     assert await postgres_rows(postgres_url) == source
 
     on_copy = {**env, "DATABASE_URL": postgres_url}
     status = await run_process("db", "status", env=on_copy)
-    assert status.code == 0 and "up to date (version 2)" in status.out, status
+    assert status.code == 0 and "up to date (version 3)" in status.out, status
     for argv in (("audit", "verify", "--db"), ("audit", "verify")):
         verified = await run_process(*argv, env=on_copy)
         assert verified.code == 0 and "OK" in verified.out, verified

@@ -107,14 +107,24 @@ async def test_workers_share_one_port_survive_a_kill_and_drain_on_sigterm(
             parent.kill()
             await parent.wait()
 
-    # One audit file written by three processes: every line whole, and the chain verifies.
-    lines = audit.read_bytes().splitlines()
-    assert len(lines) > 40 and all(orjson.loads(line)["hash"] for line in lines)
-    verify = await asyncio.create_subprocess_exec(sys.executable, "-m", "llm_proxy", "audit", "verify", cwd=tmp_path,
-                                                  env=env, stdout=asyncio.subprocess.PIPE,
+    # One audit file written by three processes: every line whole; each instance's chain in order in it,
+    # the replaced worker's continued where the killed one left it (same INSTANCE_ID); all verify.
+    events = [orjson.loads(line) for line in audit.read_bytes().splitlines()]
+    assert len(events) > 40 and all(event["hash"] for event in events)
+    chains: dict[str, list[int]] = {}
+    for event in events:
+        chains.setdefault(event["instance"], []).append(event["seq"])
+    assert set(chains) == {"node-1", "node-2"}
+    assert all(seqs == list(range(1, len(seqs) + 1)) for seqs in chains.values()), chains
+    verify = await asyncio.create_subprocess_exec(sys.executable, "-m", "llm_proxy", "audit", "verify", "--json",
+                                                  cwd=tmp_path, env=env, stdout=asyncio.subprocess.PIPE,
                                                   stderr=asyncio.subprocess.PIPE)
     out, err = await asyncio.wait_for(verify.communicate(), timeout=60)
     assert verify.returncode == 0, (out, err)
+    checked = orjson.loads(out)["files"]
+    assert {name: chain["events"] for name, chain in checked["chains"].items()} == \
+        {name: len(seqs) for name, seqs in chains.items()}
+    assert checked["absent"] == []  # the database's heads are those of the chains in the file
 
 
 async def test_more_than_one_worker_without_redis_is_refused_in_one_line(tmp_path: Path) -> None:

@@ -160,16 +160,26 @@ async def append(store: Store, events: Sequence[dict[str, Any]]) -> ChainHead | 
     async def step(head: ChainHead, insert: InsertEvents) -> ChainHead:
         await insert(events)
         return events[-1]["seq"], events[-1]["hash"]
-    return await store.audit.extend(step)
+    return await store.audit.extend("", step)
 
 
 async def stored_seqs(store: Store) -> list[int]:
-    return [seq for seq, _ in await store.audit.walk(0, 10_000)]
+    return [seq for seq, _ in await store.audit.walk("", 0, 10_000)]
+
+
+async def listed(store: Store, **kwargs: Any) -> list[tuple[int, dict[str, Any]]]:
+    arguments: dict[str, Any] = {"filters": {}, "since": None, "until": None, "before": None, "limit": 100}
+    return await store.audit.query(**{**arguments, **kwargs})
 
 
 async def query(store: Store, **kwargs: Any) -> list[dict[str, Any]]:
-    arguments: dict[str, Any] = {"filters": {}, "since": None, "until": None, "before": None, "limit": 100}
-    return await store.audit.query(**{**arguments, **kwargs})
+    return [event for _, event in await listed(store, **kwargs)]
+
+
+async def position_of(store: Store, seq: int, instance: str = "") -> int:
+    """The store's position (query's cursor) of an event, found by its chain and seq."""
+    return next(position for position, event in await listed(store, limit=1000)
+                if (event.get("instance", ""), event["seq"]) == (instance, seq))
 
 
 @contextlib.contextmanager
@@ -664,9 +674,9 @@ async def test_daily_until_a_date_leaves_that_day_out(store: Store, four_days: P
 
 
 async def test_head_of_an_empty_chain_is_zero(store: Store) -> None:
-    assert await store.audit.head() == ZERO_HEAD
-    assert await store.audit.prune_anchor() is None
-    assert await store.audit.walk(0, 10) == []
+    assert await store.audit.head("") == ZERO_HEAD
+    assert await store.audit.prune_anchors() == {}
+    assert await store.audit.walk("", 0, 10) == []
 
 
 async def test_extend_stores_the_inserted_events_and_the_head_the_step_returns(store: Store) -> None:
@@ -680,10 +690,10 @@ async def test_extend_stores_the_inserted_events_and_the_head_the_step_returns(s
         await insert(second)  # the step may insert several times
         return 3, chain_hash(3)
 
-    assert await store.audit.extend(step) == (3, chain_hash(3))
+    assert await store.audit.extend("", step) == (3, chain_hash(3))
     assert heads == [ZERO_HEAD]
-    assert await store.audit.head() == (3, chain_hash(3))
-    assert await store.audit.walk(0, 10) == [(e["seq"], e) for e in first + second]
+    assert await store.audit.head("") == (3, chain_hash(3))
+    assert await store.audit.walk("", 0, 10) == [(e["seq"], e) for e in first + second]
     assert await query(store) == (first + second)[::-1]
 
 
@@ -691,7 +701,7 @@ async def test_the_next_step_is_given_the_stored_head(store: Store) -> None:
     """The head is stored as returned, even with no event inserted (events kept only in the file)."""
     async def jump(head: ChainHead, insert: InsertEvents) -> ChainHead:
         return 41, chain_hash(41)
-    assert await store.audit.extend(jump) == (41, chain_hash(41))
+    assert await store.audit.extend("", jump) == (41, chain_hash(41))
     given: list[ChainHead] = []
 
     async def step(head: ChainHead, insert: InsertEvents) -> ChainHead:
@@ -699,9 +709,9 @@ async def test_the_next_step_is_given_the_stored_head(store: Store) -> None:
         await insert([event(head[0] + 1)])
         return head[0] + 1, chain_hash(head[0] + 1)
 
-    assert await store.audit.extend(step) == (42, chain_hash(42))
+    assert await store.audit.extend("", step) == (42, chain_hash(42))
     assert given == [(41, chain_hash(41))]
-    assert await store.audit.head() == (42, chain_hash(42))
+    assert await store.audit.head("") == (42, chain_hash(42))
     assert await stored_seqs(store) == [42]
 
 
@@ -711,8 +721,8 @@ async def test_a_step_returning_none_leaves_the_head(store: Store) -> None:
     async def nothing(head: ChainHead, insert: InsertEvents) -> None:
         return None
 
-    assert await store.audit.extend(nothing) is None
-    assert await store.audit.head() == (2, chain_hash(2))
+    assert await store.audit.extend("", nothing) is None
+    assert await store.audit.head("") == (2, chain_hash(2))
     assert await stored_seqs(store) == [1, 2]
 
 
@@ -720,7 +730,7 @@ async def test_a_step_returning_none_leaves_the_head(store: Store) -> None:
 async def test_an_exception_from_the_step_rolls_back_its_events_and_the_head(store: Store, before: int) -> None:
     if before:
         await append(store, events_at(*["2024-01-01T00:00:00Z"] * before))
-    head = await store.audit.head()
+    head = await store.audit.head("")
 
     async def step(head: ChainHead, insert: InsertEvents) -> ChainHead:
         await insert(events_at("2024-01-02T00:00:00Z", "2024-01-02T00:00:01Z", first=head[0] + 1))
@@ -728,8 +738,8 @@ async def test_an_exception_from_the_step_rolls_back_its_events_and_the_head(sto
         raise Refused("the audit file could not be written")
 
     with pytest.raises(Refused):
-        await store.audit.extend(step)
-    assert await store.audit.head() == head
+        await store.audit.extend("", step)
+    assert await store.audit.head("") == head
     assert await stored_seqs(store) == list(range(1, before + 1))
     assert await append(store, [event(before + 1)]) == (before + 1, chain_hash(before + 1))  # the store goes on
 
@@ -748,8 +758,8 @@ async def test_a_seq_already_stored_is_a_duplicate_and_rolls_back(store: Store, 
         return 4, chain_hash(4)
 
     with pytest.raises(DuplicateKey):
-        await store.audit.extend(step)
-    assert await store.audit.head() == (2, chain_hash(2))
+        await store.audit.extend("", step)
+    assert await store.audit.head("") == (2, chain_hash(2))
     assert await stored_seqs(store) == [1, 2]
 
 
@@ -767,7 +777,7 @@ async def test_insert_raises_duplicate_key_into_the_step(store: Store) -> None:
         return head
 
     with pytest.raises(DuplicateKey):
-        await store.audit.extend(step)
+        await store.audit.extend("", step)
     assert [type(exc) for exc in seen] == [DuplicateKey]
 
 
@@ -775,7 +785,7 @@ async def test_extend_stores_a_large_batch_whole(store: Store) -> None:
     events = [event(seq, f"2024-01-01T00:{seq // 60:02d}:{seq % 60:02d}Z") for seq in range(1, 251)]
     assert await append(store, events) == (250, chain_hash(250))
     assert await stored_seqs(store) == list(range(1, 251))
-    assert await store.audit.walk(98, 3) == [(seq, events[seq - 1]) for seq in (99, 100, 101)]
+    assert await store.audit.walk("", 98, 3) == [(seq, events[seq - 1]) for seq in (99, 100, 101)]
 
 
 @pytest.mark.parametrize("stores", [1, 2], ids=["one-store", "two-stores"])
@@ -793,14 +803,14 @@ async def test_concurrent_extends_follow_one_chain(backend: Backend, store: Stor
 
     try:
         writers = [store, other if stores == 2 else store] * 10
-        heads = await asyncio.gather(*(writer.audit.extend(step) for writer in writers))
+        heads = await asyncio.gather(*(writer.audit.extend("", step) for writer in writers))
     finally:
         await other.close()
     assert sorted(head for head in heads if head is not None) == [(seq, chain_hash(seq)) for seq in range(2, 41, 2)]
-    walked = await store.audit.walk(0, 100)
+    walked = await store.audit.walk("", 0, 100)
     assert [seq for seq, _ in walked] == list(range(1, 41))
     assert all(e is not None and e["details"]["previous"] == chain_hash(seq - 1) for seq, e in walked[1:])
-    assert await store.audit.head() == (40, chain_hash(40))
+    assert await store.audit.head("") == (40, chain_hash(40))
 
 
 # ---- audit: reading ----
@@ -812,7 +822,7 @@ async def test_events_read_back_as_inserted_keys_without_value_left_out(store: S
     bare = {"timestamp": "2024-01-01T00:00:01Z", "action": "audit.list", "actor": "management",
             "result": "success", "seq": 2, "hash": chain_hash(2)}
     await append(store, [full, bare])
-    walked = await store.audit.walk(0, 10)
+    walked = await store.audit.walk("", 0, 10)
     assert walked == [(1, full), (2, bare)]
     assert [list(e or {}) for _, e in walked] == [list(full), list(bare)]
     assert [list(e) for e in await query(store)] == [list(bare), list(full)]
@@ -841,21 +851,23 @@ async def five_events(store: Store) -> list[dict[str, Any]]:
     ({"since": "2024-01-02T00:00:00Z"}, [5, 4, 3, 2]),  # since is inclusive
     ({"until": "2024-01-03T00:00:00Z"}, [3, 2, 1]),  # until is exclusive
     ({"since": "2024-01-02T00:00:01Z", "until": "2024-01-04T00:00:00Z"}, [4, 3]),
-    ({"before": 4}, [3, 2, 1]),
+    ({"before": 4}, [3, 2, 1]),  # here: the position of seq 4
     ({"before": 1}, []),
     ({"limit": 2}, [5, 4]),
     ({"before": 5, "limit": 2, "filters": {"action": "token.access"}}, [3, 2]),
 ], ids=str)
 async def test_query_is_newest_first_with_filters_a_range_and_a_cursor(
         store: Store, five_events: list[dict[str, Any]], arguments: dict[str, Any], seqs: list[int]) -> None:
+    if "before" in arguments:
+        arguments = {**arguments, "before": await position_of(store, arguments["before"])}
     assert await query(store, **arguments) == [five_events[seq - 1] for seq in seqs]
 
 
 async def test_query_pages_with_the_before_cursor(store: Store, five_events: list[dict[str, Any]]) -> None:
     pages, before = [], None
-    while page := await query(store, before=before, limit=2):
-        pages.append([e["seq"] for e in page])
-        before = page[-1]["seq"]
+    while page := await listed(store, before=before, limit=2):
+        pages.append([e["seq"] for _, e in page])
+        before = page[-1][0]
     assert pages == [[5, 4], [3, 2], [1]]
 
 
@@ -869,24 +881,23 @@ async def test_query_pages_with_the_before_cursor(store: Store, five_events: lis
 ])
 async def test_walk_is_oldest_first_after_a_seq(store: Store, five_events: list[dict[str, Any]], after: int,
                                                 limit: int, seqs: list[int]) -> None:
-    assert await store.audit.walk(after, limit) == [(seq, five_events[seq - 1]) for seq in seqs]
+    assert await store.audit.walk("", after, limit) == [(seq, five_events[seq - 1]) for seq in seqs]
 
 
 async def test_walk_gives_none_for_an_event_whose_details_are_unreadable(
         backend: Backend, store: Store, five_events: list[dict[str, Any]]) -> None:
     await backend.corrupt_details(store, 3)
-    assert await store.audit.walk(0, 10) == [(1, five_events[0]), (2, five_events[1]), (3, None),
+    assert await store.audit.walk("", 0, 10) == [(1, five_events[0]), (2, five_events[1]), (3, None),
                                              (4, five_events[3]), (5, five_events[4])]
-    assert await store.audit.walk(2, 1) == [(3, None)]
+    assert await store.audit.walk("", 2, 1) == [(3, None)]
 
 
 async def test_query_lists_an_event_whose_details_are_unreadable_without_them(
         backend: Backend, store: Store, five_events: list[dict[str, Any]]) -> None:
     await backend.corrupt_details(store, 3)
     damaged = {key: value for key, value in five_events[2].items() if key != "details"}
-    listed = await store.audit.query(filters={}, since=None, until=None, before=None, limit=10)
-    assert listed == [five_events[4], five_events[3], {**damaged, "details_unreadable": True},
-                      five_events[1], five_events[0]]
+    assert await query(store) == [five_events[4], five_events[3], {**damaged, "details_unreadable": True},
+                                  five_events[1], five_events[0]]
 
 
 # ---- audit: pruning ----
@@ -898,17 +909,17 @@ def prune_event(seq: int, result: PruneResult, action: str = "audit.prune") -> d
 
 async def test_prune_anchor_is_the_newest_prune_that_deleted_rows(backend: Backend, store: Store) -> None:
     await append(store, [event(1)])
-    assert await store.audit.prune_anchor() is None
-    await append(store, [prune_event(2, PruneResult(3, 1, 7, "h7"))])
-    assert await store.audit.prune_anchor() == (7, "h7")
-    await append(store, [prune_event(3, PruneResult(5, 2, 12, "h12"))])
-    assert await store.audit.prune_anchor() == (12, "h12")
-    await append(store, [prune_event(4, PruneResult(0, 0, None, None)),  # deleted nothing
-                         prune_event(5, PruneResult(1, 1, 20, "h20"), action="token.access")])  # not a prune
-    assert await store.audit.prune_anchor() == (12, "h12")
-    await append(store, [prune_event(6, PruneResult(1, 1, 30, "h30"))])
+    assert await store.audit.prune_anchors() == {}
+    await append(store, [prune_event(2, PruneResult(3, 1, {"": (7, "h7")}))])
+    assert await store.audit.prune_anchors() == {"": (7, "h7")}
+    await append(store, [prune_event(3, PruneResult(5, 2, {"": (12, "h12")}))])
+    assert await store.audit.prune_anchors() == {"": (12, "h12")}
+    await append(store, [prune_event(4, PruneResult(0, 0)),  # deleted nothing
+                         prune_event(5, PruneResult(1, 1, {"": (20, "h20")}), action="token.access")])  # not a prune
+    assert await store.audit.prune_anchors() == {"": (12, "h12")}
+    await append(store, [prune_event(6, PruneResult(1, 1, {"": (30, "h30")}))])
     await backend.corrupt_details(store, 6)  # unreadable: the one before counts
-    assert await store.audit.prune_anchor() == (12, "h12")
+    assert await store.audit.prune_anchors() == {"": (12, "h12")}
 
 
 DAYS = [f"2024-01-0{day}T00:00:00Z" for day in range(1, 7)]
@@ -920,47 +931,138 @@ async def test_prune_deletes_the_events_before_the_cutoff_in_batches(store: Stor
     events = events_at(*DAYS)
     await append(store, events)
     result = await store.audit.prune("2024-01-04T00:00:00Z", batch_size)  # an event at the cutoff stays
-    assert result == PruneResult(3, batches, 3, chain_hash(3))
-    assert await store.audit.walk(0, 10) == [(e["seq"], e) for e in events[3:]]
-    assert await store.audit.head() == (6, chain_hash(6))
+    assert result == PruneResult(3, batches, {"": (3, chain_hash(3))})
+    assert await store.audit.walk("", 0, 10) == [(e["seq"], e) for e in events[3:]]
+    assert await store.audit.head("") == (6, chain_hash(6))
 
 
 async def test_prune_deletes_only_a_prefix_of_the_chain(store: Store) -> None:
     """A clock step gave seq 3 an older timestamp than seq 2: it stays, or the chain would have a hole."""
     await append(store, events_at("2024-01-01T00:00:00Z", "2024-01-05T00:00:00Z", "2024-01-02T00:00:00Z",
                                   "2024-01-01T12:00:00Z", "2024-01-06T00:00:00Z"))
-    assert await store.audit.prune("2024-01-03T00:00:00Z", 1) == PruneResult(1, 1, 1, chain_hash(1))
+    assert await store.audit.prune("2024-01-03T00:00:00Z", 1) == PruneResult(1, 1, {"": (1, chain_hash(1))})
     assert await stored_seqs(store) == [2, 3, 4, 5]
 
 
 async def test_prune_of_everything_keeps_the_head(store: Store) -> None:
     await append(store, events_at(*DAYS))
-    assert await store.audit.prune("2024-02-01T00:00:00Z", 4) == PruneResult(6, 2, 6, chain_hash(6))
-    assert await store.audit.walk(0, 10) == []
-    assert await store.audit.head() == (6, chain_hash(6))
+    assert await store.audit.prune("2024-02-01T00:00:00Z", 4) == PruneResult(6, 2, {"": (6, chain_hash(6))})
+    assert await store.audit.walk("", 0, 10) == []
+    assert await store.audit.head("") == (6, chain_hash(6))
     given: list[ChainHead] = []
 
     async def step(head: ChainHead, insert: InsertEvents) -> None:
         given.append(head)
 
-    await store.audit.extend(step)
+    await store.audit.extend("", step)
     assert given == [(6, chain_hash(6))]
 
 
 async def test_prune_with_nothing_old_deletes_nothing(store: Store) -> None:
-    assert await store.audit.prune("2024-01-04T00:00:00Z", 10) == PruneResult(0, 0, None, None)
+    assert await store.audit.prune("2024-01-04T00:00:00Z", 10) == PruneResult(0, 0)
     await append(store, events_at(*DAYS[3:], first=4))
-    assert await store.audit.prune("2024-01-04T00:00:00Z", 10) == PruneResult(0, 0, None, None)
-    assert await store.audit.prune("2024-01-01T00:00:00Z", 10) == PruneResult(0, 0, None, None)
+    assert await store.audit.prune("2024-01-04T00:00:00Z", 10) == PruneResult(0, 0)
+    assert await store.audit.prune("2024-01-01T00:00:00Z", 10) == PruneResult(0, 0)
     assert await stored_seqs(store) == [4, 5, 6]
 
 
 async def test_prune_again_continues_after_the_last_pruned_event(store: Store) -> None:
     await append(store, events_at(*DAYS))
-    assert await store.audit.prune("2024-01-03T00:00:00Z", 10) == PruneResult(2, 1, 2, chain_hash(2))
-    assert await store.audit.prune("2024-01-03T00:00:00Z", 10) == PruneResult(0, 0, None, None)
-    assert await store.audit.prune("2024-01-05T12:00:00Z", 1) == PruneResult(3, 3, 5, chain_hash(5))
+    assert await store.audit.prune("2024-01-03T00:00:00Z", 10) == PruneResult(2, 1, {"": (2, chain_hash(2))})
+    assert await store.audit.prune("2024-01-03T00:00:00Z", 10) == PruneResult(0, 0)
+    assert await store.audit.prune("2024-01-05T12:00:00Z", 1) == PruneResult(3, 3, {"": (5, chain_hash(5))})
     assert await stored_seqs(store) == [6]
+
+
+# ---- audit: one chain per instance (SPEC §7) ----
+
+
+def of(instance: str, *events: dict[str, Any]) -> list[dict[str, Any]]:
+    """The events as the writer of that instance makes them: `instance` before seq and hash."""
+    made = []
+    for original in events:
+        copy = {key: value for key, value in original.items() if key not in ("seq", "hash")}
+        made.append({**copy, "instance": instance, "seq": original["seq"], "hash": original["hash"]})
+    return made
+
+
+async def append_to(store: Store, instance: str, events: Sequence[dict[str, Any]]) -> ChainHead | None:
+    async def step(head: ChainHead, insert: InsertEvents) -> ChainHead:
+        await insert(events)
+        return events[-1]["seq"], events[-1]["hash"]
+    return await store.audit.extend(instance, step)
+
+
+async def test_each_instance_extends_its_own_chain_and_the_listing_merges_them(store: Store) -> None:
+    """Two instances both count from seq 1; heads, walks and the listing tell their events apart."""
+    old = events_at(DAYS[0])  # written before instances were named: the chain of ''
+    await append(store, old)
+    a = of("gw-a", *events_at(DAYS[1], DAYS[3]))
+    b = of("gw-b", *events_at(DAYS[2], DAYS[4], DAYS[5]))
+    await append_to(store, "gw-a", a[:1])
+    await append_to(store, "gw-b", b[:2])
+    await append_to(store, "gw-a", a[1:])
+    await append_to(store, "gw-b", b[2:])
+    assert await store.audit.heads() == {"": (1, chain_hash(1)), "gw-a": (2, chain_hash(2)),
+                                         "gw-b": (3, chain_hash(3))}
+    assert await store.audit.head("gw-b") == (3, chain_hash(3))
+    assert await store.audit.head("nobody") == ZERO_HEAD
+    assert await store.audit.walk("gw-a", 0, 10) == [(1, a[0]), (2, a[1])]
+    assert await store.audit.walk("gw-b", 1, 10) == [(2, b[1]), (3, b[2])]
+    assert await store.audit.walk("", 0, 10) == [(1, old[0])]
+    # Newest stored first, across chains, each event as its chain wrote it (key order included).
+    assert await query(store) == [b[2], a[1], b[1], b[0], a[0], old[0]]
+    assert [list(event) for event in await query(store, limit=2)] == [list(b[2]), list(a[1])]
+    pages, before = [], None
+    while page := await listed(store, before=before, limit=4):
+        pages.append([(event.get("instance", ""), event["seq"]) for _, event in page])
+        before = page[-1][0]
+    assert pages == [[("gw-b", 3), ("gw-a", 2), ("gw-b", 2), ("gw-b", 1)], [("gw-a", 1), ("", 1)]]
+
+
+async def test_a_seq_may_repeat_across_chains_but_not_within_one(store: Store) -> None:
+    await append_to(store, "gw-a", of("gw-a", event(1)))
+    await append_to(store, "gw-b", of("gw-b", event(1)))
+    with pytest.raises(DuplicateKey):
+        await append_to(store, "gw-a", of("gw-a", event(1)))
+    assert await store.audit.heads() == {"gw-a": (1, chain_hash(1)), "gw-b": (1, chain_hash(1))}
+
+
+async def test_a_chain_head_is_recorded_without_events(store: Store) -> None:
+    """AUDIT_STORE_IN_DB off: no rows, yet each chain's head is kept."""
+    async def step(head: ChainHead, insert: InsertEvents) -> ChainHead:
+        return head[0] + 5, chain_hash(head[0] + 5)
+
+    await store.audit.extend("gw-a", step)
+    await store.audit.extend("gw-a", step)
+    await store.audit.extend("gw-b", step)
+    assert await store.audit.heads() == {"gw-a": (10, chain_hash(10)), "gw-b": (5, chain_hash(5))}
+
+
+async def test_prune_deletes_a_prefix_of_every_chain(store: Store) -> None:
+    await append_to(store, "gw-a", of("gw-a", *events_at(*DAYS)))
+    await append_to(store, "gw-b", of("gw-b", *events_at(DAYS[0], DAYS[5])))
+    await append_to(store, "gw-c", of("gw-c", *events_at(DAYS[4])))
+    result = await store.audit.prune("2024-01-04T00:00:00Z", 2)
+    assert result == PruneResult(4, 3, {"gw-a": (3, chain_hash(3)), "gw-b": (1, chain_hash(1))})
+    assert [seq for seq, _ in await store.audit.walk("gw-a", 0, 10)] == [4, 5, 6]
+    assert [seq for seq, _ in await store.audit.walk("gw-b", 0, 10)] == [2]
+    assert [seq for seq, _ in await store.audit.walk("gw-c", 0, 10)] == [1]
+    assert result.details() == {"deleted": 4, "chains": {
+        "gw-a": {"last_pruned_seq": 3, "last_pruned_hash": chain_hash(3)},
+        "gw-b": {"last_pruned_seq": 1, "last_pruned_hash": chain_hash(1)}}}
+
+
+async def test_prune_anchors_come_from_the_newest_prune_that_records_any(store: Store) -> None:
+    legacy = event(1, "2024-02-01T00:00:00Z", "audit.prune", project_id=None,
+                   details={"deleted": 3, "last_pruned_seq": 7, "last_pruned_hash": "h7"})
+    await append(store, [legacy])
+    assert await store.audit.prune_anchors() == {"": (7, "h7")}  # written before instances were named
+    both = PruneResult(4, 2, {"gw-a": (3, "h3")}, {"": (7, "h7"), "gw-a": (3, "h3")})
+    await append_to(store, "cli", of("cli", prune_event(1, both)))
+    assert await store.audit.prune_anchors() == {"": (7, "h7"), "gw-a": (3, "h3")}
+    await append_to(store, "cli", of("cli", prune_event(2, PruneResult(0, 0))))  # records none: not it
+    assert await store.audit.prune_anchors() == {"": (7, "h7"), "gw-a": (3, "h3")}
 
 
 # ---- the store itself ----
@@ -987,7 +1089,7 @@ async def test_a_closed_store_is_unavailable(backend: Backend) -> None:
     with pytest.raises(StorageUnavailable):
         await make_project(store, "beta")
     with pytest.raises(StorageUnavailable):
-        await store.audit.head()
+        await store.audit.head("")
 
 
 async def test_a_reopened_database_has_everything_written_before(backend: Backend) -> None:
@@ -1005,7 +1107,7 @@ async def test_a_reopened_database_has_everything_written_before(backend: Backen
         assert await second.projects.all() == [project]
         assert await second.tokens.find(token.token_hash) == (await current(second, token), project)
         assert [day["total_tokens"] for day in await second.usage.daily(project.id, None, None)] == [5]
-        assert await second.audit.head() == (1, chain_hash(1))
+        assert await second.audit.head("") == (1, chain_hash(1))
     finally:
         await second.close()
 

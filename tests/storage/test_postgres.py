@@ -131,7 +131,7 @@ async def test_details_are_stored_as_the_json_text_given(postgres_url: str, stor
                        "result": "success", "details": details, "seq": 1, "hash": "f" * 64}])
         return 1, "f" * 64
 
-    await store.audit.extend(step)
+    await store.audit.extend("", step)
     stored = await rows(postgres_url, "SELECT details, pg_typeof(details)::text FROM audit_events")
     assert stored == [('{"zeta":1,"alpha":{"y":[1,2.5,"é"],"b":null},"mid":true}', "text")]
 
@@ -209,17 +209,18 @@ async def test_a_row_lock_held_past_the_lock_timeout_is_busy(postgres_url: str) 
     await store.open()
     holder = await asyncpg.connect(postgres_url)
     try:
-        transaction = holder.transaction()
-        await transaction.start()
-        await holder.execute("SELECT * FROM audit_chain WHERE id = 1 FOR UPDATE")
-
         async def step(head: ChainHead, insert: InsertEvents) -> ChainHead:
             return head[0] + 1, "a" * 64
 
+        assert await store.audit.extend("here", step) == (1, "a" * 64)  # the chain's row now exists
+        transaction = holder.transaction()
+        await transaction.start()
+        await holder.execute("SELECT * FROM audit_chain WHERE instance = 'here' FOR UPDATE")
         with pytest.raises(StorageBusy):
-            await store.audit.extend(step)
+            await store.audit.extend("here", step)
+        assert await store.audit.extend("elsewhere", step) == (1, "a" * 64)  # another chain does not wait
         await transaction.rollback()
-        assert await store.audit.extend(step) == (1, "a" * 64)
+        assert await store.audit.extend("here", step) == (2, "a" * 64)
     finally:
         await holder.close()
         await store.close()

@@ -7,7 +7,7 @@ import asyncio
 from pathlib import Path
 from typing import Any
 
-from llm_proxy.audit.chain import TABLE, VerifyResult
+from llm_proxy.audit.chain import TABLE, Break, ChainsResult, chain_name
 from llm_proxy.audit.files import audit_files
 from llm_proxy.audit.verify import prune, verify_files, verify_table
 from llm_proxy.audit.writer import AuditWriter
@@ -17,9 +17,9 @@ from llm_proxy.ops.cli.local_database import with_database, with_store
 from llm_proxy.ops.cli.output import print_json
 from llm_proxy.ops.command_errors import EXIT_FAILED, EXIT_OK, CommandError, UsageError
 from llm_proxy.settings import ConfigError, Settings
-from llm_proxy.storage.base import PruneResult, Store
+from llm_proxy.storage.base import ChainHead, PruneResult, Store
 from llm_proxy.storage.errors import StorageError
-from llm_proxy.storage.factory import database_variable, describe_database, is_postgres, peek_audit_head
+from llm_proxy.storage.factory import database_variable, describe_database, is_postgres, peek_audit_heads
 
 
 def cmd_audit_prune(args: argparse.Namespace) -> int:
@@ -46,45 +46,61 @@ def cmd_audit_prune(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
-def _result_document(result: VerifyResult) -> dict[str, Any]:
-    problem = result.problem
-    return {"ok": result.ok, "events": result.events, "start": result.start, "first_seq": result.first_seq,
-            "last_seq": result.last_seq, "message": result.describe(),
-            "problem": None if problem is None else {"kind": problem.kind, "where": problem.where,
-                                                     "seq": problem.seq, "message": problem.message}}
+def _problem_document(problem: Break | None) -> dict[str, Any] | None:
+    if problem is None:
+        return None
+    return {"kind": problem.kind, "where": problem.where, "seq": problem.seq, "message": problem.message}
 
 
-async def _verify_db(settings: Settings) -> VerifyResult:
-    async def verify(store: Store) -> VerifyResult:
-        # The head is read first: events a gateway appends meanwhile are accepted when they chain on.
-        head = await store.audit.head() if settings.audit_store_in_db else None
-        return await verify_table(store.audit, head=head, growing=True)
+def _result_document(result: ChainsResult) -> dict[str, Any]:
+    return {"ok": result.ok, "events": result.events, "message": result.describe(),
+            "problem": _problem_document(result.problem),
+            "chains": {instance: {"ok": chain.ok, "events": chain.events, "start": chain.start,
+                                  "first_seq": chain.first_seq, "last_seq": chain.last_seq,
+                                  "message": chain.describe(), "problem": _problem_document(chain.problem)}
+                       for instance, chain in result.chains.items()},
+            "absent": list(result.absent)}
+
+
+async def _verify_db(settings: Settings) -> ChainsResult:
+    async def verify(store: Store) -> ChainsResult:
+        # The heads are read first: events a gateway appends meanwhile are accepted when they chain on.
+        heads = await store.audit.heads() if settings.audit_store_in_db else None
+        return await verify_table(store.audit, heads=heads, growing=True)
 
     return await with_store(settings, verify)
 
 
-def _files_chain_head(settings: Settings) -> tuple[tuple[int, str] | None, str]:
-    """Return the database's chain head (None if unavailable) and a note for the operator saying which."""
+def _files_chain_heads(settings: Settings) -> tuple[dict[str, ChainHead] | None, str]:
+    """Return the database's chain heads (None if unavailable) and a note for the operator saying which."""
     unchecked = "newest lines removed from the files would go unnoticed"
     database = describe_database(settings)
     variable = database_variable(settings)
     if not is_postgres(settings) and not settings.database_path.is_file():
         return None, f"no database at {database} ({variable}): files verified alone, {unchecked}"
     try:
-        head = peek_audit_head(settings)
+        heads = peek_audit_heads(settings)
     except ConfigError as exc:  # PostgreSQL without its driver installed
         raise configuration_error(exc) from None
     except StorageError as exc:
         return None, (f"database at {database} unreadable ({type(exc).__name__}): files verified alone, "
                       f"{unchecked}")
-    if head is None:
+    if not heads:
         return None, f"no audit chain in {database}: files verified alone, {unchecked}"
-    return head, f"checked up to the database's chain head, seq {head[0]}"
+    shown = ", ".join(f"{instance or '(no instance)'} at seq {seq}" for instance, (seq, _) in sorted(heads.items()))
+    return heads, f"checked up to the database's chain heads: {shown}"
+
+
+def _absent_note(result: ChainsResult) -> str:
+    if not result.absent:
+        return ""
+    return (f"; not in these files, so not checked here: {', '.join(chain_name(name) for name in result.absent)} "
+            "(another host's files, or `audit verify --db`)")
 
 
 def cmd_audit_verify(args: argparse.Namespace) -> int:
-    """Check the audit hash chain of files (default: AUDIT_LOG_FILE and rotated siblings) or, with --db, the table."""
-    outcomes: dict[str, VerifyResult] = {}
+    """Check every audit hash chain of files (default: AUDIT_LOG_FILE and rotated siblings) or, with --db, the table."""
+    outcomes: dict[str, ChainsResult] = {}
     notes: dict[str, str] = {}
     if args.files:
         paths = [Path(name) for name in args.files]
@@ -99,10 +115,10 @@ def cmd_audit_verify(args: argparse.Namespace) -> int:
         paths = audit_files(settings.audit_log_file)
         if not paths:
             raise CommandError(f"no audit files at {settings.audit_log_file}")
-        # Read before the files, so a gateway writing meanwhile only adds lines past it.
-        head, head_note = _files_chain_head(settings)
-        outcomes["files"] = verify_files(paths, head=head, growing=True)
-        notes["files"] = head_note
+        # Read before the files, so a gateway writing meanwhile only adds lines past them.
+        heads, heads_note = _files_chain_heads(settings)
+        outcomes["files"] = verify_files(paths, heads=heads, growing=True)
+        notes["files"] = heads_note + _absent_note(outcomes["files"])
     if args.db:
         outcomes["db"] = asyncio.run(_verify_db(command_settings()))
     if args.json:
@@ -112,6 +128,8 @@ def cmd_audit_verify(args: argparse.Namespace) -> int:
         labels = {"files": "files", "db": TABLE}
         for name, result in outcomes.items():
             print(f"{labels[name]}: {result.describe()}{f'; {notes[name]}' if name in notes else ''}")
+            for line in result.chain_lines():
+                print(f"  {line}")
     return EXIT_OK if all(result.ok for result in outcomes.values()) else EXIT_FAILED
 
 
@@ -123,6 +141,7 @@ def add_commands(commands: Any) -> None:
     prune.add_argument("--older-than-days", type=non_negative, metavar="N",
                        help="default: AUDIT_RETENTION_DAYS")
     prune.add_argument("--batch-size", type=positive, default=1000, metavar="N", help="rows per transaction")
-    verify = add_command(audit, "verify", cmd_audit_verify, "verify the audit hash chain", (output,))
+    verify = add_command(audit, "verify", cmd_audit_verify, "verify the audit hash chains (one per instance)",
+                         (output,))
     verify.add_argument("files", nargs="*", metavar="FILE", help="audit files, rotated ones included (.gz too)")
     verify.add_argument("--db", action="store_true", help="verify the audit_events table")

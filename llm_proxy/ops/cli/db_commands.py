@@ -153,14 +153,12 @@ def cmd_db_copy(args: argparse.Namespace) -> int:
     except StorageError as exc:
         raise CommandError(f"db copy from {shown_source} to {shown_target} failed, and the target was left as "
                            f"it was: {_first_line(exc)}") from None
-    head = result.chain_head
     if args.json:
-        print_json({"from": shown_source, "to": shown_target, "rows": result.rows,
-                    "chain_head": None if head is None else {"seq": head[0], "hash": head[1]}})
+        print_json({"from": shown_source, "to": shown_target, "rows": result.rows})
         return EXIT_OK
     print(f"copied {shown_source} to {shown_target}:")
     print(format_table(("table", "rows"), [(table, result.rows[table]) for table in COPIED_TABLES]))
-    print("audit chain head: " + ("none" if head is None else f"seq {head[0]}, hash {head[1]}"))
+    print("check it: llm-proxy audit verify --db, with the target's DATABASE_URL or DATABASE_PATH")
     return EXIT_OK
 
 

@@ -39,7 +39,7 @@ async def with_database(settings: Settings, work: Callable[[Store, AuditWriter],
     async def with_audit(store: Store) -> T:
         audit = AuditWriter(store.audit, enabled=settings.audit_enabled, file_path=settings.audit_log_file,
                             create_dir=settings.audit_create_dir, store_in_db=settings.audit_store_in_db,
-                            mask_client_ip=settings.audit_mask_client_ip)
+                            mask_client_ip=settings.audit_mask_client_ip, instance=settings.instance)
         try:
             try:
                 await audit.start()

@@ -1,4 +1,4 @@
-"""Audit events and the head of their hash chain in PostgreSQL."""
+"""Audit events and the heads of their hash chains (one per instance) in PostgreSQL."""
 
 from __future__ import annotations
 
@@ -11,20 +11,33 @@ from asyncpg import Connection
 from llm_proxy.settings import database_url_passwords
 from llm_proxy.storage.base import ChainHead, ChainStep, PruneResult
 from llm_proxy.storage.postgres.database import CONNECT_TIMEOUT, Database, rows_changed, translated
-from llm_proxy.storage.rows import COLUMNS, event_row, listed_event, newest, prune_anchor, walked_event
+from llm_proxy.storage.rows import (
+    COLUMNS,
+    event_row,
+    listed_event,
+    newest,
+    newest_per_chain,
+    prune_anchors,
+    walked_event,
+)
 
 _SELECT = f"SELECT {', '.join(COLUMNS)} FROM audit_events"
-# The recorded head, locked for the rest of the transaction: every writer of the chain, in every
-# process, takes this row's lock first, so one at a time reads the head and moves it.
-_LOCK_HEAD = "SELECT seq, hash FROM audit_chain WHERE id = 1 FOR UPDATE"
-_ENSURE_HEAD = "INSERT INTO audit_chain (id, seq, hash) VALUES (1, 0, repeat('0', 64)) ON CONFLICT (id) DO NOTHING"
+# A chain's recorded head, locked for the rest of the transaction: every writer of the chain, in every
+# process, takes this row's lock first, so one at a time reads the head and moves it. Writers of
+# different chains (instances) do not wait for each other.
+_LOCK_HEAD = "SELECT seq, hash FROM audit_chain WHERE instance = $1 FOR UPDATE"
+_ENSURE_HEAD = ("INSERT INTO audit_chain (instance, seq, hash) VALUES ($1, 0, repeat('0', 64))"
+                " ON CONFLICT (instance) DO NOTHING")
 # Rows may have been written past the recorded head: the head is the newer of the two.
-_TOP_EVENT = "SELECT seq, hash FROM audit_events ORDER BY seq DESC LIMIT 1"
-_SET_HEAD = "UPDATE audit_chain SET seq = $1, hash = $2 WHERE id = 1"
+_TOP_EVENT = "SELECT seq, hash FROM audit_events WHERE instance = $1 ORDER BY seq DESC LIMIT 1"
+_HEADS = ("SELECT instance, seq, hash FROM audit_chain",
+          "SELECT DISTINCT ON (instance) instance, seq, hash FROM audit_events ORDER BY instance, seq DESC")
+_SET_HEAD = "UPDATE audit_chain SET seq = $2, hash = $3 WHERE instance = $1"
 # One statement inserts a whole batch, one array per column: one round trip whatever its size.
-_INSERT = ("INSERT INTO audit_events (seq, timestamp, action, actor, project_id, request_id, client_ip, result,"
-           " details, hash) SELECT * FROM unnest($1::bigint[], $2::text[], $3::text[], $4::text[], $5::text[],"
-           " $6::text[], $7::text[], $8::text[], $9::text[], $10::text[])")
+_TYPES = {"seq": "bigint"}
+_INSERT = (f"INSERT INTO audit_events ({', '.join(COLUMNS)}) SELECT * FROM unnest("
+           + ", ".join(f"${number}::{_TYPES.get(column, 'text')}[]" for number, column in enumerate(COLUMNS, 1))
+           + ")")
 
 
 async def _insert(conn: Connection, events: Sequence[Mapping[str, Any]]) -> None:
@@ -38,19 +51,22 @@ class PostgresAudit:
     def __init__(self, db: Database) -> None:
         self._db = db
 
-    async def head(self) -> ChainHead:
+    async def head(self, instance: str) -> ChainHead:
         async with self._db.connection() as conn:
             with self._db.translated():
-                return newest([await conn.fetchrow("SELECT seq, hash FROM audit_chain WHERE id = 1"),
-                               await conn.fetchrow(_TOP_EVENT)])
+                return newest([await conn.fetchrow("SELECT seq, hash FROM audit_chain WHERE instance = $1", instance),
+                               await conn.fetchrow(_TOP_EVENT, instance)])
 
-    async def extend(self, step: ChainStep) -> ChainHead | None:
+    async def heads(self) -> dict[str, ChainHead]:
+        return newest_per_chain([tuple(row) for sql in _HEADS for row in await self._db.fetch(sql)])
+
+    async def extend(self, instance: str, step: ChainStep) -> ChainHead | None:
         async def work(conn: Connection) -> ChainHead | None:
-            recorded = await conn.fetchrow(_LOCK_HEAD)
-            if recorded is None:  # the row the first migration made is gone: make it again, then lock it
-                await conn.execute(_ENSURE_HEAD)
-                recorded = await conn.fetchrow(_LOCK_HEAD)
-            head = newest([recorded, await conn.fetchrow(_TOP_EVENT)])
+            recorded = await conn.fetchrow(_LOCK_HEAD, instance)
+            if recorded is None:  # the chain's first writer: make its row, then lock it
+                await conn.execute(_ENSURE_HEAD, instance)
+                recorded = await conn.fetchrow(_LOCK_HEAD, instance)
+            head = newest([recorded, await conn.fetchrow(_TOP_EVENT, instance)])
 
             async def insert(events: Sequence[Mapping[str, Any]]) -> None:
                 # Translated here, not only when extend() returns: the step is caller code and should
@@ -60,12 +76,12 @@ class PostgresAudit:
 
             new = await step(head, insert)
             if new is not None:
-                await conn.execute(_SET_HEAD, *new)
+                await conn.execute(_SET_HEAD, instance, *new)
             return new
         return await self._db.write(work)
 
     async def query(self, *, filters: Mapping[str, str], since: str | None, until: str | None,
-                    before: int | None, limit: int) -> list[dict[str, Any]]:
+                    before: int | None, limit: int) -> list[tuple[int, dict[str, Any]]]:
         where: list[str] = []
         params: list[Any] = []
 
@@ -81,66 +97,84 @@ class PostgresAudit:
         if until is not None:
             condition("timestamp < {}", until)
         if before is not None:
-            condition("seq < {}", before)
+            condition("id < {}", before)
         clause = f" WHERE {' AND '.join(where)}" if where else ""
-        rows = await self._db.fetch(f"{_SELECT}{clause} ORDER BY seq DESC LIMIT ${len(params) + 1}", *params, limit)
-        return [listed_event(row) for row in rows]
+        rows = await self._db.fetch(f"SELECT id, {', '.join(COLUMNS)} FROM audit_events{clause}"
+                                    f" ORDER BY id DESC LIMIT ${len(params) + 1}", *params, limit)
+        return [(row[0], listed_event(tuple(row)[1:])) for row in rows]
 
-    async def walk(self, after: int, limit: int) -> list[tuple[int, dict[str, Any] | None]]:
-        rows = await self._db.fetch(f"{_SELECT} WHERE seq > $1 ORDER BY seq LIMIT $2", after, limit)
+    async def walk(self, instance: str, after: int, limit: int) -> list[tuple[int, dict[str, Any] | None]]:
+        rows = await self._db.fetch(f"{_SELECT} WHERE instance = $1 AND seq > $2 ORDER BY seq LIMIT $3",
+                                    instance, after, limit)
         return [walked_event(row) for row in rows]
 
-    async def prune_anchor(self) -> ChainHead | None:
-        rows = await self._db.fetch("SELECT details FROM audit_events WHERE action = 'audit.prune' ORDER BY seq DESC")
-        return prune_anchor(row[0] for row in rows)
+    async def prune_anchors(self) -> dict[str, ChainHead]:
+        rows = await self._db.fetch("SELECT details FROM audit_events WHERE action = 'audit.prune' ORDER BY id DESC")
+        return prune_anchors(row[0] for row in rows)
 
     async def prune(self, cutoff: str, batch_size: int) -> PruneResult:
+        deleted = batches = 0
+        pruned: dict[str, ChainHead] = {}
+        for row in await self._db.fetch("SELECT DISTINCT instance FROM audit_events"):
+            count, runs, last = await self._prune_chain(row[0], cutoff, batch_size)
+            deleted, batches = deleted + count, batches + runs
+            if last is not None:
+                pruned[row[0]] = last
+        return PruneResult(deleted, batches, pruned)
+
+    async def _prune_chain(self, instance: str, cutoff: str, batch_size: int) -> tuple[int, int, ChainHead | None]:
         # Only a prefix of the chain is ever deleted: rows from the first one at or after the cutoff
         # onwards stay, even if a clock step gave a later row an older timestamp, so what remains is
         # one unbroken chain.
-        row = await self._db.fetchrow("SELECT seq FROM audit_events WHERE timestamp >= $1 ORDER BY seq LIMIT 1",
-                                      cutoff)
+        row = await self._db.fetchrow("SELECT seq FROM audit_events WHERE instance = $1 AND timestamp >= $2"
+                                      " ORDER BY seq LIMIT 1", instance, cutoff)
         if row is None:
             # Every row is old; rows written while we prune get higher seqs and are kept.
-            top = await self._db.fetchrow("SELECT max(seq) FROM audit_events")
+            top = await self._db.fetchrow("SELECT max(seq) FROM audit_events WHERE instance = $1", instance)
             boundary = (top[0] or 0) + 1 if top else 1
         else:
             boundary = row[0]
 
         async def delete_batch(conn: Connection) -> tuple[int, int, str] | None:
             last = await conn.fetchrow(
-                "SELECT seq, hash FROM audit_events WHERE seq ="
-                " (SELECT max(seq) FROM (SELECT seq FROM audit_events WHERE seq < $1 ORDER BY seq LIMIT $2) AS batch)",
-                boundary, batch_size)
+                "SELECT seq, hash FROM audit_events WHERE instance = $1 AND seq = (SELECT max(seq) FROM"
+                " (SELECT seq FROM audit_events WHERE instance = $1 AND seq < $2 ORDER BY seq LIMIT $3) AS batch)",
+                instance, boundary, batch_size)
             if last is None:
                 return None
-            deleted = rows_changed(await conn.execute("DELETE FROM audit_events WHERE seq <= $1", last[0]))
+            deleted = rows_changed(await conn.execute("DELETE FROM audit_events WHERE instance = $1 AND seq <= $2",
+                                                      instance, last[0]))
             return deleted, last[0], last[1]
 
         deleted = batches = 0
-        last_seq: int | None = None
-        last_hash: str | None = None
+        last: ChainHead | None = None
         while (done := await self._db.write(delete_batch)) is not None:
-            count, last_seq, last_hash = done
-            deleted += count
-            batches += 1
-        return PruneResult(deleted, batches, last_seq, last_hash)
+            count, seq, digest = done
+            deleted, batches, last = deleted + count, batches + 1, (seq, digest)
+        return deleted, batches, last
 
 
-async def peek_chain_head(url: str) -> ChainHead | None:
-    """Read the chain head from the database at url, creating and migrating nothing; None if it holds no
-    audit chain. Raises StorageError if it cannot be read."""
+_LEGACY_HEADS = ("SELECT '', seq, hash FROM audit_chain WHERE id = 1",
+                 "SELECT '', seq, hash FROM audit_events ORDER BY seq DESC LIMIT 1")
+
+
+async def peek_chain_heads(url: str) -> dict[str, ChainHead] | None:
+    """Read every chain's head from the database at url, creating and migrating nothing; None if it holds
+    no audit chain. Raises StorageError if it cannot be read."""
     passwords = database_url_passwords(url)
     with translated(passwords, connecting=True):
         conn = await asyncpg.connect(url, timeout=CONNECT_TIMEOUT, server_settings={"application_name": "llm-proxy"})
     try:
         with translated(passwords):
-            rows = []
-            for table, sql in (("audit_chain", "SELECT seq, hash FROM audit_chain WHERE id = 1"),
-                               ("audit_events", _TOP_EVENT)):
-                if await conn.fetchval("SELECT to_regclass($1)", table) is not None:
-                    rows.append(await conn.fetchrow(sql))
-            return newest(rows) if rows else None
+            tables = [table for table in ("audit_chain", "audit_events")
+                      if await conn.fetchval("SELECT to_regclass($1)", table) is not None]
+            if not tables:
+                return None
+            migrated = await conn.fetchval(
+                "SELECT count(*) FROM information_schema.columns WHERE table_schema = current_schema()"
+                " AND table_name = 'audit_chain' AND column_name = 'instance'") or "audit_chain" not in tables
+            queries = dict(zip(("audit_chain", "audit_events"), _HEADS if migrated else _LEGACY_HEADS, strict=True))
+            return newest_per_chain([tuple(row) for table in tables for row in await conn.fetch(queries[table])])
     finally:
         with translated(passwords):
             await conn.close(timeout=CONNECT_TIMEOUT)

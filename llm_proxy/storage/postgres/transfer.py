@@ -13,12 +13,10 @@ from llm_proxy.storage.postgres.database import migrate, one_connection, transla
 
 # The order rows were written in, which the copy keeps (ties in created_at are listed in it).
 _ORDER = {"projects": "created_order", "tokens": "created_order", "usage_daily": "project_id, day",
-          "audit_events": "seq"}
+          "audit_events": "id", "audit_chain": "instance"}
 # The columns a copy carries: not those the database fills itself (created_order, an identity).
 _COLUMNS = ("SELECT column_name, data_type FROM information_schema.columns WHERE table_schema = current_schema()"
             " AND table_name = $1 AND is_identity = 'NO' AND is_generated = 'NEVER' ORDER BY ordinal_position")
-_SET_HEAD = ("INSERT INTO audit_chain (id, seq, hash) VALUES (1, $1, $2)"
-             " ON CONFLICT (id) DO UPDATE SET seq = excluded.seq, hash = excluded.hash")
 # What another backend may give for a column of these types (SQLite's flags are 0 and 1).
 _CONVERTERS: dict[str, Callable[[Any], Any]] = {"boolean": bool, "bigint": int, "integer": int}
 
@@ -29,13 +27,6 @@ def _quoted(name: str) -> str:
 
 async def _columns(conn: Connection, table: str) -> list[tuple[str, str]]:
     return [(row[0], row[1]) for row in await conn.fetch(_COLUMNS, table)]
-
-
-async def _chain_head(conn: Connection) -> tuple[int, str] | None:
-    if await conn.fetchval("SELECT to_regclass('audit_chain')") is None:
-        return None
-    row = await conn.fetchrow("SELECT seq, hash FROM audit_chain WHERE id = 1")
-    return None if row is None else (row[0], row[1])
 
 
 class PostgresSnapshot:
@@ -62,11 +53,6 @@ class PostgresSnapshot:
                     batch = []
         if batch:
             yield batch
-
-    async def chain_head(self) -> tuple[int, str] | None:
-        """The recorded head of the audit chain (the audit_chain row), None when there is none."""
-        with translated(self._passwords):
-            return await _chain_head(self._conn)
 
 
 @contextlib.asynccontextmanager
@@ -103,11 +89,6 @@ class PostgresLoad:
         with translated(self._passwords):
             return int(await self._conn.fetchval(f"SELECT count(*) FROM {_quoted(table)}"))
 
-    async def chain_head(self) -> tuple[int, str] | None:
-        """The recorded head of the audit chain, None when there is none."""
-        with translated(self._passwords):
-            return await _chain_head(self._conn)
-
     async def insert(self, table: str, columns: Sequence[str], rows: Sequence[Sequence[Any]]) -> None:
         """Insert rows, their values in the order of `columns` (COPY: one round trip a batch)."""
         if table not in self._types:
@@ -118,11 +99,6 @@ class PostgresLoad:
                          for value, convert in zip(row, converters, strict=True)) for row in rows]
         with translated(self._passwords):
             await self._conn.copy_records_to_table(table, records=records, columns=list(columns))
-
-    async def set_chain_head(self, head: tuple[int, str]) -> None:
-        """Record the head of the audit chain."""
-        with translated(self._passwords):
-            await self._conn.execute(_SET_HEAD, *head)
 
 
 @contextlib.asynccontextmanager

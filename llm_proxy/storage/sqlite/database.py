@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+import re
 import sqlite3
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Iterator, Sequence
 from datetime import UTC, datetime
@@ -21,16 +22,60 @@ import aiosqlite
 from llm_proxy.storage.errors import DuplicateKey, StorageBusy, StorageError, StorageUnavailable
 
 T = TypeVar("T")
-SCHEMA_VERSION = 1
-# The versions schema.sql brings a database to, with their names. It is applied whole and idempotently
-# at every open, and records the version it brings.
-MIGRATIONS = ((1, "initial"),)
-assert MIGRATIONS[-1][0] == SCHEMA_VERSION
 BUSY_TIMEOUT_MS = 10_000
+_MIGRATION_NAME = re.compile(r"^(\d{4})_([a-z0-9_]+)\.sql$")
 
 
 def _schema_sql() -> str:
     return resources.files(__package__).joinpath("schema.sql").read_text(encoding="utf-8")
+
+
+def _migrations() -> list[tuple[int, str, str]]:
+    """(version, name, SQL) of every migration after version 1 (migrations/NNNN_name.sql), in order."""
+    found = []
+    for entry in resources.files(__package__).joinpath("migrations").iterdir():
+        match = _MIGRATION_NAME.match(entry.name)
+        if match:
+            found.append((int(match.group(1)), match.group(2), entry.read_text(encoding="utf-8")))
+    found.sort()
+    assert [version for version, _, _ in found] == list(range(2, len(found) + 2)), "migrations are numbered 2, 3…"
+    return found
+
+
+# Version 1 is schema.sql, applied whole and idempotently at every open; the numbered migrations
+# follow, each applied once, in its own BEGIN IMMEDIATE transaction with the record of it.
+_LATER = _migrations()
+MIGRATIONS = ((1, "initial"), *((version, name) for version, name, _ in _LATER))
+SCHEMA_VERSION = MIGRATIONS[-1][0]
+
+
+def _statements(sql: str) -> list[str]:
+    """A migration's statements: separated by a semicolon at the end of a line, comments left out."""
+    text = "\n".join(line for line in sql.splitlines() if not line.lstrip().startswith("--"))
+    return [statement.strip() for statement in re.split(r";\s*$", text, flags=re.MULTILINE) if statement.strip()]
+
+
+def _now() -> str:
+    return datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+async def _apply_migrations(writer: aiosqlite.Connection) -> None:
+    """Apply each migration not recorded yet. Under BEGIN IMMEDIATE the check and the change are one:
+    processes opening the database at once wait for each other, and each migration runs once."""
+    for version, _, sql in _LATER:
+        await writer.execute("BEGIN IMMEDIATE")
+        try:
+            cursor = await writer.execute("SELECT 1 FROM schema_migrations WHERE version = ?", (version,))
+            if await cursor.fetchone() is None:
+                for statement in _statements(sql):
+                    await writer.execute(statement)
+                await writer.execute("INSERT INTO schema_migrations (version, applied_at) VALUES (?, ?)",
+                                     (version, _now()))
+            await writer.execute("COMMIT")
+        except BaseException:
+            with contextlib.suppress(sqlite3.Error, ValueError):
+                await writer.execute("ROLLBACK")
+            raise
 
 
 # What aiosqlite raises when its connection is closed or gone.
@@ -102,10 +147,9 @@ class Database:
         try:
             await writer.execute("PRAGMA journal_mode = WAL")
             await writer.executescript(_schema_sql())
-            await writer.execute(
-                "INSERT OR IGNORE INTO schema_migrations (version, applied_at) VALUES (?, ?)",
-                (SCHEMA_VERSION, datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")),
-            )
+            await writer.execute("INSERT OR IGNORE INTO schema_migrations (version, applied_at) VALUES (1, ?)",
+                                 (_now(),))
+            await _apply_migrations(writer)
             self._reader = await _connect(self.path)
         except BaseException:
             await writer.close()
@@ -265,12 +309,6 @@ class SqliteSnapshot:
         finally:
             await cursor.close()
 
-    async def chain_head(self) -> tuple[int, str] | None:
-        """The recorded head of the audit chain (the audit_chain row), None when there is none."""
-        with translated():
-            rows = list(await self._conn.execute_fetchall("SELECT seq, hash FROM audit_chain WHERE id = 1"))
-        return (rows[0][0], rows[0][1]) if rows else None
-
 
 @contextlib.asynccontextmanager
 async def snapshot(path: Path) -> AsyncIterator[SqliteSnapshot]:
@@ -304,22 +342,12 @@ class SqliteLoad:
             rows = list(await self._conn.execute_fetchall(f"SELECT count(*) FROM {_quoted(table)}"))
         return int(rows[0][0])
 
-    async def chain_head(self) -> tuple[int, str] | None:
-        """The recorded head of the audit chain, None when there is none."""
-        return await SqliteSnapshot(self._conn).chain_head()
-
     async def insert(self, table: str, columns: Sequence[str], rows: Sequence[Sequence[Any]]) -> None:
         """Insert rows, their values in the order of `columns`."""
         marks = ", ".join("?" * len(columns))
         with translated():
             await self._conn.executemany(
                 f"INSERT INTO {_quoted(table)} ({', '.join(map(_quoted, columns))}) VALUES ({marks})", rows)
-
-    async def set_chain_head(self, head: tuple[int, str]) -> None:
-        """Record the head of the audit chain."""
-        with translated():
-            await self._conn.execute("INSERT INTO audit_chain (id, seq, hash) VALUES (1, ?, ?) ON CONFLICT (id)"
-                                     " DO UPDATE SET seq = excluded.seq, hash = excluded.hash", head)
 
 
 @contextlib.asynccontextmanager

@@ -1,4 +1,5 @@
--- llm-proxy schema. Idempotent: applied at every startup.
+-- llm-proxy schema, version 1. Idempotent: applied at every startup, before the numbered migrations
+-- (migrations/NNNN_name.sql), which change some of these tables: read those too.
 -- Timestamps are UTC ISO-8601 text ending in "Z" (fixed width, so they sort as text).
 
 CREATE TABLE IF NOT EXISTS schema_migrations (
