@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import hashlib
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
 import orjson
 
@@ -91,6 +91,23 @@ class VerifyResult:
         return f"OK: {self.events} events, seq {self.first_seq}..{self.last_seq}, chain verified {origin}"
 
 
+class _Walk(Protocol):
+    def feed_invalid(self, source: str, line: int, message: str, kind: str = ...) -> bool: ...
+    def feed_event(self, source: str, line: int, event: Any) -> bool: ...
+
+
+def feed_line(walk: _Walk, source: str, line: int, text: str | bytes, *, going: bool) -> bool:
+    """Parse one line of a file and give it to the walk; a blank line carries no event (`going`: the
+    walk's answer so far)."""
+    if not text.strip():
+        return going
+    try:
+        event = orjson.loads(text)
+    except orjson.JSONDecodeError:
+        return walk.feed_invalid(source, line, "not valid JSON (torn or edited line)")
+    return walk.feed_event(source, line, event)
+
+
 class ChainWalk:
     """Check events fed in order; stop at the first break.
 
@@ -118,13 +135,7 @@ class ChainWalk:
 
     def feed_text(self, source: str, line: int, text: str | bytes) -> bool:
         """Parse and check one line; return False once the chain is broken."""
-        if not text.strip():
-            return self.problem is None  # blank lines carry no event
-        try:
-            event = orjson.loads(text)
-        except orjson.JSONDecodeError:
-            return self.feed_invalid(source, line, "not valid JSON (torn or edited line)")
-        return self.feed_event(source, line, event)
+        return feed_line(self, source, line, text, going=self.problem is None)
 
     def feed_invalid(self, source: str, line: int, message: str, kind: str = "invalid") -> bool:
         """Record a line that holds no readable event."""
@@ -347,13 +358,7 @@ class ChainsWalk:
 
     def feed_text(self, source: str, line: int, text: str | bytes) -> bool:
         """Parse and check one line; return False once the walk must stop (a line of no chain)."""
-        if not text.strip():
-            return self.problem_line is None
-        try:
-            event = orjson.loads(text)
-        except orjson.JSONDecodeError:
-            return self.feed_invalid(source, line, "not valid JSON (torn or edited line)")
-        return self.feed_event(source, line, event)
+        return feed_line(self, source, line, text, going=self.problem_line is None)
 
     def feed_invalid(self, source: str, line: int, message: str, kind: str = "invalid") -> bool:
         if self.problem_line is None:
