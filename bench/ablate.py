@@ -4,6 +4,7 @@
     cp -r llm_proxy /tmp/try/ && $EDITOR /tmp/try/llm_proxy/gateway/forwarder.py
     python bench/ablate.py --variant patched@/tmp/try                        # imports /tmp/try/llm_proxy
     python bench/ablate.py --variant redis:REDIS_URL={redis} --variant pg:DATABASE_URL={postgres}
+    python bench/ablate.py --variant before@/tmp/base:REDIS_URL={redis} --variant after@/tmp/try:REDIS_URL={redis}
 
 Every variant runs at once in its own process (with the bench's every-feature-on settings plus its
 own overrides, or importing llm_proxy from another directory); each round loads the floor and
@@ -46,12 +47,14 @@ class Variant:
 
 
 def parse_variant(text: str) -> Variant:
-    """Read `NAME`, `NAME:VAR=VALUE,VAR=VALUE` or `NAME@DIRECTORY` (llm_proxy imported from DIRECTORY)."""
+    """Read `NAME`, `NAME:VAR=VALUE,VAR=VALUE` or `NAME@DIRECTORY` (llm_proxy imported from DIRECTORY), the
+    last also with variables: `NAME@DIRECTORY:VAR=VALUE,...`."""
     name, at, directory = text.partition("@")
     if at:
+        directory, _, assignments = directory.partition(":")
         if not Path(directory, "llm_proxy").is_dir():
             raise argparse.ArgumentTypeError(f"{directory} holds no llm_proxy package")
-        return Variant(name, pythonpath=str(Path(directory).resolve()))
+        return Variant(name, parse_variant(f"{name}:{assignments}").env, str(Path(directory).resolve()))
     name, _, assignments = text.partition(":")
     env = {}
     for assignment in filter(None, assignments.split(",")):
@@ -89,7 +92,8 @@ def start_variant(workdir: Path, upstream: str, variant: Variant, servers: dict[
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--variant", type=parse_variant, action="append", default=[], metavar="SPEC",
-                        help="NAME[:VAR=VALUE,...] or NAME@DIRECTORY (repeatable); `all-on` is always measured")
+                        help="NAME[:VAR=VALUE,...] or NAME@DIRECTORY[:VAR=VALUE,...] (repeatable); "
+                             "`all-on` is always measured")
     parser.add_argument("--rounds", type=int, default=5, help="rounds (default 5)")
     parser.add_argument("--duration", type=int, default=3, help="seconds per wrk run (default 3)")
     parser.add_argument("--instances", type=int, default=1,

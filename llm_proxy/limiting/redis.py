@@ -39,15 +39,15 @@ replicas), not Redis Cluster.
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from typing import Any, NamedTuple
+from typing import NamedTuple
 
 from redis.asyncio import Redis
-from redis.commands.core import AsyncScript
 from redis.exceptions import RedisError
 
 from llm_proxy.errors import BudgetExceeded, QuotaExceeded, RateLimited
 from llm_proxy.limiting.base import UNLIMITED, AddressBlocked, Decision, SharedStateUnavailable
 from llm_proxy.limiting.memory import rate_headers
+from llm_proxy.limiting.redis_scripts import Script, ScriptRunner
 from llm_proxy.models import Credential
 
 PREFIX = "llm-proxy:"
@@ -181,6 +181,7 @@ if ARGV[2] == 'hit' then spend(KEYS[1], now, debt, interval) end
 return 0
 """
 
+_ADMIT_SCRIPT, _ADD_SCRIPT, _ADD_MANY_SCRIPT, _FAILURE_SCRIPT = map(Script.of, (_ADMIT, _ADD, _ADD_MANY, _FAILURE))
 _ADMITTED, _QUOTA, _BUDGET, _GLOBAL_RATE, _IP_BLOCKED = 0, 1, 2, 3, 5
 
 
@@ -202,17 +203,6 @@ def _interval(limit_per_minute: int) -> int:
     return _WINDOW // limit_per_minute or 1
 
 
-async def _run(script: AsyncScript, clock: Callable[[], float] | None, keys: Sequence[str],
-               args: Sequence[str | int]) -> Any:
-    """Run a script in one EVALSHA (redis-py loads it again on NOSCRIPT) and translate Redis's errors."""
-    # The server's clock unless a test gives one (µs, rounded as the server's own clock reads).
-    now = "" if clock is None else str(int(clock() * 1e6 + 0.5))
-    try:
-        return await script(keys=keys, args=[*args, now])
-    except RedisError as exc:
-        raise SharedStateUnavailable(headers={"Retry-After": "1"}) from exc
-
-
 class RedisLimiter:
     """The Limiter of processes sharing one Redis: quota, budget, token rate and global rate in one script.
 
@@ -228,18 +218,15 @@ class RedisLimiter:
         self._global_interval = _interval(global_rate)
         self._failure_interval = _interval(failure_limit)
         self._prefix = prefix
-        self._clock = clock
-        self._admit = client.register_script(_ADMIT)
-        self._add = client.register_script(_ADD)
-        self._add_many = client.register_script(_ADD_MANY)
+        self._scripts = ScriptRunner(client, clock)
 
     async def admit(self, credential: Credential, rate_per_minute: int, client_ip: str | None = None) -> Decision:
         """Limiter.admit; with `client_ip`, also refuse (AddressBlocked) an IP that failed authentication too
         often, in the same round trip (RedisFailureLimiter's allowance, `failure_limit` a minute)."""
         token_interval = _interval(rate_per_minute)
         failure_interval = self._failure_interval if client_ip is not None else 0
-        reply = await _run(
-            self._admit, self._clock,
+        reply = await self._scripts.run(
+            _ADMIT_SCRIPT,
             (self._usage_key(credential.id), self._prefix + "rate:" + credential.id, self._prefix + "global-rate",
              self._prefix + "auth-failures:" + (client_ip or "")),
             (*_seed(credential), _limit_argument(credential.max_requests),
@@ -279,8 +266,8 @@ class RedisLimiter:
         arguments: list[str | int] = []
         for credential, prompt, completion, total in usages:
             arguments += [*_seed(credential), 0, prompt, completion, total, repr(credential.expires_at)]
-        reply = await _run(self._add_many, self._clock, [self._usage_key(credential.id) for credential, *_ in usages],
-                           arguments)
+        reply = await self._scripts.run(_ADD_MANY_SCRIPT, [self._usage_key(credential.id) for credential, *_ in usages],
+                                        arguments)
         for index, (credential, *_) in enumerate(usages):
             _take(credential, [int(value) for value in reply[4 * index:4 * index + 4]])
 
@@ -299,8 +286,8 @@ class RedisLimiter:
                 for token_id, reply in zip(token_ids, replies, strict=True) if None not in reply}
 
     async def _change(self, credential: Credential, deltas: tuple[int, int, int, int]) -> None:
-        reply = await _run(self._add, self._clock, (self._usage_key(credential.id),),
-                           (*_seed(credential), *deltas, repr(credential.expires_at)))
+        reply = await self._scripts.run(_ADD_SCRIPT, (self._usage_key(credential.id),),
+                                        (*_seed(credential), *deltas, repr(credential.expires_at)))
         _take(credential, [int(value) for value in reply])
 
     def _usage_key(self, token_id: str) -> str:
@@ -335,8 +322,7 @@ class RedisFailureLimiter:
         self._limit = limit_per_minute
         self._interval = _interval(limit_per_minute)
         self._prefix = prefix
-        self._clock = clock
-        self._script = client.register_script(_FAILURE)
+        self._scripts = ScriptRunner(client, clock)
 
     @property
     def limit(self) -> int:
@@ -346,14 +332,14 @@ class RedisFailureLimiter:
     async def record_failure(self, ip: str) -> None:
         """Count one failed authentication from `ip`."""
         if self._limit:
-            await _run(self._script, self._clock, (self._prefix + "auth-failures:" + ip,), (self._interval, "hit"))
+            await self._scripts.run(_FAILURE_SCRIPT, (self._prefix + "auth-failures:" + ip,), (self._interval, "hit"))
 
     async def retry_after(self, ip: str) -> float:
         """Return the seconds `ip` stays blocked, 0.0 if it is not blocked."""
         if not self._limit:
             return 0.0
-        units = await _run(self._script, self._clock, (self._prefix + "auth-failures:" + ip,),
-                           (self._interval, "peek"))
+        units = await self._scripts.run(_FAILURE_SCRIPT, (self._prefix + "auth-failures:" + ip,),
+                                        (self._interval, "peek"))
         return int(units) / _UNITS
 
     async def is_blocked(self, ip: str) -> bool:

@@ -309,3 +309,70 @@ async def test_an_unreachable_redis_is_shared_state_unavailable() -> None:
         await client.aclose()
     assert (raised.value.status, raised.value.code, raised.value.headers) == (
         503, "shared_state_unavailable", {"Retry-After": "1"})
+
+
+# ---- the connections the scripts run on (kept, not taken from the pool per call) ----
+
+
+async def _connections_named(observer: Redis, name: str) -> list[dict[str, Any]]:
+    return [entry for entry in await observer.client_list() if entry["name"] == name]
+
+
+async def test_connections_redis_dropped_are_opened_again_within_the_call(redis_url: str,
+                                                                           connect: Callable[[], Redis]) -> None:
+    """A restart (here CLIENT KILL) drops the kept connections: the client's Retry opens each again, no call fails."""
+    client = Redis.from_url(redis_url, client_name="kept-limiter", retry=Retry(NoBackoff(), 1))
+    observer = connect()
+    try:
+        limiter = RedisLimiter(client, global_rate=0)
+        token = credential(time.time() + 3600)
+        await asyncio.gather(*(limiter.admit(token, 0) for _ in range(3)))
+        kept = await _connections_named(observer, "kept-limiter")
+        assert len(kept) == 3  # one a call in flight, kept for the next ones
+        for entry in kept:
+            await observer.client_kill_filter(_id=entry["id"])
+        await asyncio.gather(*(limiter.admit(token, 0) for _ in range(3)))
+        assert await observer.hget(f"llm-proxy:usage:{token.id}", "requests") == b"6"
+        assert len(await _connections_named(observer, "kept-limiter")) == 3
+    finally:
+        await client.aclose()
+    assert await _connections_named(observer, "kept-limiter") == []  # closed with the client
+
+
+async def test_a_stalled_redis_is_given_up_on_after_the_socket_timeout(redis_url: str,
+                                                                       connect: Callable[[], Redis]) -> None:
+    client = Redis.from_url(redis_url, socket_timeout=0.2, retry=Retry(NoBackoff(), 0))
+    observer = connect()
+    try:
+        limiter = RedisLimiter(client, global_rate=0)
+        token = credential(time.time() + 3600)
+        await limiter.admit(token, 0)
+        await observer.client_pause(2000, all=False)  # writes wait, the admission script with them
+        started = time.monotonic()
+        with pytest.raises(SharedStateUnavailable):
+            await limiter.admit(token, 0)
+        waited = time.monotonic() - started
+        await observer.client_unpause()
+        assert 0.2 <= waited < 1.0
+        await limiter.admit(token, 0)  # the connection given up on is opened again
+        assert token.request_count == int((await observer.hget(f"llm-proxy:usage:{token.id}", "requests")) or 0)
+    finally:
+        await client.aclose()
+
+
+async def test_a_cancelled_call_leaves_no_answer_for_the_next(redis_url: str, connect: Callable[[], Redis]) -> None:
+    """A request cancelled while its script runs (the client went away) cannot hand its answer to another's."""
+    client = connect()
+    observer = connect()
+    limiter = RedisLimiter(client, global_rate=0)
+    first, second = credential(time.time() + 3600, request_count=100), credential(time.time() + 3600)
+    await limiter.admit(first, 0)
+    await observer.client_pause(2000, all=False)
+    call = asyncio.ensure_future(limiter.admit(first, 0))
+    await asyncio.sleep(0.1)
+    call.cancel()
+    await observer.client_unpause()
+    with pytest.raises(asyncio.CancelledError):
+        await call
+    await limiter.admit(second, 0)  # on the connection the cancelled call used
+    assert second.request_count == 1

@@ -248,6 +248,8 @@ def test_ablation_variants_are_parsed(bench: dict[str, ModuleType], tmp_path: Pa
     assert ablate.parse_variant("shared:REDIS_URL={redis}").env == {"REDIS_URL": "{redis}"}
     (tmp_path / "llm_proxy").mkdir()
     assert ablate.parse_variant(f"patched@{tmp_path}").pythonpath == str(tmp_path)
+    assert ablate.parse_variant(f"patched@{tmp_path}:REDIS_URL={{redis}}") == ablate.Variant(
+        "patched", {"REDIS_URL": "{redis}"}, str(tmp_path))
     for bad in ("x:NOVALUE", f"y@{tmp_path / 'missing'}", ":A=1"):
         with pytest.raises(argparse.ArgumentTypeError):
             ablate.parse_variant(bad)
