@@ -115,3 +115,24 @@ async def old_events_keep_their_chain_and_new_ones_start_the_instances(store: St
         assert [position for position, _ in listed][2:] == [4, 3, 2, 1] and listed[1][0] > 4
     finally:
         await store.close()
+
+
+async def test_sqlite_processes_opening_an_old_database_at_once_migrate_it_once(tmp_path: Path) -> None:
+    """Each open checks and applies a migration in one BEGIN IMMEDIATE: the others wait, then find it done."""
+    import asyncio
+
+    old = legacy_events(3)
+    path = tmp_path / "old.db"
+    version_one_sqlite(path, old)
+    stores = [SqliteStore(path) for _ in range(4)]
+    await asyncio.gather(*(store.open() for store in stores))
+    try:
+        with closing(sqlite3.connect(path)) as conn:
+            versions = [row[0] for row in conn.execute("SELECT version FROM schema_migrations ORDER BY version")]
+            columns = [row[1] for row in conn.execute("PRAGMA table_info(audit_events)")]
+        assert versions == [1, 2] and columns[:3] == ["id", "instance", "seq"]
+        for store in stores:
+            assert await store.audit.heads() == {"": (3, old[-1]["hash"])}
+    finally:
+        for store in stores:
+            await store.close()
