@@ -3,9 +3,16 @@
 from __future__ import annotations
 
 import asyncio
+import os
+import sqlite3
+import sys
+from contextlib import closing
 from pathlib import Path
 
+import pytest
+
 from llm_proxy.storage.sqlite.database import Database
+from tests.fakes import REPO
 
 
 async def test_a_read_after_a_write_sees_it_while_other_reads_are_in_flight(tmp_path: Path) -> None:
@@ -55,3 +62,47 @@ async def test_fetchone_returns_none_or_the_first_row(tmp_path: Path) -> None:
         assert [row["id"] for row in await db.fetchall("SELECT id FROM probe ORDER BY id")] == [1, 2]
     finally:
         await db.close()
+
+
+OPEN_AND_CLOSE = """
+import asyncio, sys, time
+from pathlib import Path
+from llm_proxy.storage.sqlite.store import SqliteStore
+
+database, ready, go = (Path(arg) for arg in sys.argv[1:4])
+ready.touch()
+deadline = time.monotonic() + 30
+while not go.exists() and time.monotonic() < deadline:  # all start together, imports done
+    time.sleep(0.0005)
+
+async def main() -> None:
+    store = SqliteStore(database)
+    await store.open()
+    await store.close()
+
+asyncio.run(main())
+"""
+
+
+@pytest.mark.system
+async def test_processes_opening_a_new_database_at_once_all_open_it(tmp_path: Path) -> None:
+    """`serve --workers N` on a new file: each process switches it to WAL and applies the schema and
+    migrations at the same moment. SQLite answers `database is locked` at once, without waiting, to
+    a journal-mode switch or a write from a stale schema: neither may reach the operator."""
+    for round_ in range(10):  # before the fix, about one round in four met the error
+        path, go = tmp_path / f"new-{round_}.db", tmp_path / f"go-{round_}"
+        ready = [tmp_path / f"ready-{round_}-{n}" for n in range(4)]
+        processes = [await asyncio.create_subprocess_exec(
+            sys.executable, "-c", OPEN_AND_CLOSE, str(path), str(flag), str(go),
+            env={**os.environ, "PYTHONPATH": str(REPO)},
+            stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT) for flag in ready]
+        for _ in range(600):  # bounded: 30 s
+            if all(flag.exists() for flag in ready):
+                break
+            await asyncio.sleep(0.05)
+        go.touch()
+        outputs = [(await process.communicate())[0].decode() for process in processes]
+        assert [process.returncode for process in processes] == [0] * 4, outputs
+        with closing(sqlite3.connect(path)) as conn:
+            assert conn.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+            assert [row[0] for row in conn.execute("SELECT version FROM schema_migrations")] == [1, 2]

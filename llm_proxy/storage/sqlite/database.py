@@ -11,6 +11,7 @@ import contextlib
 import os
 import re
 import sqlite3
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Iterator, Sequence
 from datetime import UTC, datetime
 from importlib import resources
@@ -43,14 +44,14 @@ def _migrations() -> list[tuple[int, str, str]]:
 
 
 # Version 1 is schema.sql, applied whole and idempotently at every open; the numbered migrations
-# follow, each applied once, in its own BEGIN IMMEDIATE transaction with the record of it.
+# follow, each applied once with the record of it (_apply_schema).
 _LATER = _migrations()
 MIGRATIONS = ((1, "initial"), *((version, name) for version, name, _ in _LATER))
 SCHEMA_VERSION = MIGRATIONS[-1][0]
 
 
 def _statements(sql: str) -> list[str]:
-    """A migration's statements: separated by a semicolon at the end of a line, comments left out."""
+    """A script's statements: separated by a semicolon at the end of a line, comment lines left out."""
     text = "\n".join(line for line in sql.splitlines() if not line.lstrip().startswith("--"))
     return [statement.strip() for statement in re.split(r";\s*$", text, flags=re.MULTILINE) if statement.strip()]
 
@@ -59,23 +60,50 @@ def _now() -> str:
     return datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
-async def _apply_migrations(writer: aiosqlite.Connection) -> None:
-    """Apply each migration not recorded yet. Under BEGIN IMMEDIATE the check and the change are one:
-    processes opening the database at once wait for each other, and each migration runs once."""
-    for version, _, sql in _LATER:
-        await writer.execute("BEGIN IMMEDIATE")
+async def _use_wal(writer: aiosqlite.Connection) -> None:
+    """Switch the file to WAL (once: it stays so). The switch needs the file to itself and SQLite does not
+    wait for that (no busy handler): while another process is opening it too, try again, for up to the
+    busy timeout."""
+    deadline = time.monotonic() + BUSY_TIMEOUT_MS / 1000
+    while True:
         try:
+            cursor = await writer.execute("PRAGMA journal_mode = WAL")
+            row = await cursor.fetchone()
+            if row is not None and str(row[0]).lower() == "wal":
+                return
+        except sqlite3.OperationalError as exc:
+            if "locked" not in str(exc) and "busy" not in str(exc):
+                raise
+        if time.monotonic() > deadline:
+            raise sqlite3.OperationalError("database is locked: could not switch it to WAL")
+        await asyncio.sleep(0.02)
+
+
+async def _apply_schema(writer: aiosqlite.Connection) -> None:
+    """Bring the database to SCHEMA_VERSION: schema.sql (idempotent), then each migration not recorded yet.
+
+    All in one BEGIN IMMEDIATE, which takes the write lock first (waiting up to the busy timeout):
+    processes opening the database at once take turns, each migration runs once, and none of them
+    reads the schema while another changes it (in WAL a statement that read a schema another
+    connection has since changed cannot write, and fails at once instead of waiting).
+    """
+    await writer.execute("BEGIN IMMEDIATE")
+    try:
+        for statement in _statements(_schema_sql()):
+            await writer.execute(statement)
+        await writer.execute("INSERT OR IGNORE INTO schema_migrations (version, applied_at) VALUES (1, ?)", (_now(),))
+        for version, _, sql in _LATER:
             cursor = await writer.execute("SELECT 1 FROM schema_migrations WHERE version = ?", (version,))
             if await cursor.fetchone() is None:
                 for statement in _statements(sql):
                     await writer.execute(statement)
                 await writer.execute("INSERT INTO schema_migrations (version, applied_at) VALUES (?, ?)",
                                      (version, _now()))
-            await writer.execute("COMMIT")
-        except BaseException:
-            with contextlib.suppress(sqlite3.Error, ValueError):
-                await writer.execute("ROLLBACK")
-            raise
+        await writer.execute("COMMIT")
+    except BaseException:
+        with contextlib.suppress(sqlite3.Error, ValueError):
+            await writer.execute("ROLLBACK")
+        raise
 
 
 # What aiosqlite raises when its connection is closed or gone.
@@ -145,11 +173,8 @@ class Database:
             os.close(os.open(self.path, os.O_CREAT | os.O_WRONLY, 0o600))
         writer = await _connect(self.path)
         try:
-            await writer.execute("PRAGMA journal_mode = WAL")
-            await writer.executescript(_schema_sql())
-            await writer.execute("INSERT OR IGNORE INTO schema_migrations (version, applied_at) VALUES (1, ?)",
-                                 (_now(),))
-            await _apply_migrations(writer)
+            await _use_wal(writer)
+            await _apply_schema(writer)
             self._reader = await _connect(self.path)
         except BaseException:
             await writer.close()
