@@ -299,19 +299,23 @@ async def test_an_admitted_request_costs_one_round_trip_to_redis(make_gateway: C
     token = await first.token(max_requests=1000, max_tokens_total=100000, rate_limit_per_minute=10000)
     assert await chat(second, token) == (200, None)  # loaded into the second's cache
     client = Redis.from_url(redis_url)
+
+    async def usage_reaches(total: int) -> None:
+        for _ in range(100):  # the usage batches leave within 20 ms of the answers
+            if (await shared_counters(redis_url, token["id"])).get("total") == total:
+                return
+            await asyncio.sleep(0.02)
+        assert (await shared_counters(redis_url, token["id"]))["total"] == total
+
     try:
-        await asyncio.sleep(0.1)  # let the first request's usage batch go out before counting
+        await usage_reaches(7)  # the first request's usage batch is out before counting starts
         await client.config_resetstat()
         outcomes = await asyncio.gather(*(chat(gateway, token) for _ in range(20) for gateway in (first, second)))
         assert outcomes == [(200, None)] * 40
-        counts = {}
-        for _ in range(100):  # the usage batches leave within 20 ms of the answers
-            stats = await client.info("commandstats")
-            counts = {name.removeprefix("cmdstat_"): value["calls"] for name, value in stats.items()}
-            if (await shared_counters(redis_url, token["id"])).get("total") == 41 * 7:
-                break
-            await asyncio.sleep(0.02)
-        assert (await shared_counters(redis_url, token["id"]))["total"] == 41 * 7
+        await usage_reaches(41 * 7)
+        # Read after every batch has landed (read before, the last batch's call could be missing).
+        stats = await client.info("commandstats")
+        counts = {name.removeprefix("cmdstat_"): value["calls"] for name, value in stats.items()}
     finally:
         await client.aclose()
     # 40 admissions, and the usage of 40 answers in a few batches (not 40 more calls, nor an IP check
