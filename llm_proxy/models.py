@@ -74,6 +74,15 @@ class TokenRecord:
         return document
 
 
+@dataclass(frozen=True, slots=True)
+class AdminSession:
+    """A console session as stored: digests only (the cookie holds the id; the management token is never kept)."""
+    id_hash: str
+    token_hash: str
+    created_at: float  # Unix time
+    last_seen_at: float
+
+
 # ---- as the hot path holds them ----
 
 @dataclass(slots=True)

@@ -11,7 +11,7 @@ from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
-from llm_proxy.models import Project, TokenRecord
+from llm_proxy.models import AdminSession, Project, TokenRecord
 
 ChainHead = tuple[int, str]  # (seq, hash) of a chain's newest audit event; (0, 64 zeros) before the first
 # Stores events (dicts carrying their seq and hash, in seq order) in the transaction it is given to.
@@ -131,6 +131,19 @@ class AuditStore(Protocol):
         """Delete each chain's oldest events, in batches, up to its first one at or after `cutoff` (a timestamp)."""
 
 
+class SessionStore(Protocol):
+    """The admin console's sessions, by the digest of their id."""
+
+    async def create(self, session: AdminSession) -> None: ...
+    async def get(self, id_hash: str) -> AdminSession | None: ...
+    async def touch(self, id_hash: str, when: float) -> None:
+        """Record that the session was used at `when` (never moves it back)."""
+    async def delete(self, id_hash: str) -> bool:
+        """End a session; tell whether it existed."""
+    async def delete_expired(self, *, idle_since: float, created_since: float) -> int:
+        """Delete sessions last seen before `idle_since` or created before `created_since`; return how many."""
+
+
 class Store(Protocol):
     @property
     def projects(self) -> ProjectStore: ...
@@ -140,6 +153,8 @@ class Store(Protocol):
     def usage(self) -> UsageStore: ...
     @property
     def audit(self) -> AuditStore: ...
+    @property
+    def sessions(self) -> SessionStore: ...
 
     async def open(self) -> None:
         """Connect, creating what is missing and applying the schema; opening an open store does nothing."""

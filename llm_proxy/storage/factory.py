@@ -153,7 +153,8 @@ async def migrate_schema(database: Database, variable: str = "DATABASE_URL") -> 
 # ---- `db copy` ----
 
 # What a copy carries, parents first, the audit chains' recorded heads included. schema_migrations
-# (the target keeps its own) and serving_owner (nobody serves the copy yet) stay behind.
+# (the target keeps its own), serving_owner (nobody serves the copy yet) and admin_sessions (the
+# console's operators sign in again) stay behind.
 COPIED_TABLES = ("projects", "tokens", "usage_daily", "audit_events", "audit_chain")
 # Columns the target numbers itself, in the order the rows come (the source's order is kept).
 _NUMBERED = {"audit_events": "id"}

@@ -25,7 +25,7 @@ from typing import Any
 
 import pytest
 
-from llm_proxy.models import Project, TokenRecord, epoch, iso
+from llm_proxy.models import AdminSession, Project, TokenRecord, epoch, iso
 from llm_proxy.storage.base import ChainHead, InsertEvents, PruneResult, Store
 from llm_proxy.storage.errors import DuplicateKey, StorageError, StorageUnavailable
 from llm_proxy.storage.sqlite.store import SqliteStore
@@ -1063,6 +1063,31 @@ async def test_prune_anchors_come_from_the_newest_prune_that_records_any(store: 
     assert await store.audit.prune_anchors() == {"": (7, "h7"), "gw-a": (3, "h3")}
     await append_to(store, "cli", of("cli", prune_event(2, PruneResult(0, 0))))  # records none: not it
     assert await store.audit.prune_anchors() == {"": (7, "h7"), "gw-a": (3, "h3")}
+
+
+# ---- admin console sessions ----
+
+
+async def test_a_session_is_stored_found_touched_and_ended(store: Store) -> None:
+    session = AdminSession("a" * 64, "b" * 64, 1000.0, 1000.0)
+    await store.sessions.create(session)
+    assert await store.sessions.get("a" * 64) == session
+    assert await store.sessions.get("c" * 64) is None
+    await store.sessions.touch("a" * 64, 1500.5)
+    await store.sessions.touch("a" * 64, 1200.0)  # a late touch never moves it back
+    assert await store.sessions.get("a" * 64) == AdminSession("a" * 64, "b" * 64, 1000.0, 1500.5)
+    with pytest.raises(DuplicateKey):
+        await store.sessions.create(session)
+    assert await store.sessions.delete("a" * 64) is True
+    assert await store.sessions.delete("a" * 64) is False
+    assert await store.sessions.get("a" * 64) is None
+
+
+async def test_expired_sessions_are_deleted_by_idle_or_absolute_age(store: Store) -> None:
+    for name, created, seen in (("idle", 100.0, 200.0), ("old", 50.0, 900.0), ("live", 500.0, 900.0)):
+        await store.sessions.create(AdminSession(name, "t" * 64, created, seen))
+    assert await store.sessions.delete_expired(idle_since=300.0, created_since=60.0) == 2
+    assert [await store.sessions.get(name) is not None for name in ("idle", "old", "live")] == [False, False, True]
 
 
 # ---- the store itself ----

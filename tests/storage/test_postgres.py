@@ -141,7 +141,7 @@ async def test_timestamps_compare_bytewise_whatever_the_locale(postgres_url: str
     collations = await rows(postgres_url, "SELECT table_name, column_name, collation_name FROM"
                             " information_schema.columns WHERE table_schema = 'public' AND column_name IN"
                             " ('created_at', 'updated_at', 'expires_at', 'revoked_at', 'last_used_at', 'timestamp',"
-                            " 'day') ORDER BY 1, 2")
+                            " 'day') AND data_type = 'text' ORDER BY 1, 2")  # not the console sessions' numbers
     assert len(collations) == 8 and all(collation == "C" for _, _, collation in collations), collations
 
 

@@ -1,4 +1,4 @@
-"""The PostgreSQL store: one connection pool, four record kinds, and the claim of the process serving it."""
+"""The PostgreSQL store: one connection pool, five record kinds, and the claim of the process serving it."""
 
 from __future__ import annotations
 
@@ -6,6 +6,7 @@ from llm_proxy.storage.postgres.audit import PostgresAudit
 from llm_proxy.storage.postgres.database import LOCK_TIMEOUT_MS, Database
 from llm_proxy.storage.postgres.ownership import CHECK_INTERVAL, OwnerLock
 from llm_proxy.storage.postgres.projects import PostgresProjects
+from llm_proxy.storage.postgres.sessions import PostgresSessions
 from llm_proxy.storage.postgres.tokens import PostgresTokens
 from llm_proxy.storage.postgres.usage import PostgresUsage
 
@@ -19,6 +20,7 @@ class PostgresStore:
         self.projects = PostgresProjects(self.db)
         self.tokens = PostgresTokens(self.db)
         self.usage = PostgresUsage(self.db)
+        self.sessions = PostgresSessions(self.db)
         self.audit = PostgresAudit(self.db)
         self.owner = OwnerLock(url, check_interval=owner_check_interval)
 

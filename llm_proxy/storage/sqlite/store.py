@@ -1,4 +1,4 @@
-"""The SQLite store: one file, one writer connection and one reader, four record kinds."""
+"""The SQLite store: one file, one writer connection and one reader, five record kinds."""
 
 from __future__ import annotations
 
@@ -8,6 +8,7 @@ from llm_proxy.storage.sqlite.audit import SqliteAudit
 from llm_proxy.storage.sqlite.database import Database
 from llm_proxy.storage.sqlite.ownership import OwnerLock
 from llm_proxy.storage.sqlite.projects import SqliteProjects
+from llm_proxy.storage.sqlite.sessions import SqliteSessions
 from llm_proxy.storage.sqlite.tokens import SqliteTokens
 from llm_proxy.storage.sqlite.usage import SqliteUsage
 
@@ -21,6 +22,7 @@ class SqliteStore:
         self.projects = SqliteProjects(self.db)
         self.tokens = SqliteTokens(self.db)
         self.usage = SqliteUsage(self.db)
+        self.sessions = SqliteSessions(self.db)
         self.audit = SqliteAudit(self.db)
         self._owner = OwnerLock(path)
 
