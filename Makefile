@@ -4,9 +4,11 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed-stamp
 # Debian packages the test suite drives for real, as program:package (the audit rotation test runs
-# logrotate, README recipes run jq, the backend tests start private PostgreSQL and Redis servers).
-# Debian keeps PostgreSQL's programs off PATH, in /usr/lib/postgresql/<version>/bin.
-SYSTEM_PACKAGES := logrotate:logrotate jq:jq redis-server:redis-server initdb:postgresql
+# logrotate, README recipes run jq, the backend tests start private PostgreSQL and Redis servers,
+# the console's tests drive Chromium through Playwright: never a browser Playwright downloads).
+# Debian keeps PostgreSQL's programs off PATH, in /usr/lib/postgresql/<version>/bin. Chromium's
+# screenshots need no font package of their own: it recommends fonts-liberation, which apt installs.
+SYSTEM_PACKAGES := logrotate:logrotate jq:jq redis-server:redis-server initdb:postgresql chromium:chromium
 
 .PHONY: install run test lint bench soak system-deps clean
 
