@@ -125,6 +125,12 @@ def create_app(settings: Settings, *, clock: Callable[[], float] = time.time,
         management_auth_middleware(management_auth)])
     manage.add_routes(management.routes())
     app.add_subapp("/manage", manage)
+    if settings.admin_console:
+        from llm_proxy.console.app import console_app  # Jinja2 and the pages load only when served
+
+        app.add_subapp("/admin", console_app(settings, service, store, cache, audit, auth=management_auth,
+                                             tokens=ManagementTokens(settings.management_tokens),
+                                             ip_block=ip_block, failures=failures, clock=clock))
 
     app.cleanup_ctx.append(_lifetime(store, keyring, audit, cache, expiry, anomalies, forwarder, shared,
                                      settings.max_concurrent_requests))

@@ -90,6 +90,7 @@ class Settings:
     redis_failure_mode: str = "closed"
     workers: int = 1
     instance_id: str = ""  # empty: the host name (and the worker's number under --workers)
+    admin_console: bool = True
 
     @property
     def instance(self) -> str:
@@ -446,6 +447,7 @@ def load_settings(environ: Mapping[str, str] | None = None, env_file: str | Path
         redis_failure_mode=get("REDIS_FAILURE_MODE", _parse_choice(("closed", "open")), "closed"),
         workers=get("WORKERS", _int_parser(1), 1),
         instance_id=get("INSTANCE_ID", _parse_instance_id, ""),
+        admin_console=get("ADMIN_CONSOLE", _parse_bool, True),
     )
     invalid = {name for name, _ in problems}
     # Checks across variables, made only on values that parsed (a stand-in would give a false one).
@@ -481,5 +483,5 @@ VARIABLES = (
     "RATE_LIMIT_PER_MINUTE", "IP_RATE_LIMIT", "GLOBAL_RATE_LIMIT", "MAX_REQUEST_SIZE", "REQUEST_TIMEOUT",
     "STREAM_IDLE_TIMEOUT", "MAX_CONCURRENT_REQUESTS", "TLS_CERT_FILE", "TLS_KEY_FILE", "TLS_MIN_VERSION",
     "HSTS_MAX_AGE", "SHUTDOWN_GRACE", "ANOMALY_MAX_IPS_PER_HOUR", "ANOMALY_RATE_FACTOR",
-    "ANOMALY_AUTO_SUSPEND", "REDIS_URL", "REDIS_FAILURE_MODE", "WORKERS", "INSTANCE_ID",
+    "ANOMALY_AUTO_SUSPEND", "REDIS_URL", "REDIS_FAILURE_MODE", "WORKERS", "INSTANCE_ID", "ADMIN_CONSOLE",
 )

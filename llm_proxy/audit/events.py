@@ -11,6 +11,7 @@ Action = Literal[
     "token.create", "token.read", "token.list", "token.update", "token.revoke", "token.revoke_batch",
     "token.refresh", "token.validate", "token.access", "token.expire", "token.anomaly", "token.suspend",
     "auth.failure", "audit.list", "audit.prune", "key.rotate", "system.degraded", "system.recovered",
+    "admin.login", "admin.logout",
 ]
 # management: the management API; client: proxied requests; system: jobs and the CLI.
 Actor = Literal["management", "client", "system"]

@@ -17,6 +17,17 @@ _MANAGEMENT_HEADERS = {
 }
 
 
+# The console's pages (SPEC §8): everything from our own origin, nothing inline, never framed or cached.
+CONSOLE_CSP = ("default-src 'none'; script-src 'self'; style-src 'self'; img-src 'self' data:; connect-src 'self'; "
+               "form-action 'self'; frame-ancestors 'none'; base-uri 'none'")
+_CONSOLE_HEADERS = {**_MANAGEMENT_HEADERS, "Content-Security-Policy": CONSOLE_CSP}
+
+
+def is_console_path(path: str) -> bool:
+    """Tell whether a request path belongs to the admin console."""
+    return path == "/admin" or path.startswith("/admin/")
+
+
 def is_management_path(path: str) -> bool:
     """Tell whether a request path belongs to the management API."""
     return path == "/manage" or path.startswith("/manage/")
@@ -47,5 +58,7 @@ def security_headers(*, hsts_max_age: int | None) -> HeaderStep:
             headers[hdrs.STRICT_TRANSPORT_SECURITY] = hsts
         if is_management_path(request.path):
             headers.update(_MANAGEMENT_HEADERS)
+        elif is_console_path(request.path):
+            headers.update(_CONSOLE_HEADERS)
 
     return add_security_headers

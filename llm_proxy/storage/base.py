@@ -125,6 +125,9 @@ class AuditStore(Protocol):
     async def walk(self, instance: str, after: int, limit: int) -> list[tuple[int, dict[str, Any] | None]]:
         """Up to `limit` events of a chain with seq > after, oldest first; None for one whose details are
         unreadable."""
+    async def hourly_status(self, since: str) -> list[tuple[str, int | None, int]]:
+        """Count token.access events at or after `since` (a timestamp) by UTC hour (YYYY-MM-DDTHH) and status
+        class (2 for 2xx…; None when the event has no readable status), every chain together."""
     async def prune_anchors(self) -> dict[str, ChainHead]:
         """Each chain's last pruned (seq, hash), as the newest audit.prune event that records any has them."""
     async def prune(self, cutoff: str, batch_size: int) -> PruneResult:

@@ -1065,6 +1065,24 @@ async def test_prune_anchors_come_from_the_newest_prune_that_records_any(store: 
     assert await store.audit.prune_anchors() == {"": (7, "h7"), "gw-a": (3, "h3")}
 
 
+async def test_hourly_status_counts_access_events_by_hour_and_status_class(
+        backend: Backend, store: Store) -> None:
+    def access(seq: int, timestamp: str, status: int | None) -> dict[str, Any]:
+        details = {"status": status, "duration_ms": 3} if status is not None else {"reason": "x"}
+        return event(seq, timestamp, "token.access", details=details)
+
+    await append(store, [
+        access(1, "2024-01-01T09:59:59Z", 200),  # before `since`
+        access(2, "2024-01-01T10:00:00Z", 200), access(3, "2024-01-01T10:30:00Z", 201),
+        access(4, "2024-01-01T10:45:00Z", 429), access(5, "2024-01-01T11:00:00Z", 502),
+        access(6, "2024-01-01T11:05:00Z", None),
+        event(7, "2024-01-01T11:06:00Z", "token.create", details={"status": 201}),  # not an access
+    ])
+    await backend.corrupt_details(store, 5)
+    assert await store.audit.hourly_status("2024-01-01T10:00:00Z") == [
+        ("2024-01-01T10", 2, 2), ("2024-01-01T10", 4, 1), ("2024-01-01T11", None, 2)]
+
+
 # ---- admin console sessions ----
 
 

@@ -108,6 +108,15 @@ class PostgresAudit:
                                     instance, after, limit)
         return [walked_event(row) for row in rows]
 
+    async def hourly_status(self, since: str) -> list[tuple[str, int | None, int]]:
+        # The details are the JSON text the chain hashed, written compactly by orjson: the status is read
+        # with a pattern, so a damaged row counts as "no status" instead of failing the whole query.
+        rows = await self._db.fetch(
+            "SELECT substr(timestamp, 1, 13), substring(details from '\"status\":([0-9]{3})[,}]')::int / 100,"
+            " count(*) FROM audit_events WHERE action = 'token.access' AND timestamp >= $1 GROUP BY 1, 2"
+            " ORDER BY 1, 2", since)
+        return [(row[0], row[1], row[2]) for row in rows]
+
     async def prune_anchors(self) -> dict[str, ChainHead]:
         rows = await self._db.fetch("SELECT details FROM audit_events WHERE action = 'audit.prune' ORDER BY id DESC")
         return prune_anchors(row[0] for row in rows)

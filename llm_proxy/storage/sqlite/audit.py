@@ -107,6 +107,13 @@ class SqliteAudit:
                                        (instance, after, limit))
         return [walked_event(row) for row in rows]
 
+    async def hourly_status(self, since: str) -> list[tuple[str, int | None, int]]:
+        rows = await self._db.fetchall(
+            "SELECT substr(timestamp, 1, 13), CASE WHEN json_valid(details) THEN"
+            " CAST(json_extract(details, '$.status') AS INTEGER) / 100 END, count(*) FROM audit_events"
+            " WHERE action = 'token.access' AND timestamp >= ? GROUP BY 1, 2 ORDER BY 1, 2", (since,))
+        return [(row[0], row[1], row[2]) for row in rows]
+
     async def prune_anchors(self) -> dict[str, ChainHead]:
         rows = await self._db.fetchall(
             "SELECT details FROM audit_events WHERE action = 'audit.prune' ORDER BY id DESC")

@@ -1,0 +1,44 @@
+"""Build the console's sub-application at /admin: templates, its static files, its gate and its pages."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import aiohttp_jinja2
+import jinja2
+from aiohttp import web
+
+from llm_proxy.audit.writer import AuditWriter
+from llm_proxy.console.guard import console_guard
+from llm_proxy.console.pages import Pages
+from llm_proxy.console.reports import Reports
+from llm_proxy.console.sessions import ConsoleSessions
+from llm_proxy.console.signin import SignIn
+from llm_proxy.gateway.admission import IpBlock
+from llm_proxy.limiting.base import FailureLimiter
+from llm_proxy.manage.auth import ManagementAuth, ManagementTokens
+from llm_proxy.settings import Settings
+from llm_proxy.storage.base import Store
+from llm_proxy.tokens.cache import TokenCache
+from llm_proxy.tokens.service import TokenService
+
+STATIC = Path(__file__).parent / "static"
+
+
+def console_app(settings: Settings, service: TokenService, store: Store, cache: TokenCache, audit: AuditWriter, *,
+                auth: ManagementAuth, tokens: ManagementTokens, ip_block: IpBlock, failures: FailureLimiter,
+                clock: Callable[[], float] = time.time) -> web.Application:
+    """Return the sub-application serving the console (mount it at /admin)."""
+    secure = settings.tls_cert_file is not None  # Secure, __Host- cookies only where the browser speaks HTTPS
+    sessions = ConsoleSessions(store.sessions, settings.management_tokens, clock)
+    app = web.Application(middlewares=[console_guard(sessions, auth, ip_block, audit, secure=secure)])
+    # Autoescaping on for every template; nothing a user typed is ever marked safe.
+    aiohttp_jinja2.setup(app, loader=jinja2.PackageLoader("llm_proxy.console", "templates"), autoescape=True,
+                         undefined=jinja2.StrictUndefined)
+    app.add_routes([*SignIn(sessions, tokens, failures, audit, secure=secure).routes(),
+                    *Reports(service, store, cache, audit).routes(),
+                    *Pages(settings, service, cache, audit).routes()])
+    app.router.add_static("/static/", STATIC, append_version=False)
+    return app

@@ -1,0 +1,274 @@
+"""The console over real HTTP without a browser: sign-in and sessions, CSRF and origin checks, headers,
+timeouts on an injected clock, the IP allow-list and throttle, and changes audited with via: console."""
+
+from __future__ import annotations
+
+import re
+import sqlite3
+from collections.abc import Callable
+from contextlib import closing
+from typing import Any
+
+import orjson
+import pytest
+from aiohttp import ClientResponse
+
+from llm_proxy.console.sessions import ABSOLUTE_TIMEOUT, IDLE_TIMEOUT
+from llm_proxy.gateway.security_headers import CONSOLE_CSP
+from tests.fakes import MANAGEMENT_TOKEN, Gateway
+
+COOKIE = "llm_proxy_session"
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 1_800_000_000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+async def sign_in(gateway: Gateway, token: str = MANAGEMENT_TOKEN) -> ClientResponse:
+    return await gateway.client.post("/admin/login", data={"token": token}, allow_redirects=False)
+
+
+def csrf_of(html: str) -> str:
+    found = re.search(r'name="csrf" value="([^"]+)"', html)
+    assert found, html
+    return found.group(1)
+
+
+async def page(gateway: Gateway, path: str) -> tuple[int, str, ClientResponse]:
+    response = await gateway.client.get(path, allow_redirects=False)
+    return response.status, await response.text(), response
+
+
+def audit_rows(gateway: Gateway, action: str) -> list[dict[str, Any]]:
+    with closing(sqlite3.connect(gateway.settings.database_path)) as conn:
+        conn.row_factory = sqlite3.Row
+        return [dict(row) for row in conn.execute("SELECT * FROM audit_events WHERE action = ? ORDER BY id", (action,))]
+
+
+async def flushed(gateway: Gateway) -> None:
+    from llm_proxy.app import AUDIT
+    await gateway.app[AUDIT].flush()
+
+
+async def test_pages_need_a_session_and_sign_in_opens_one_with_a_fresh_id(make_gateway: Callable[..., Any]) -> None:
+    gateway: Gateway = await make_gateway()
+    for path in ("/admin/", "/admin/projects", "/admin/tokens", "/admin/usage", "/admin/audit", "/admin/audit/verify"):
+        status, _, response = await page(gateway, path)
+        assert (status, response.headers["Location"]) == (303, "/admin/login"), path
+    status, html, response = await page(gateway, "/admin/login")
+    assert status == 200 and 'type="password"' in html
+    assert response.headers["Content-Security-Policy"] == CONSOLE_CSP
+    assert (response.headers["X-Frame-Options"], response.headers["Referrer-Policy"],
+            response.headers["Cache-Control"]) == ("DENY", "no-referrer", "no-store")
+
+    # A session id planted before sign-in is never the one signed in (no fixation).
+    gateway.client.session.cookie_jar.update_cookies({COOKIE: "planted-by-someone-else"})
+    signed = await sign_in(gateway)
+    assert (signed.status, signed.headers["Location"]) == (303, "/admin/")
+    cookie = signed.cookies[COOKIE]
+    assert cookie.value != "planted-by-someone-else" and len(cookie.value) >= 43
+    assert cookie["httponly"] and cookie["samesite"] == "Strict" and cookie["path"] == "/admin"
+    assert MANAGEMENT_TOKEN not in str(signed.headers)
+    status, html, _ = await page(gateway, "/admin/")
+    assert status == 200 and "Overview" in html and MANAGEMENT_TOKEN not in html
+    # Signing in again gives yet another id.
+    again = await sign_in(gateway)
+    assert again.cookies[COOKIE].value != cookie.value
+
+    # Only digests are stored.
+    with closing(sqlite3.connect(gateway.settings.database_path)) as conn:
+        stored = conn.execute("SELECT * FROM admin_sessions").fetchall()
+    assert stored and all(cookie.value not in str(row) and MANAGEMENT_TOKEN not in str(row) for row in stored)
+
+
+async def test_a_wrong_token_is_refused_audited_and_counted_toward_the_ip_block(
+        make_gateway: Callable[..., Any]) -> None:
+    gateway: Gateway = await make_gateway(IP_RATE_LIMIT="3")
+    for _ in range(3):
+        refused = await sign_in(gateway, "mgmt-wrong-wrong-wrong-wrong")
+        assert refused.status == 401 and COOKIE not in refused.cookies
+        assert "mgmt-wrong-wrong-wrong-wrong" not in await refused.text()
+    blocked = await sign_in(gateway)  # the right token, from a blocked address
+    assert blocked.status == 429 and "Retry-After" in blocked.headers and COOKIE not in blocked.cookies
+    await flushed(gateway)
+    failures = audit_rows(gateway, "admin.login")
+    assert [row["result"] for row in failures] == ["failure"] * 3
+    details = orjson.loads(failures[0]["details"])
+    assert details["via"] == "console" and details["reason"] == "invalid_management_token"
+    assert "wrong-wrong-wrong" not in failures[0]["details"]
+
+
+async def test_every_post_needs_the_sessions_csrf_token_and_our_origin(make_gateway: Callable[..., Any]) -> None:
+    gateway: Gateway = await make_gateway()
+    await sign_in(gateway)
+    _, html, _ = await page(gateway, "/admin/projects")
+    csrf = csrf_of(html)
+    form = {"name": "via-console", "api_key": "sk-console-key-1234567890"}
+
+    for data, headers in (
+            (form, {}),  # no CSRF token
+            ({**form, "csrf": "0" * 64}, {}),  # another one
+            ({**form, "csrf": csrf}, {"Origin": "https://evil.example"}),  # another site
+            ({**form, "csrf": csrf}, {"Sec-Fetch-Site": "cross-site"})):
+        refused = await gateway.client.post("/admin/projects", data=data, headers=headers, allow_redirects=False)
+        assert refused.status == 403, (data, headers)
+    assert (await gateway.manage("GET", "/projects", expect=200))["data"] == []
+
+    # Chromium's own form posts under no-referrer: Origin null, same-origin fetch.
+    made = await gateway.client.post("/admin/projects", data={**form, "csrf": csrf}, allow_redirects=False,
+                                     headers={"Origin": "null", "Sec-Fetch-Site": "same-origin"})
+    assert made.status == 303 and made.headers["Location"].endswith("?done=created")
+    [project] = (await gateway.manage("GET", "/projects", expect=200))["data"]
+    assert project["name"] == "via-console" and project["api_key"] != form["api_key"]
+    await flushed(gateway)
+    [created] = audit_rows(gateway, "project.create")
+    assert orjson.loads(created["details"])["via"] == "console" and created["result"] == "success"
+    assert form["api_key"] not in str(audit_rows(gateway, "project.create"))
+    csrf_failures = [orjson.loads(row["details"]) for row in audit_rows(gateway, "auth.failure")]
+    assert [details["reason"] for details in csrf_failures] == ["csrf_failed", "csrf_failed"]
+
+    # Another session's CSRF token is refused too: sign in again, and post with the first one's.
+    second = await sign_in(gateway)
+    assert second.status == 303
+    stale = await gateway.client.post("/admin/projects", data={**form, "name": "stale", "csrf": csrf},
+                                      allow_redirects=False)
+    assert stale.status == 403
+
+
+async def test_sessions_end_idle_absolute_signed_out_or_when_the_token_is_removed(
+        make_gateway: Callable[..., Any], tmp_path: Any) -> None:
+    clock = Clock()
+    gateway: Gateway = await make_gateway(clock=clock)
+    await sign_in(gateway)
+    clock.now += IDLE_TIMEOUT - 61
+    assert (await page(gateway, "/admin/"))[0] == 200  # still fresh, and seen again now
+    clock.now += IDLE_TIMEOUT - 61
+    assert (await page(gateway, "/admin/"))[0] == 200
+    clock.now += IDLE_TIMEOUT + 1
+    status, _, response = await page(gateway, "/admin/")
+    assert (status, response.headers["Location"]) == (303, "/admin/login")
+
+    # Used every 29 minutes, a session still ends 12 hours after sign-in.
+    await sign_in(gateway)
+    signed_in, step = clock.now, IDLE_TIMEOUT - 60
+    for _ in range(int(ABSOLUTE_TIMEOUT // step) + 2):
+        clock.now += step
+        if (await page(gateway, "/admin/"))[0] != 200:
+            break
+    assert ABSOLUTE_TIMEOUT < clock.now - signed_in <= ABSOLUTE_TIMEOUT + step
+    assert (await page(gateway, "/admin/"))[0] == 303
+
+    # Signing out ends it on the server: the old cookie opens nothing.
+    await sign_in(gateway)
+    cookie = gateway.client.session.cookie_jar.filter_cookies(gateway.client.make_url("/admin/"))[COOKIE].value
+    _, html, _ = await page(gateway, "/admin/")
+    out = await gateway.client.post("/admin/logout", data={"csrf": csrf_of(html)}, allow_redirects=False)
+    assert (out.status, out.headers["Location"]) == (303, "/admin/login")
+    gateway.client.session.cookie_jar.update_cookies({COOKIE: cookie})
+    assert (await page(gateway, "/admin/"))[0] == 303
+    await flushed(gateway)
+    assert [row["result"] for row in audit_rows(gateway, "admin.logout")] == ["success"]
+
+
+async def test_a_session_ends_when_its_management_token_is_no_longer_configured(
+        make_gateway: Callable[..., Any]) -> None:
+    first: Gateway = await make_gateway(MANAGEMENT_TOKEN=f"{MANAGEMENT_TOKEN},mgmt-{'Z9y8X7w6' * 6}")
+    await sign_in(first, f"mgmt-{'Z9y8X7w6' * 6}")
+    cookie = first.client.session.cookie_jar.filter_cookies(first.client.make_url("/admin/"))[COOKIE].value
+    assert (await page(first, "/admin/"))[0] == 200
+    await first.close()
+    # The same database, restarted with that token removed from MANAGEMENT_TOKEN.
+    second: Gateway = await make_gateway(MANAGEMENT_TOKEN=MANAGEMENT_TOKEN)
+    second.client.session.cookie_jar.update_cookies({COOKIE: cookie})
+    assert (await page(second, "/admin/"))[0] == 303
+
+
+async def test_an_address_outside_management_allowed_ips_gets_403(make_gateway: Callable[..., Any]) -> None:
+    gateway: Gateway = await make_gateway(MANAGEMENT_ALLOWED_IPS="10.9.9.9")
+    for method, path in (("GET", "/admin/login"), ("POST", "/admin/login"), ("GET", "/admin/")):
+        response = await gateway.client.request(method, path, data={"token": MANAGEMENT_TOKEN}, allow_redirects=False)
+        assert response.status == 403 and COOKIE not in response.cookies, (method, path)
+
+
+async def test_the_console_can_be_turned_off(make_gateway: Callable[..., Any]) -> None:
+    gateway: Gateway = await make_gateway(ADMIN_CONSOLE="false")
+    assert (await page(gateway, "/admin/login"))[0] == 404
+    assert (await sign_in(gateway)).status == 404
+
+
+@pytest.mark.parametrize("path", ["/admin/nope", "/admin/projects/no-such-project", "/admin/tokens/no-such-token"])
+async def test_unknown_pages_are_pages_with_the_console_headers(make_gateway: Callable[..., Any], path: str) -> None:
+    gateway: Gateway = await make_gateway()
+    await sign_in(gateway)
+    status, html, response = await page(gateway, path)
+    assert status == 404 and "<h1>Not found</h1>" in html
+    assert response.headers["Content-Security-Policy"] == CONSOLE_CSP and response.content_type == "text/html"
+
+
+async def test_every_page_renders_what_the_api_holds_and_escapes_what_users_typed(
+        make_gateway: Callable[..., Any]) -> None:
+    gateway: Gateway = await make_gateway()
+    hostile = "<img src=x onerror=alert(1)>"
+    project = await gateway.project(hostile)
+    token = await gateway.token(project["id"], max_requests=5)
+    sdk = gateway.openai(token["token"])
+    await sdk.chat.completions.create(model="gpt-4o-mini", messages=[{"role": "user", "content": "hi"}],
+                                      extra_headers={"User-Agent": "<script>alert(2)</script>"})
+    await sign_in(gateway)
+    for path, expected in (
+            ("/admin/", "requests in the last 24 hours"),
+            ("/admin/projects", "&lt;img src=x onerror=alert(1)&gt;"),
+            (f"/admin/projects/{project['id']}", "&lt;img src=x onerror=alert(1)&gt;"),
+            ("/admin/tokens?state=all", token["token_hint"]),
+            (f"/admin/tokens/{token['id']}", "of 5"),
+            (f"/admin/usage?project_id={project['id']}&days=7", "Download as CSV"),
+            ("/admin/audit", "\\u003cscript\\u003ealert(2)"),  # the event's JSON, its < > escaped
+            ("/admin/audit/verify", "OK")):
+        status, html, _ = await page(gateway, path)
+        assert status == 200 and expected in html, (path, html[:2000])
+        assert hostile not in html and "<script>alert" not in html, path
+        assert token["token"] not in html, path
+    csv = await gateway.client.get(f"/admin/usage.csv?project_id={project['id']}&days=7")
+    text = await csv.text()
+    assert csv.status == 200 and csv.content_type == "text/csv"
+    lines = text.strip().splitlines()
+    assert lines[0] == "day,requests,prompt_tokens,completion_tokens,total_tokens" and len(lines) == 8
+    assert sum(int(line.split(",")[1]) for line in lines[1:]) == 1
+
+
+async def test_a_token_made_in_the_console_is_shown_once_and_works_until_revoked_there(
+        make_gateway: Callable[..., Any]) -> None:
+    gateway: Gateway = await make_gateway()
+    project = await gateway.project("console-made")
+    await sign_in(gateway)
+    _, html, _ = await page(gateway, "/admin/tokens")
+    made = await gateway.client.post("/admin/tokens", data={
+        "csrf": csrf_of(html), "project_id": project["id"], "duration_minutes": "30", "max_requests": "3",
+        "rate_limit_per_minute": "", "max_tokens_total": ""})
+    shown = await made.text()
+    assert made.status == 201 and made.headers["Cache-Control"] == "no-store"
+    plaintext = re.search(r'id="plaintext" value="([^"]+)"', shown)
+    assert plaintext
+    [listed] = (await gateway.manage("GET", f"/tokens?project_id={project['id']}", expect=200))["data"]
+    assert listed["max_requests"] == 3 and listed["token_hint"] in shown
+    sdk = gateway.openai(plaintext.group(1))
+    assert (await sdk.models.list()) is not None
+    # Never shown again: not on its page, not in the list.
+    for path in (f"/admin/tokens/{listed['id']}", "/admin/tokens?state=all"):
+        assert plaintext.group(1) not in (await page(gateway, path))[1]
+
+    _, html, _ = await page(gateway, f"/admin/tokens/{listed['id']}")
+    revoked = await gateway.client.post(f"/admin/tokens/{listed['id']}/revoke", data={"csrf": csrf_of(html)},
+                                        allow_redirects=False)
+    assert revoked.status == 303
+    import openai
+    with pytest.raises(openai.AuthenticationError):
+        await sdk.models.list()
+    await flushed(gateway)
+    for action in ("token.create", "token.revoke"):
+        [row] = audit_rows(gateway, action)
+        assert orjson.loads(row["details"])["via"] == "console" and row["result"] == "success", action
