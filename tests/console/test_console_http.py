@@ -272,3 +272,25 @@ async def test_a_token_made_in_the_console_is_shown_once_and_works_until_revoked
     for action in ("token.create", "token.revoke"):
         [row] = audit_rows(gateway, action)
         assert orjson.loads(row["details"])["via"] == "console" and row["result"] == "success", action
+
+
+async def test_a_session_works_on_every_process_sharing_the_database(make_gateway: Callable[..., Any],
+                                                                    postgres_url: str, redis_url: str) -> None:
+    """Sessions live with the tokens: one opened on one process is the same session on another, and
+    signing out on one ends it on all (PostgreSQL + Redis, two gateways)."""
+    first: Gateway = await make_gateway(DATABASE_URL=postgres_url, REDIS_URL=redis_url)
+    second: Gateway = await make_gateway(DATABASE_URL=postgres_url, REDIS_URL=redis_url)
+    await sign_in(first)
+    cookie = first.client.session.cookie_jar.filter_cookies(first.client.make_url("/admin/"))[COOKIE].value
+    second.client.session.cookie_jar.update_cookies({COOKIE: cookie})
+    status, html, _ = await page(second, "/admin/projects")
+    assert status == 200
+    # A change made on the second with the session opened on the first.
+    made = await second.client.post("/admin/projects", data={"csrf": csrf_of(html), "name": "shared",
+                                                             "api_key": "sk-shared-key-1234567890"},
+                                    allow_redirects=False)
+    assert made.status == 303
+    assert [project["name"] for project in (await first.manage("GET", "/projects", expect=200))["data"]] == ["shared"]
+    _, html, _ = await page(first, "/admin/")
+    assert (await first.client.post("/admin/logout", data={"csrf": csrf_of(html)}, allow_redirects=False)).status == 303
+    assert (await page(second, "/admin/"))[0] == 303
