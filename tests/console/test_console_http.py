@@ -174,13 +174,19 @@ async def test_sessions_end_idle_absolute_signed_out_or_when_the_token_is_remove
     assert [row["result"] for row in audit_rows(gateway, "admin.logout")] == ["success"]
 
 
-async def test_a_session_ends_when_its_management_token_is_no_longer_configured(
+async def test_a_session_outlives_a_restart_but_not_its_management_tokens_removal(
         make_gateway: Callable[..., Any]) -> None:
-    first: Gateway = await make_gateway(MANAGEMENT_TOKEN=f"{MANAGEMENT_TOKEN},mgmt-{'Z9y8X7w6' * 6}")
+    both = f"{MANAGEMENT_TOKEN},mgmt-{'Z9y8X7w6' * 6}"
+    first: Gateway = await make_gateway(MANAGEMENT_TOKEN=both)
     await sign_in(first, f"mgmt-{'Z9y8X7w6' * 6}")
     cookie = first.client.session.cookie_jar.filter_cookies(first.client.make_url("/admin/"))[COOKIE].value
     assert (await page(first, "/admin/"))[0] == 200
     await first.close()
+    # Restarted with the same tokens: the same session goes on.
+    restarted: Gateway = await make_gateway(MANAGEMENT_TOKEN=both)
+    restarted.client.session.cookie_jar.update_cookies({COOKIE: cookie})
+    assert (await page(restarted, "/admin/"))[0] == 200
+    await restarted.close()
     # The same database, restarted with that token removed from MANAGEMENT_TOKEN.
     second: Gateway = await make_gateway(MANAGEMENT_TOKEN=MANAGEMENT_TOKEN)
     second.client.session.cookie_jar.update_cookies({COOKIE: cookie})
