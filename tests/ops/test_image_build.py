@@ -160,6 +160,10 @@ def test_the_packaged_gateway_starts_answers_its_healthcheck_and_stops_on_stopsi
         with urllib.request.urlopen(request, timeout=10) as response:  # noqa: S310 (our own 127.0.0.1 URL)
             assert response.status == 201
         assert (data / "llm-proxy.db").is_file() and (data / "audit.log").is_file()
+        # The console's templates and assets are in the wheel.
+        for path, text in (("/admin/login", b"Management token"), ("/admin/static/console.css", b"--accent")):
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}{path}", timeout=10) as response:
+                assert response.status == 200 and text in response.read(), path
 
         (stop_signal,) = [arguments for name, arguments in _stages()[-1] if name == "STOPSIGNAL"]
         process.send_signal(getattr(signal, stop_signal))
