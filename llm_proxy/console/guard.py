@@ -85,6 +85,8 @@ def console_guard(sessions: ConsoleSessions, auth: ManagementAuth, ip_block: IpB
             auth.check_ip(request)
             if request.method == "POST" and not from_our_origin(request):
                 raise CrossOrigin()
+            if request.path == "/admin":
+                raise web.HTTPPermanentRedirect("/admin/")
             if request.path.startswith(_OPEN) or request.path == LOGIN_PATH:
                 return await handler(request)
             session = await sessions.find(request.cookies.get(cookie_name(secure)))

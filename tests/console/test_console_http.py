@@ -75,6 +75,8 @@ async def test_pages_need_a_session_and_sign_in_opens_one_with_a_fresh_id(make_g
     assert MANAGEMENT_TOKEN not in str(signed.headers)
     status, html, _ = await page(gateway, "/admin/")
     assert status == 200 and "Overview" in html and MANAGEMENT_TOKEN not in html
+    status, _, response = await page(gateway, "/admin")
+    assert (status, response.headers["Location"]) == (308, "/admin/")
     # Signing in again gives yet another id.
     again = await sign_in(gateway)
     assert again.cookies[COOKIE].value != cookie.value
