@@ -5,8 +5,10 @@ from __future__ import annotations
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import aiohttp_jinja2
+import orjson
 import jinja2
 from aiohttp import web
 
@@ -27,6 +29,12 @@ from llm_proxy.tokens.service import TokenService
 STATIC = Path(__file__).parent / "static"
 
 
+def event_json(event: dict[str, Any]) -> str:
+    """An audit event as indented JSON text, exactly as stored (autoescaping then shows it as text;
+    Jinja's tojson would show a client's `<` as `\\u003c`)."""
+    return orjson.dumps(event, option=orjson.OPT_INDENT_2, default=str).decode()
+
+
 def console_app(settings: Settings, service: TokenService, store: Store, cache: TokenCache, audit: AuditWriter, *,
                 auth: ManagementAuth, tokens: ManagementTokens, ip_block: IpBlock, failures: FailureLimiter,
                 clock: Callable[[], float] = time.time) -> web.Application:
@@ -35,8 +43,9 @@ def console_app(settings: Settings, service: TokenService, store: Store, cache: 
     sessions = ConsoleSessions(store.sessions, settings.management_tokens, clock)
     app = web.Application(middlewares=[console_guard(sessions, auth, ip_block, audit, secure=secure)])
     # Autoescaping on for every template; nothing a user typed is ever marked safe.
-    aiohttp_jinja2.setup(app, loader=jinja2.PackageLoader("llm_proxy.console", "templates"), autoescape=True,
-                         undefined=jinja2.StrictUndefined)
+    environment = aiohttp_jinja2.setup(app, loader=jinja2.PackageLoader("llm_proxy.console", "templates"),
+                                       autoescape=True, undefined=jinja2.StrictUndefined)
+    environment.filters["event_json"] = event_json
     app.add_routes([*SignIn(sessions, tokens, failures, audit, secure=secure).routes(),
                     *Reports(service, store, cache, audit).routes(),
                     *Pages(settings, service, cache, audit).routes()])
