@@ -8,8 +8,8 @@ from pathlib import Path
 from typing import Any
 
 import aiohttp_jinja2
-import orjson
 import jinja2
+import orjson
 from aiohttp import web
 
 from llm_proxy.audit.writer import AuditWriter
