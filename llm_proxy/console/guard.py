@@ -94,7 +94,8 @@ def console_guard(sessions: ConsoleSessions, auth: ManagementAuth, ip_block: IpB
                 raise web.HTTPSeeOther(LOGIN_PATH)
             if request.method == "POST":
                 presented = await csrf_field(request)
-                if presented is None or not hmac.compare_digest(presented.encode(), session.csrf.encode()):
+                if presented is None or not hmac.compare_digest(presented.encode("utf-8", "replace"),
+                                                                session.csrf.encode()):
                     audit.emit("auth.failure", actor="management", result="denied", request_id=request[REQUEST_ID],
                                client_ip=request[CLIENT_IP],
                                details={"reason": "csrf_failed", "endpoint": request.path, "via": "console",
