@@ -19,6 +19,7 @@ from llm_proxy.console.forms import form_bool, form_int, form_text
 from llm_proxy.console.guard import SESSION, error_page
 from llm_proxy.errors import ApiError
 from llm_proxy.gateway.context import CLIENT_IP, REQUEST_ID
+from llm_proxy.manage.api import refused
 from llm_proxy.manage.validation import API_KEY_MAX_LENGTH, LIMIT_MAX, MAX_GRACE_SECONDS, NAME_MAX_LENGTH
 from llm_proxy.settings import Settings
 from llm_proxy.tokens.cache import TokenCache
@@ -217,8 +218,7 @@ class Pages:
         try:
             return await change(details)
         except ApiError as exc:
-            result = "error" if exc.status >= 500 else "denied" if exc.status in (403, 405) else "failure"
-            details["status"], details["error_code"] = exc.status, exc.code
+            result = refused(exc, details)
             if exc.param:
                 details["param"] = exc.param
             return error_page(request, exc.status, exc.message, exc.headers)

@@ -50,6 +50,12 @@ def json_response(document: Any, status: int = 200) -> web.Response:
 Route = Callable[["Management", web.Request], Awaitable[web.StreamResponse]]
 
 
+def refused(exc: ApiError, details: Details) -> Result:
+    """Note a refusal's status and code in an event's details; return the event's result (the console's too)."""
+    details["status"], details["error_code"] = exc.status, exc.code
+    return "error" if exc.status >= 500 else "denied" if exc.status in (403, 405) else "failure"
+
+
 def audited(action: Action) -> Callable[[ActionHandler], Route]:
     """Emit one audit event per call of the handler, whatever its outcome."""
     def wrap(handler: ActionHandler) -> Route:
@@ -59,8 +65,7 @@ def audited(action: Action) -> Callable[[ActionHandler], Route]:
             try:
                 return await handler(self, request, details)
             except ApiError as exc:
-                result = "error" if exc.status >= 500 else "denied" if exc.status in (403, 405) else "failure"
-                details["status"], details["error_code"] = exc.status, exc.code
+                result = refused(exc, details)
                 raise
             except asyncio.CancelledError:
                 result, details["status"] = "error", 499  # the client left; the change may not have happened
