@@ -13,7 +13,7 @@ import orjson
 from aiohttp import web
 
 from llm_proxy.audit.writer import AuditWriter
-from llm_proxy.console.guard import console_guard
+from llm_proxy.console.guard import console_guard, https_detector
 from llm_proxy.console.pages import Pages
 from llm_proxy.console.reports import Reports
 from llm_proxy.console.sessions import ConsoleSessions
@@ -39,14 +39,14 @@ def console_app(settings: Settings, service: TokenService, store: Store, cache: 
                 auth: ManagementAuth, tokens: ManagementTokens, ip_block: IpBlock, failures: FailureLimiter,
                 clock: Callable[[], float] = time.time) -> web.Application:
     """Return the sub-application serving the console (mount it at /admin)."""
-    secure = settings.tls_cert_file is not None  # Secure, __Host- cookies only where the browser speaks HTTPS
     sessions = ConsoleSessions(store.sessions, settings.management_tokens, clock)
-    app = web.Application(middlewares=[console_guard(sessions, auth, ip_block, audit, secure=secure)])
+    speaks_https = https_detector(settings.tls_cert_file is not None, settings.trusted_proxies)
+    app = web.Application(middlewares=[console_guard(sessions, auth, ip_block, audit, speaks_https=speaks_https)])
     # Autoescaping on for every template; nothing a user typed is ever marked safe.
     environment = aiohttp_jinja2.setup(app, loader=jinja2.PackageLoader("llm_proxy.console", "templates"),
                                        autoescape=True, undefined=jinja2.StrictUndefined)
     environment.filters["event_json"] = event_json
-    app.add_routes([*SignIn(sessions, tokens, failures, audit, secure=secure).routes(),
+    app.add_routes([*SignIn(sessions, tokens, failures, audit).routes(),
                     *Reports(service, store, cache, audit).routes(),
                     *Pages(settings, service, cache, audit).routes()])
     app.router.add_static("/static/", STATIC, append_version=False)

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import hmac
 import logging
+from collections.abc import Callable
 from typing import Any
 
 import aiohttp_jinja2
@@ -22,11 +23,14 @@ from llm_proxy.audit.writer import AuditWriter
 from llm_proxy.console.sessions import ConsoleSessions, Session
 from llm_proxy.errors import ApiError, PermissionDenied
 from llm_proxy.gateway.admission import IpBlock
-from llm_proxy.gateway.context import CLIENT_IP, REQUEST_ID
+from llm_proxy.gateway.context import CLIENT_IP, REQUEST_ID, ip_in
 from llm_proxy.manage.auth import ManagementAuth
+from llm_proxy.settings import IPNetwork
 
 log = logging.getLogger(__name__)
 SESSION = web.RequestKey("console_session", Session)
+# Whether the browser speaks HTTPS to us (directly, or to a trusted proxy in front): Secure cookies then.
+HTTPS = web.RequestKey("console_https", bool)
 LOGIN_PATH = "/admin/login"
 # Reachable without a session: the sign-in page, and the stylesheet and script it uses.
 _OPEN = (LOGIN_PATH, "/admin/static/")
@@ -40,20 +44,34 @@ class BadCsrfToken(PermissionDenied):
     code, message = "csrf_failed", "the form's CSRF token does not match this session: reload the page and try again"
 
 
-def cookie_name(secure: bool) -> str:
-    """The session cookie's name: `__Host-` under TLS, so it is Secure, host-only and for the whole site."""
-    return "__Host-llm_proxy_session" if secure else "llm_proxy_session"
+def https_detector(tls: bool, trusted_proxies: tuple[IPNetwork, ...]) -> Callable[[web.Request], bool]:
+    """Build the test of whether the browser speaks HTTPS: the gateway's own TLS, or a proxy of
+    TRUSTED_PROXIES that terminated TLS and says so (`X-Forwarded-Proto: https`); no one else is believed."""
+    def speaks_https(request: web.Request) -> bool:
+        if tls:
+            return True
+        proto = request.headers.get("X-Forwarded-Proto")
+        return (proto is not None and proto.split(",")[0].strip().lower() == "https"
+                and ip_in(request.remote or "", trusted_proxies))
+    return speaks_https
 
 
-def set_session_cookie(response: web.StreamResponse, session_id: str, *, secure: bool) -> None:
+def cookie_name(request: web.Request) -> str:
+    """The session cookie's name: `__Host-` over HTTPS, so it is Secure, host-only and for the whole site."""
+    return "__Host-llm_proxy_session" if request[HTTPS] else "llm_proxy_session"
+
+
+def set_session_cookie(response: web.StreamResponse, request: web.Request, session_id: str) -> None:
     """Give the browser the session id: never readable by script, never sent by another site."""
-    response.set_cookie(cookie_name(secure), session_id, path="/" if secure else "/admin", httponly=True,
+    secure = request[HTTPS]
+    response.set_cookie(cookie_name(request), session_id, path="/" if secure else "/admin", httponly=True,
                         secure=secure, samesite="Strict")
 
 
-def clear_session_cookie(response: web.StreamResponse, *, secure: bool) -> None:
+def clear_session_cookie(response: web.StreamResponse, request: web.Request) -> None:
     """Tell the browser to forget the session id."""
-    response.del_cookie(cookie_name(secure), path="/" if secure else "/admin", secure=secure, httponly=True,
+    secure = request[HTTPS]
+    response.del_cookie(cookie_name(request), path="/" if secure else "/admin", secure=secure, httponly=True,
                         samesite="Strict")
 
 
@@ -76,10 +94,11 @@ async def csrf_field(request: web.Request) -> str | None:
 
 
 def console_guard(sessions: ConsoleSessions, auth: ManagementAuth, ip_block: IpBlock, audit: AuditWriter, *,
-                  secure: bool) -> Middleware:
+                  speaks_https: Callable[[web.Request], bool]) -> Middleware:
     """Build the console's one middleware (see the module docstring for its order)."""
     @web.middleware
     async def guard(request: web.Request, handler: Handler) -> web.StreamResponse:
+        request[HTTPS] = speaks_https(request)
         try:
             await ip_block.check(request, "management")
             auth.check_ip(request)
@@ -89,7 +108,7 @@ def console_guard(sessions: ConsoleSessions, auth: ManagementAuth, ip_block: IpB
                 raise web.HTTPPermanentRedirect("/admin/")
             if request.path.startswith(_OPEN) or request.path == LOGIN_PATH:
                 return await handler(request)
-            session = await sessions.find(request.cookies.get(cookie_name(secure)))
+            session = await sessions.find(request.cookies.get(cookie_name(request)))
             if session is None:
                 raise web.HTTPSeeOther(LOGIN_PATH)
             if request.method == "POST":

@@ -18,19 +18,18 @@ class SignIn:
     """The sign-in page, its form, and signing out."""
 
     def __init__(self, sessions: ConsoleSessions, tokens: ManagementTokens, failures: FailureLimiter,
-                 audit: AuditWriter, *, secure: bool) -> None:
+                 audit: AuditWriter) -> None:
         self._sessions = sessions
         self._tokens = tokens
         self._failures = failures
         self._audit = audit
-        self._secure = secure
 
     def routes(self) -> list[web.RouteDef]:
         return [web.get("/login", self.form, allow_head=False), web.post("/login", self.sign_in),
                 web.post("/logout", self.sign_out)]
 
     async def form(self, request: web.Request) -> web.StreamResponse:
-        if await self._sessions.find(request.cookies.get(cookie_name(self._secure))) is not None:
+        if await self._sessions.find(request.cookies.get(cookie_name(request))) is not None:
             raise web.HTTPSeeOther("/admin/")
         return aiohttp_jinja2.render_template("login.html", request, {})
 
@@ -49,14 +48,14 @@ class SignIn:
             return aiohttp_jinja2.render_template("login.html", request,
                                                   {"error": "That is not a management token of this gateway."},
                                                   status=401)
-        old = request.cookies.get(cookie_name(self._secure))
+        old = request.cookies.get(cookie_name(request))
         if old:
             await self._sessions.end(old)  # a new id at every sign-in: a planted id never becomes a session
         session = await self._sessions.open(token)
         self._audit.emit("admin.login", actor="management", result="success", request_id=request[REQUEST_ID],
                          client_ip=request[CLIENT_IP], details=details)
         redirect = web.HTTPSeeOther("/admin/")
-        set_session_cookie(redirect, session.id, secure=self._secure)
+        set_session_cookie(redirect, request, session.id)
         raise redirect
 
     async def sign_out(self, request: web.Request) -> web.StreamResponse:
@@ -65,5 +64,5 @@ class SignIn:
                          client_ip=request[CLIENT_IP],
                          details={"via": "console", "user_agent": request.headers.get("User-Agent")})
         redirect = web.HTTPSeeOther(LOGIN_PATH)
-        clear_session_cookie(redirect, secure=self._secure)
+        clear_session_cookie(redirect, request)
         raise redirect

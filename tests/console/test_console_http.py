@@ -302,3 +302,25 @@ async def test_a_session_works_on_every_process_sharing_the_database(make_gatewa
     _, html, _ = await page(first, "/admin/")
     assert (await first.client.post("/admin/logout", data={"csrf": csrf_of(html)}, allow_redirects=False)).status == 303
     assert (await page(second, "/admin/"))[0] == 303
+
+
+@pytest.mark.parametrize(("trusted", "secure"), [("127.0.0.1/32", True), ("10.0.0.0/8", False)])
+async def test_behind_a_trusted_tls_proxy_the_cookie_is_secure_and_host_only(
+        make_gateway: Callable[..., Any], trusted: str, secure: bool) -> None:
+    """A proxy of TRUSTED_PROXIES that terminated TLS says X-Forwarded-Proto: https, and the browser speaks
+    HTTPS: the cookie is then `__Host-`, Secure, for the whole host. From anyone else the header is ignored."""
+    gateway: Gateway = await make_gateway(TRUSTED_PROXIES=trusted)
+    proxied = {"X-Forwarded-Proto": "https", "X-Forwarded-For": "203.0.113.7"}
+    signed = await gateway.client.post("/admin/login", data={"token": MANAGEMENT_TOKEN}, headers=proxied,
+                                       allow_redirects=False)
+    assert signed.status == 303
+    name = "__Host-llm_proxy_session" if secure else COOKIE
+    cookie = signed.cookies[name]
+    assert bool(cookie["secure"]) is secure and cookie["path"] == ("/" if secure else "/admin")
+    assert cookie["httponly"] and cookie["samesite"] == "Strict"
+    # The browser sends it back over HTTPS (through the proxy); this client would not send a Secure cookie
+    # over plain HTTP by itself, so it is given by hand.
+    gateway.client.session.cookie_jar.clear()
+    seen = await gateway.client.get("/admin/", headers={**proxied, "Cookie": f"{name}={cookie.value}"},
+                                    allow_redirects=False)
+    assert seen.status == 200
