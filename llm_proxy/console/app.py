@@ -48,6 +48,6 @@ def console_app(settings: Settings, service: TokenService, store: Store, cache: 
     environment.filters["event_json"] = event_json
     app.add_routes([*SignIn(sessions, tokens, failures, audit).routes(),
                     *Reports(service, store, cache, audit).routes(),
-                    *Pages(settings, service, cache, audit).routes()])
+                    *Pages(settings, service, cache, audit, sessions).routes()])
     app.router.add_static("/static/", STATIC, append_version=False)
     return app

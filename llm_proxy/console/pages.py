@@ -7,6 +7,7 @@ A change writes the audit event the management API writes, with `details.via: "c
 
 from __future__ import annotations
 
+import secrets
 from collections.abc import Awaitable, Callable
 from typing import Any
 
@@ -17,7 +18,8 @@ from llm_proxy.audit.events import Action, Result
 from llm_proxy.audit.writer import AuditWriter
 from llm_proxy.console.forms import form_bool, form_int, form_text
 from llm_proxy.console.guard import SESSION, error_page
-from llm_proxy.errors import ApiError
+from llm_proxy.console.sessions import ConsoleSessions
+from llm_proxy.errors import ApiError, Conflict
 from llm_proxy.gateway.context import CLIENT_IP, REQUEST_ID
 from llm_proxy.manage.api import refused
 from llm_proxy.manage.validation import API_KEY_MAX_LENGTH, LIMIT_MAX, MAX_GRACE_SECONDS, NAME_MAX_LENGTH
@@ -39,10 +41,18 @@ def page(request: web.Request, template: str, context: dict[str, Any], status: i
         **context, "csrf": request[SESSION].csrf, "notice": notice, "path": request.path}, status=status)
 
 
+class FormAlreadySent(Conflict):
+    code = "form_already_sent"
+    message = ("this form was already sent (a reload?): the token it made is on the Tokens page, and its "
+               "plaintext is not shown again; create another if you need one")
+
+
 class Pages:
     """Projects and Tokens."""
 
-    def __init__(self, settings: Settings, service: TokenService, cache: TokenCache, audit: AuditWriter) -> None:
+    def __init__(self, settings: Settings, service: TokenService, cache: TokenCache, audit: AuditWriter,
+                 sessions: ConsoleSessions) -> None:
+        self._sessions = sessions
         self._settings = settings
         self._service = service
         self._cache = cache
@@ -133,6 +143,7 @@ class Pages:
         rows = [(token, self._cache.overlay(token) or {}) for token in reversed(tokens)]
         return page(request, "tokens.html", {
             "rows": rows, "names": names, "projects": projects, "project_id": project_id, "state": state,
+            "once": secrets.token_urlsafe(16),
             "default_duration": self._settings.default_token_duration_minutes,
             "max_duration": self._settings.max_token_duration_minutes, "limit_max": LIMIT_MAX})
 
@@ -142,9 +153,19 @@ class Pages:
         async def create(details: dict[str, Any]) -> web.StreamResponse:
             project_id = details["project_id"] = form_text(form, "project_id", 64)
             duration = self._duration(form)
-            issued = await self._service.create_token(project_id, duration, Limits(
-                form_int(form, "max_requests", 0, LIMIT_MAX), form_int(form, "rate_limit_per_minute", 0, LIMIT_MAX),
-                form_int(form, "max_tokens_total", 0, LIMIT_MAX)))
+            # The answer shows a plaintext once: sending the same form again (a reload) must not make
+            # a second token.
+            limits = Limits(form_int(form, "max_requests", 0, LIMIT_MAX),
+                            form_int(form, "rate_limit_per_minute", 0, LIMIT_MAX),
+                            form_int(form, "max_tokens_total", 0, LIMIT_MAX))
+            once = form_text(form, "once", 64)
+            if not await self._sessions.use_once(request[SESSION], once):
+                raise FormAlreadySent()
+            try:
+                issued = await self._service.create_token(project_id, duration, limits)
+            except ApiError:
+                await self._sessions.forget_once(once)  # refused: the same form may be sent again
+                raise
             details.update(token_id=issued.record.token_hint, duration_minutes=duration)
             return self._issued(request, issued, "created")
         return await self._change(request, "token.create", create)

@@ -76,6 +76,14 @@ class ConsoleSessions:
             await self._store.touch(id_hash, now)
         return Session(session_id, csrf_token(session_id), stored.created_at)
 
+    async def use_once(self, session: Session, value: str) -> bool:
+        """Record a single-use form value as sent by this session; False when it had been sent already."""
+        return await self._store.use_once(digest(value), digest(session.id), self._clock())
+
+    async def forget_once(self, value: str) -> None:
+        """Let a single-use form value be sent again: what it asked for was refused."""
+        await self._store.forget_once(digest(value))
+
     async def end(self, session_id: str) -> bool:
         """Sign out: delete the session; tell whether it was there."""
         return await self._store.delete(digest(session_id))

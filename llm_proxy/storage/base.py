@@ -144,7 +144,12 @@ class SessionStore(Protocol):
     async def delete(self, id_hash: str) -> bool:
         """End a session; tell whether it existed."""
     async def delete_expired(self, *, idle_since: float, created_since: float) -> int:
-        """Delete sessions last seen before `idle_since` or created before `created_since`; return how many."""
+        """Delete sessions last seen before `idle_since` or created before `created_since`, and single-use
+        form values used before `created_since`; return how many sessions."""
+    async def use_once(self, once_hash: str, session_hash: str, when: float) -> bool:
+        """Record a single-use form value as used; False when it already was."""
+    async def forget_once(self, once_hash: str) -> None:
+        """Make a single-use form value usable again (what it was to make was refused)."""
 
 
 class Store(Protocol):

@@ -32,6 +32,12 @@ async def sign_in(gateway: Gateway, token: str = MANAGEMENT_TOKEN) -> ClientResp
     return await gateway.client.post("/admin/login", data={"token": token}, allow_redirects=False)
 
 
+def once_of(html: str) -> str:
+    found = re.search(r'name="once" value="([^"]+)"', html)
+    assert found, html
+    return found.group(1)
+
+
 def csrf_of(html: str) -> str:
     found = re.search(r'name="csrf" value="([^"]+)"', html)
     assert found, html
@@ -254,15 +260,19 @@ async def test_a_token_made_in_the_console_is_shown_once_and_works_until_revoked
     project = await gateway.project("console-made")
     await sign_in(gateway)
     _, html, _ = await page(gateway, "/admin/tokens")
-    made = await gateway.client.post("/admin/tokens", data={
-        "csrf": csrf_of(html), "project_id": project["id"], "duration_minutes": "30", "max_requests": "3",
-        "rate_limit_per_minute": "", "max_tokens_total": ""})
+    form = {"csrf": csrf_of(html), "once": once_of(html), "project_id": project["id"], "duration_minutes": "30",
+            "max_requests": "3", "rate_limit_per_minute": "", "max_tokens_total": ""}
+    made = await gateway.client.post("/admin/tokens", data=form)
     shown = await made.text()
     assert made.status == 201 and made.headers["Cache-Control"] == "no-store"
     plaintext = re.search(r'id="plaintext" value="([^"]+)"', shown)
     assert plaintext
     [listed] = (await gateway.manage("GET", f"/tokens?project_id={project['id']}", expect=200))["data"]
     assert listed["max_requests"] == 3 and listed["token_hint"] in shown
+    # The same form sent again (a reload of the answer) makes no second token.
+    again = await gateway.client.post("/admin/tokens", data=form)
+    assert again.status == 409 and "already sent" in await again.text()
+    assert len((await gateway.manage("GET", f"/tokens?project_id={project['id']}", expect=200))["data"]) == 1
     sdk = gateway.openai(plaintext.group(1))
     assert (await sdk.models.list()) is not None
     # Never shown again: not on its page, not in the list.
@@ -278,8 +288,10 @@ async def test_a_token_made_in_the_console_is_shown_once_and_works_until_revoked
         await sdk.models.list()
     await flushed(gateway)
     for action in ("token.create", "token.revoke"):
-        [row] = audit_rows(gateway, action)
-        assert orjson.loads(row["details"])["via"] == "console" and row["result"] == "success", action
+        [row] = [row for row in audit_rows(gateway, action) if row["result"] == "success"]
+        assert orjson.loads(row["details"])["via"] == "console", action
+    [replayed] = [row for row in audit_rows(gateway, "token.create") if row["result"] != "success"]
+    assert (replayed["result"], orjson.loads(replayed["details"])["error_code"]) == ("failure", "form_already_sent")
 
 
 async def test_a_session_works_on_every_process_sharing_the_database(make_gateway: Callable[..., Any],
@@ -324,3 +336,19 @@ async def test_behind_a_trusted_tls_proxy_the_cookie_is_secure_and_host_only(
     seen = await gateway.client.get("/admin/", headers={**proxied, "Cookie": f"{name}={cookie.value}"},
                                     allow_redirects=False)
     assert seen.status == 200
+
+
+async def test_a_token_form_refused_for_its_project_may_be_sent_again(make_gateway: Callable[..., Any]) -> None:
+    gateway: Gateway = await make_gateway()
+    project = await gateway.project("paused-first")
+    await gateway.manage("PATCH", f"/projects/{project['id']}", {"is_active": False}, expect=200)
+    await sign_in(gateway)
+    _, html, _ = await page(gateway, "/admin/tokens")
+    form = {"csrf": csrf_of(html), "once": once_of(html), "project_id": project["id"]}
+    refused = await gateway.client.post("/admin/tokens", data=form)
+    assert refused.status == 403  # an inactive project's token
+    await gateway.manage("PATCH", f"/projects/{project['id']}", {"is_active": True}, expect=200)
+    made = await gateway.client.post("/admin/tokens", data=form)
+    assert made.status == 201
+    without = await gateway.client.post("/admin/tokens", data={k: v for k, v in form.items() if k != "once"})
+    assert without.status == 400

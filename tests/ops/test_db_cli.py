@@ -270,14 +270,14 @@ async def test_status_and_migrate_on_postgresql(postgres_url: str, capsys: pytes
     document = orjson.loads(fresh.out)
     assert document["backend"] == "postgresql" and document["database"] == shown
     assert (document["applied"], document["up_to_date"], document["served_by"]) == ([], False, None)
-    assert [m["version"] for m in document["pending"]] == [1, 2, 3, 4]
+    assert [m["version"] for m in document["pending"]] == [1, 2, 3, 4, 5]
     assert [m["name"] for m in document["pending"]] == ["initial", "serving_owner", "audit_instances",
-                                                        "admin_sessions"]
+                                                        "admin_sessions", "admin_form_uses"]
 
     migrated = await cli(capsys, "db", "migrate")
     assert (migrated.code, migrated.err) == (0, "")
-    assert migrated.out == (f"applied 4 migration(s) to {shown}: 1 initial, 2 serving_owner, 3 audit_instances, "
-                            "4 admin_sessions\n")
+    assert migrated.out == (f"applied 5 migration(s) to {shown}: 1 initial, 2 serving_owner, 3 audit_instances, "
+                            "4 admin_sessions, 5 admin_form_uses\n")
     again = await cli(capsys, "db", "migrate", "--json")
     assert orjson.loads(again.out) == {"database": shown, "applied": []}
 
@@ -290,10 +290,11 @@ async def test_status_and_migrate_on_postgresql(postgres_url: str, capsys: pytes
         assert (status.code, status.err) == (0, ""), status
         lines = status.out.splitlines()
         assert lines[:4] == ["backend    postgresql", f"database   {shown}",
-                             "served by  pid 7 on gw-1 since 2026-12-02T21:00:00Z", "schema     up to date (version 4)"]
+                             "served by  pid 7 on gw-1 since 2026-12-02T21:00:00Z", "schema     up to date (version 5)"]
         assert lines[5].split() == ["VERSION", "NAME", "APPLIED"]
         assert [line.split()[:2] for line in lines[6:]] == [["1", "initial"], ["2", "serving_owner"],
-                                                            ["3", "audit_instances"], ["4", "admin_sessions"]]
+                                                            ["3", "audit_instances"], ["4", "admin_sessions"],
+                                                            ["5", "admin_form_uses"]]
         assert all(line.split()[2].endswith("Z") for line in lines[6:])
         assert (await cli(capsys, "db", "migrate")).out == f"{shown} is up to date: nothing to apply\n"
         assert store.owner.held
@@ -310,13 +311,15 @@ async def test_status_and_migrate_on_sqlite(tmp_path: Path, make_gateway: Callab
     missing = await cli(capsys, "db", "status")
     assert missing.code == 1, missing
     assert "schema     no database yet: `llm-proxy db migrate` (or `serve`) creates it" in missing.out
-    assert [line.split() for line in missing.out.splitlines()[-3:]] == [["1", "initial", "pending"],
+    assert [line.split() for line in missing.out.splitlines()[-4:]] == [["1", "initial", "pending"],
                                                                          ["2", "audit_instances", "pending"],
-                                                                         ["3", "admin_sessions", "pending"]]
+                                                                         ["3", "admin_sessions", "pending"],
+                                                                         ["4", "admin_form_uses", "pending"]]
     assert not database.exists()  # status creates nothing
 
     migrated = await cli(capsys, "db", "migrate")
-    assert migrated.out == f"applied 3 migration(s) to {database}: 1 initial, 2 audit_instances, 3 admin_sessions\n"
+    assert migrated.out == (f"applied 4 migration(s) to {database}: 1 initial, 2 audit_instances, 3 admin_sessions, "
+                            "4 admin_form_uses\n")
     assert database.is_file()
 
     gateway: Gateway = await make_gateway(DATABASE_PATH=str(database))
@@ -325,7 +328,7 @@ async def test_status_and_migrate_on_sqlite(tmp_path: Path, make_gateway: Callab
     document = orjson.loads(status.out)
     assert document["served_by"].startswith("pid ") and document["up_to_date"] is True
     assert [(m["version"], m["name"]) for m in document["applied"]] == [(1, "initial"), (2, "audit_instances"),
-                                                                        (3, "admin_sessions")]
+                                                                        (3, "admin_sessions"), (4, "admin_form_uses")]
     await gateway.close()
     assert orjson.loads((await cli(capsys, "db", "status", "--json")).out)["served_by"] is None
 
@@ -435,7 +438,7 @@ async def test_moving_a_sqlite_deployment_to_postgresql(
 
     on_copy = {**env, "DATABASE_URL": postgres_url}
     status = await run_process("db", "status", env=on_copy)
-    assert status.code == 0 and "up to date (version 4)" in status.out, status
+    assert status.code == 0 and "up to date (version 5)" in status.out, status
     for argv in (("audit", "verify", "--db"), ("audit", "verify")):
         verified = await run_process(*argv, env=on_copy)
         assert verified.code == 0 and "OK" in verified.out, verified

@@ -130,7 +130,7 @@ async def test_sqlite_processes_opening_an_old_database_at_once_migrate_it_once(
         with closing(sqlite3.connect(path)) as conn:
             versions = [row[0] for row in conn.execute("SELECT version FROM schema_migrations ORDER BY version")]
             columns = [row[1] for row in conn.execute("PRAGMA table_info(audit_events)")]
-        assert versions == [1, 2, 3] and columns[:3] == ["id", "instance", "seq"]
+        assert versions == [1, 2, 3, 4] and columns[:3] == ["id", "instance", "seq"]
         for store in stores:
             assert await store.audit.heads() == {"": (3, old[-1]["hash"])}
     finally:

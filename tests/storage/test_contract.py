@@ -1101,6 +1101,16 @@ async def test_a_session_is_stored_found_touched_and_ended(store: Store) -> None
     assert await store.sessions.get("a" * 64) is None
 
 
+async def test_a_single_use_form_value_is_used_once_unless_forgotten(store: Store) -> None:
+    assert await store.sessions.use_once("o" * 64, "s" * 64, 100.0) is True
+    assert await store.sessions.use_once("o" * 64, "s" * 64, 101.0) is False
+    await store.sessions.forget_once("o" * 64)
+    assert await store.sessions.use_once("o" * 64, "s" * 64, 102.0) is True
+    # Gone once no session that sent it can be alive.
+    await store.sessions.delete_expired(idle_since=0.0, created_since=200.0)
+    assert await store.sessions.use_once("o" * 64, "s" * 64, 300.0) is True
+
+
 async def test_expired_sessions_are_deleted_by_idle_or_absolute_age(store: Store) -> None:
     for name, created, seen in (("idle", 100.0, 200.0), ("old", 50.0, 900.0), ("live", 500.0, 900.0)):
         await store.sessions.create(AdminSession(name, "t" * 64, created, seen))

@@ -105,4 +105,4 @@ async def test_processes_opening_a_new_database_at_once_all_open_it(tmp_path: Pa
         assert [process.returncode for process in processes] == [0] * 4, outputs
         with closing(sqlite3.connect(path)) as conn:
             assert conn.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
-            assert [row[0] for row in conn.execute("SELECT version FROM schema_migrations")] == [1, 2, 3]
+            assert [row[0] for row in conn.execute("SELECT version FROM schema_migrations")] == [1, 2, 3, 4]

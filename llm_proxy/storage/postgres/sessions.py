@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+from asyncpg import Connection
+
 from llm_proxy.models import AdminSession
-from llm_proxy.storage.postgres.database import Database
+from llm_proxy.storage.postgres.database import Database, rows_changed
 
 
 class PostgresSessions:
@@ -30,5 +32,17 @@ class PostgresSessions:
         return await self._db.execute("DELETE FROM admin_sessions WHERE id_hash = $1", id_hash) > 0
 
     async def delete_expired(self, *, idle_since: float, created_since: float) -> int:
-        return await self._db.execute("DELETE FROM admin_sessions WHERE last_seen_at < $1 OR created_at < $2",
-                                      idle_since, created_since)
+        async def work(conn: Connection) -> int:
+            await conn.execute("DELETE FROM admin_form_uses WHERE used_at < $1", created_since)
+            return rows_changed(await conn.execute(
+                "DELETE FROM admin_sessions WHERE last_seen_at < $1 OR created_at < $2", idle_since, created_since))
+        return await self._db.write(work)
+
+    async def use_once(self, once_hash: str, session_hash: str, when: float) -> bool:
+        inserted = await self._db.execute("INSERT INTO admin_form_uses (once_hash, session_hash, used_at)"
+                                          " VALUES ($1, $2, $3) ON CONFLICT (once_hash) DO NOTHING",
+                                          once_hash, session_hash, when)
+        return inserted == 1
+
+    async def forget_once(self, once_hash: str) -> None:
+        await self._db.execute("DELETE FROM admin_form_uses WHERE once_hash = $1", once_hash)

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import aiosqlite
+
 from llm_proxy.models import AdminSession
+from llm_proxy.storage.errors import DuplicateKey
 from llm_proxy.storage.sqlite.database import Database
 
 
@@ -30,5 +33,20 @@ class SqliteSessions:
         return await self._db.execute("DELETE FROM admin_sessions WHERE id_hash = ?", (id_hash,)) > 0
 
     async def delete_expired(self, *, idle_since: float, created_since: float) -> int:
-        return await self._db.execute("DELETE FROM admin_sessions WHERE last_seen_at < ? OR created_at < ?",
-                                      (idle_since, created_since))
+        async def work(conn: aiosqlite.Connection) -> int:
+            await conn.execute("DELETE FROM admin_form_uses WHERE used_at < ?", (created_since,))
+            cursor = await conn.execute("DELETE FROM admin_sessions WHERE last_seen_at < ? OR created_at < ?",
+                                        (idle_since, created_since))
+            return cursor.rowcount
+        return await self._db.write(work)
+
+    async def use_once(self, once_hash: str, session_hash: str, when: float) -> bool:
+        try:
+            await self._db.execute("INSERT INTO admin_form_uses (once_hash, session_hash, used_at) VALUES (?, ?, ?)",
+                                   (once_hash, session_hash, when))
+        except DuplicateKey:
+            return False
+        return True
+
+    async def forget_once(self, once_hash: str) -> None:
+        await self._db.execute("DELETE FROM admin_form_uses WHERE once_hash = ?", (once_hash,))
