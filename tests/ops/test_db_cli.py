@@ -466,3 +466,15 @@ async def test_moving_a_sqlite_deployment_to_postgresql(
     assert live and live[0][9] == 2  # request_count: one on SQLite, one on the copy
     said.append((tmp_path / "gateway.log").read_text())
     assert all(password not in (text.decode() if isinstance(text, bytes) else text) for text in said)
+
+
+async def test_a_copy_takes_a_url_from_a_variable_keeping_its_password_off_the_command_line(
+        postgres_url: str, deployment: tuple[Path, dict[str, Any]], capsys: pytest.CaptureFixture[str],
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    database, _ = deployment
+    monkeypatch.setenv("COPY_TARGET_URL", postgres_url)
+    copied = await cli(capsys, "db", "copy", "--from", f"sqlite:///{database}", "--to", "env:COPY_TARGET_URL")
+    assert (copied.code, copied.err) == (0, ""), copied
+    assert await postgres_rows(postgres_url) == sqlite_rows(database)
+    missing = await cli(capsys, "db", "copy", "--from", "env:NOT_SET_ANYWHERE", "--to", "env:COPY_TARGET_URL")
+    assert missing.code == 2 and "--from env:NOT_SET_ANYWHERE: no variable NOT_SET_ANYWHERE" in missing.err

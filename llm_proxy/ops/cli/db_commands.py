@@ -14,7 +14,7 @@ from llm_proxy.ops.cli.configuration import command_settings, configuration_erro
 from llm_proxy.ops.cli.output import format_record, format_table, print_json
 from llm_proxy.ops.command_errors import EXIT_FAILED, EXIT_OK, CommandError, UsageError
 from llm_proxy.ops.control_characters import escape_controls
-from llm_proxy.settings import ConfigError
+from llm_proxy.settings import ConfigError, read_client_variable
 from llm_proxy.storage.errors import StorageError
 from llm_proxy.storage.factory import (
     COPIED_TABLES,
@@ -119,6 +119,14 @@ def _masked(text: str) -> str:
 
 
 def _copy_end(text: str, option: str) -> Database:
+    """A copy's end from its option: a URL, or `env:NAME` for the URL in that variable (or `.env`), which keeps
+    a password out of the process list and the shell's history."""
+    if text.startswith("env:"):
+        name = text.removeprefix("env:")
+        value = read_client_variable(name) if name.isidentifier() else None
+        if value is None:
+            raise UsageError(f"{option} {text}: no variable {name} in the environment or .env")
+        text = value
     try:
         return parse_database(text, option)
     except ConfigError as exc:
@@ -170,7 +178,8 @@ def add_commands(commands: Any) -> None:
     add_command(db, "migrate", cmd_db_migrate, "apply pending migrations", (output,))
     copy = add_command(db, "copy", cmd_db_copy, "copy everything into an empty database", (output,))
     copy.add_argument("--from", dest="source", required=True, metavar="URL",
-                      help="sqlite:///PATH or postgresql://USER:PASSWORD@HOST:PORT/DB")
+                      help="sqlite:///PATH or postgresql://USER:PASSWORD@HOST:PORT/DB, or env:NAME for the URL in "
+                           "that variable (keeps a password out of `ps` and the shell history)")
     copy.add_argument("--to", dest="target", required=True, metavar="URL", help="an empty database, as --from")
     copy.add_argument("--batch-size", type=positive, default=1000, metavar="N", help="rows per batch")
     # A usage error quotes what it could not use, and here that may be a URL holding a password: stray
