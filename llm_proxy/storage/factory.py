@@ -16,6 +16,7 @@ from llm_proxy.settings import _parse_database_url as parse_database_url
 from llm_proxy.storage.base import ChainHead, Store
 from llm_proxy.storage.errors import StorageError
 from llm_proxy.storage.sqlite import database as sqlite_database
+from llm_proxy.storage.sqlite import transfer as sqlite_transfer
 from llm_proxy.storage.sqlite.audit import peek_chain_heads
 from llm_proxy.storage.sqlite.ownership import current_owner
 from llm_proxy.storage.sqlite.store import SqliteStore
@@ -184,7 +185,7 @@ class _Load(Protocol):
 
 def _snapshot(database: Database, variable: str) -> contextlib.AbstractAsyncContextManager[_Snapshot]:
     if isinstance(database, Path):
-        return sqlite_database.snapshot(database)
+        return sqlite_transfer.snapshot(database)
     with _asyncpg_for(variable):
         from llm_proxy.storage.postgres import transfer
     return transfer.snapshot(database)
@@ -192,7 +193,7 @@ def _snapshot(database: Database, variable: str) -> contextlib.AbstractAsyncCont
 
 def _load(database: Database, variable: str) -> contextlib.AbstractAsyncContextManager[_Load]:
     if isinstance(database, Path):
-        return sqlite_database.load(database)
+        return sqlite_transfer.load(database)
     with _asyncpg_for(variable):
         from llm_proxy.storage.postgres import transfer
     return transfer.load(database)

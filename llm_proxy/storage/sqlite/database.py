@@ -1,5 +1,5 @@
 """Own the SQLite file: apply the schema, serialise writes through one writer, read on a second connection;
-for the `db` commands, its recorded versions and the two halves of a copy (a snapshot, a load).
+for the `db` commands, its recorded versions (the two halves of a copy are in transfer.py).
 
 Every sqlite3 (and aiosqlite) exception is translated here, once, into storage.errors.
 """
@@ -12,7 +12,7 @@ import os
 import re
 import sqlite3
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Iterator, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Iterator
 from datetime import UTC, datetime
 from importlib import resources
 from pathlib import Path
@@ -271,9 +271,9 @@ class Database:
         return True
 
 
-# ---- for the `db` commands: versions, and a copy's two halves ----
+# ---- for the `db` commands: versions ----
 
-def _read_only_uri(path: Path) -> str:
+def read_only_uri(path: Path) -> str:
     """The URI that opens an existing database file read-only (nothing created, nothing migrated)."""
     if not path.is_file():
         raise StorageUnavailable(f"no database at {path}")
@@ -285,7 +285,7 @@ def recorded_versions(path: Path) -> dict[int, str] | None:
     is no database file or it has no schema_migrations table."""
     if not path.is_file():
         return None
-    with translated(), contextlib.closing(sqlite3.connect(_read_only_uri(path), uri=True,
+    with translated(), contextlib.closing(sqlite3.connect(read_only_uri(path), uri=True,
                                                           timeout=BUSY_TIMEOUT_MS / 1000)) as conn:
         if conn.execute("SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'schema_migrations'").fetchone():
             return {int(version): str(at) for version, at in conn.execute(
@@ -302,95 +302,3 @@ async def migrate(path: Path) -> list[tuple[int, str]]:
     db = await Database.open(path)
     await db.close()
     return [migration for migration in MIGRATIONS if migration[0] not in before]
-
-
-def _quoted(name: str) -> str:
-    return '"' + name.replace('"', '""') + '"'
-
-
-class SqliteSnapshot:
-    """A database file as of one moment, for a copy: every read in one read transaction (WAL keeps its view)."""
-
-    def __init__(self, conn: aiosqlite.Connection) -> None:
-        self._conn = conn
-
-    async def columns(self, table: str) -> list[str]:
-        """The table's columns, in order; none when there is no such table."""
-        with translated():
-            return [row[1] for row in await self._conn.execute_fetchall(f"PRAGMA table_info({_quoted(table)})")]
-
-    async def rows(self, table: str, columns: Sequence[str], batch_size: int) -> AsyncIterator[list[tuple[Any, ...]]]:
-        """The table's rows in the order they were written (rowid), `batch_size` at a time."""
-        with translated():
-            cursor = await self._conn.execute(
-                f"SELECT {', '.join(map(_quoted, columns))} FROM {_quoted(table)} ORDER BY rowid")
-        try:
-            while True:
-                with translated():
-                    batch = await cursor.fetchmany(batch_size)
-                if not batch:
-                    return
-                yield [tuple(row) for row in batch]
-        finally:
-            await cursor.close()
-
-
-@contextlib.asynccontextmanager
-async def snapshot(path: Path) -> AsyncIterator[SqliteSnapshot]:
-    """Read an existing database file for a copy, read-only, as of one moment."""
-    uri = _read_only_uri(path)
-    with translated():
-        conn = await aiosqlite.connect(uri, uri=True, isolation_level=None)
-    try:
-        with translated():
-            await conn.execute(f"PRAGMA busy_timeout = {BUSY_TIMEOUT_MS}")
-            await conn.execute("BEGIN")
-        yield SqliteSnapshot(conn)
-    finally:
-        with translated():
-            await conn.close()
-
-
-class SqliteLoad:
-    """Rows written into a database for a copy, all in one transaction (see load())."""
-
-    def __init__(self, conn: aiosqlite.Connection) -> None:
-        self._conn = conn
-
-    async def columns(self, table: str) -> list[str]:
-        """The table's columns, in order."""
-        return await SqliteSnapshot(self._conn).columns(table)
-
-    async def count(self, table: str) -> int:
-        """How many rows the table holds."""
-        with translated():
-            rows = list(await self._conn.execute_fetchall(f"SELECT count(*) FROM {_quoted(table)}"))
-        return int(rows[0][0])
-
-    async def insert(self, table: str, columns: Sequence[str], rows: Sequence[Sequence[Any]]) -> None:
-        """Insert rows, their values in the order of `columns`."""
-        marks = ", ".join("?" * len(columns))
-        with translated():
-            await self._conn.executemany(
-                f"INSERT INTO {_quoted(table)} ({', '.join(map(_quoted, columns))}) VALUES ({marks})", rows)
-
-
-@contextlib.asynccontextmanager
-async def load(path: Path) -> AsyncIterator[SqliteLoad]:
-    """Create the database if needed, apply the schema, and write into it in one transaction: committed
-    when the block ends, rolled back (leaving the database as it was) when it raises."""
-    db = await Database.open(path)
-    try:
-        writer = db.writer
-        with translated():
-            await writer.execute("BEGIN IMMEDIATE")
-        try:
-            yield SqliteLoad(writer)
-        except BaseException:
-            with contextlib.suppress(sqlite3.Error, ValueError):
-                await writer.execute("ROLLBACK")
-            raise
-        with translated():
-            await writer.execute("COMMIT")
-    finally:
-        await db.close()
