@@ -251,7 +251,7 @@ _POSTGRES_SCHEMES = ("postgresql", "postgres")
 _DATABASE_URL_FORMS = "empty (SQLite at DATABASE_PATH), sqlite:///PATH or postgresql://USER:PASSWORD@HOST:PORT/DB"
 
 
-def _parse_database_url(raw: str) -> Path | str:
+def parse_database_url(raw: str) -> Path | str:
     """Return the SQLite file a sqlite:/// URL names, or the PostgreSQL URL as given (never echoed in an error)."""
     url = raw.strip()
     scheme = _SCHEME.match(url)
@@ -400,7 +400,7 @@ def load_settings(environ: Mapping[str, str] | None = None, env_file: str | Path
     database_path = get("DATABASE_PATH", lambda raw: Path(raw.strip()), Path("./data/llm-proxy.db"))
     # DATABASE_URL, when set, names the database: sqlite:///PATH wins over DATABASE_PATH.
     unset: Path | str = ""
-    database = get("DATABASE_URL", _parse_database_url, unset)
+    database = get("DATABASE_URL", parse_database_url, unset)
     settings = Settings(
         management_tokens=required("MANAGEMENT_TOKEN", _parse_management_tokens, ()),
         encryption_key=required("ENCRYPTION_KEY", _parse_encryption_key, b""),

@@ -11,8 +11,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
-from llm_proxy.settings import ConfigError, Settings, redact_database_url
-from llm_proxy.settings import _parse_database_url as parse_database_url
+from llm_proxy.settings import ConfigError, Settings, parse_database_url, redact_database_url
 from llm_proxy.storage.base import ChainHead, Store
 from llm_proxy.storage.errors import StorageError
 from llm_proxy.storage.sqlite import database as sqlite_database
