@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import re
 from typing import Any
 
 from llm_proxy.errors import BadRequest
 from llm_proxy.manage.validation import Field, validate
+
+_WHOLE_NUMBER = re.compile(r"[0-9]{1,19}")
 
 
 def form_text(form: Any, name: str, max_length: int) -> str:
@@ -22,7 +25,7 @@ def form_int(form: Any, name: str, minimum: int, maximum: int) -> int | None:
     text = value.strip() if isinstance(value, str) else ""
     if not text:
         return None
-    if not text.isascii() or not text.isdigit():
+    if not _WHOLE_NUMBER.fullmatch(text):  # [0-9], at most 19 of them: int() of 5,000 digits is an error of its own
         raise BadRequest(f"`{name}` must be a whole number", param=name)
     number: int = validate({name: int(text)}, {name: Field(int, minimum=minimum, maximum=maximum)})[name]
     return number

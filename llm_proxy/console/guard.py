@@ -128,8 +128,10 @@ def console_guard(sessions: ConsoleSessions, auth: ManagementAuth, ip_block: IpB
             return error_page(request, 404, "There is no such page.", {})
         except web.HTTPMethodNotAllowed as exc:
             return error_page(request, 405, "This page does not take that method.", dict(exc.headers))
-        except web.HTTPException:
-            raise  # redirects
+        except web.HTTPException as exc:
+            if exc.status < 400:
+                raise  # redirects
+            return error_page(request, exc.status, exc.reason, dict(exc.headers))  # e.g. 413, a static 403
         except Exception:
             log.exception("console: %s %s failed", request.method, request.path)
             return error_page(request, 500, "The gateway could not do this; its log says why.", {})

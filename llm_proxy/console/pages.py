@@ -7,6 +7,7 @@ A change writes the audit event the management API writes, with `details.via: "c
 
 from __future__ import annotations
 
+import asyncio
 import secrets
 from collections.abc import Awaitable, Callable
 from typing import Any
@@ -245,6 +246,9 @@ class Pages:
             return error_page(request, exc.status, exc.message, exc.headers)
         except web.HTTPException:
             raise  # the redirect after a change that worked
+        except asyncio.CancelledError:
+            result, details["status"] = "error", 499  # the browser left; the change may not have happened
+            raise
         except Exception:
             result = "error"
             raise

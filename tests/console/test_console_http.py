@@ -352,3 +352,17 @@ async def test_a_token_form_refused_for_its_project_may_be_sent_again(make_gatew
     assert made.status == 201
     without = await gateway.client.post("/admin/tokens", data={k: v for k, v in form.items() if k != "once"})
     assert without.status == 400
+
+
+async def test_odd_input_gets_a_console_page_never_a_500_or_the_apis_json(make_gateway: Callable[..., Any]) -> None:
+    """From the console's security review: 5,000 digits in a number field, a directory of the assets."""
+    gateway: Gateway = await make_gateway()
+    project = await gateway.project("numbers")
+    await sign_in(gateway)
+    _, html, _ = await page(gateway, "/admin/tokens")
+    huge = await gateway.client.post("/admin/tokens", data={
+        "csrf": csrf_of(html), "once": once_of(html), "project_id": project["id"], "duration_minutes": "9" * 5000})
+    assert huge.status == 400 and "whole number" in await huge.text()
+    status, text, response = await page(gateway, "/admin/static/")
+    assert status == 403 and response.content_type == "text/html" and "<h1>Not allowed</h1>" in text
+    assert response.headers["Content-Security-Policy"] == CONSOLE_CSP
