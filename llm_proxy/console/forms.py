@@ -2,13 +2,10 @@
 
 from __future__ import annotations
 
-import re
 from typing import Any
 
 from llm_proxy.errors import BadRequest
-from llm_proxy.manage.validation import Field, validate
-
-_WHOLE_NUMBER = re.compile(r"[0-9]{1,19}")
+from llm_proxy.manage.validation import Field, validate, whole_number
 
 
 def form_text(form: Any, name: str, max_length: int) -> str:
@@ -23,12 +20,7 @@ def form_int(form: Any, name: str, minimum: int, maximum: int) -> int | None:
     """An optional whole number field: empty means none."""
     value = form.get(name)
     text = value.strip() if isinstance(value, str) else ""
-    if not text:
-        return None
-    if not _WHOLE_NUMBER.fullmatch(text):  # [0-9], at most 19 of them: int() of 5,000 digits is an error of its own
-        raise BadRequest(f"`{name}` must be a whole number", param=name)
-    number: int = validate({name: int(text)}, {name: Field(int, minimum=minimum, maximum=maximum)})[name]
-    return number
+    return whole_number(text, name, minimum=minimum, maximum=maximum, kind="field") if text else None
 
 
 def form_bool(form: Any, name: str) -> bool:

@@ -106,7 +106,7 @@ def console_guard(sessions: ConsoleSessions, auth: ManagementAuth, ip_block: IpB
                 raise CrossOrigin()
             if request.path == "/admin":
                 raise web.HTTPPermanentRedirect("/admin/")
-            if request.path.startswith(_OPEN) or request.path == LOGIN_PATH:
+            if request.path.startswith(_OPEN):
                 return await handler(request)
             session = await sessions.find(request.cookies.get(cookie_name(request)))
             if session is None:

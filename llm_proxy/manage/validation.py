@@ -150,6 +150,11 @@ def query_int(query: Mapping[str, str], name: str, *, default: int | None, minim
     raw = query.get(name)
     if not raw:
         return default
+    return whole_number(raw, name, minimum=minimum, maximum=maximum)
+
+
+def whole_number(raw: str, name: str, *, minimum: int, maximum: int, kind: str = "query parameter") -> int:
+    """Read a whole number written in ASCII digits (at most 19 of them) within bounds; BadRequest otherwise."""
     if not _WHOLE_NUMBER.fullmatch(raw) or not minimum <= int(raw) <= maximum:
-        raise BadRequest(f"query parameter `{name}` must be an integer from {minimum} to {maximum}", param=name)
+        raise BadRequest(f"{kind} `{name}` must be a whole number from {minimum} to {maximum}", param=name)
     return int(raw)
